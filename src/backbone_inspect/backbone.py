@@ -1,0 +1,136 @@
+"""The stage-replaying extractor: torchvision's own ResNet modules, called in order, stopping early."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .stages import DEFAULT_LAYERS, STAGES, check_arch, parse_layers
+
+if TYPE_CHECKING:
+    from .weights import LoadedWeights
+
+STEM_MODULES: tuple[str, ...] = ("conv1", "bn1", "relu", "maxpool")
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage as timm's ``feature_info`` describes it: name, channels and stride (reduction)."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+def _conv_and_pool_stride(modules: Iterable[tuple[str, nn.Module]]) -> int:
+    stride = 1
+    for qualified_name, module in modules:
+        # The downsample branch runs beside the main path, with the same stride: count it once.
+        if "downsample" in qualified_name.split("."):
+            continue
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            value = module.stride
+            stride *= value[0] if isinstance(value, tuple) else int(value)
+    return stride
+
+
+def _stage_modules(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    owners = STEM_MODULES if name == "stem" else (name,)
+    return [
+        (f"{owner}.{sub}" if sub else owner, module)
+        for owner in owners
+        for sub, module in getattr(model, owner).named_modules()
+    ]
+
+
+def stage_channels(model: nn.Module, name: str) -> int:
+    """Output channels of a stage, read from its last convolution."""
+    convs = [m for _, m in _stage_modules(model, name) if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def stage_stride(model: nn.Module, name: str) -> int:
+    """Nominal stride of a stage's output: the product of the strides on the path up to it."""
+    stride = 1
+    for stage in STAGES[: STAGES.index(name) + 1]:
+        stride *= _conv_and_pool_stride(_stage_modules(model, stage))
+    return stride
+
+
+def stage_infos(model: nn.Module, layers: Iterable[int | str] | str = STAGES) -> list[StageInfo]:
+    return [
+        StageInfo(name, stage_channels(model, name), stage_stride(model, name))
+        for name in parse_layers(layers)
+    ]
+
+
+def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str = STAGES) -> list[StageInfo]:
+    """Channels and stride of each stage of ``arch``, read from the model built on the meta device."""
+    from torchvision import models
+
+    with torch.device("meta"):
+        model = models.get_model(check_arch(arch), weights=None)
+    return stage_infos(model, layers)
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet replayed stage by stage.
+
+    ``Backbone(arch="resnet50", layers=(2, 3, 4), weights=None)`` holds torchvision's own modules
+    (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1`` ... up to the deepest requested stage)
+    and returns ``OrderedDict[stage name, Tensor]``, shallow to deep. Stages deeper than the
+    deepest requested one are neither held nor run.
+
+    ``weights``: ``None``/``"none"`` (random, from ``seed``), a torchvision weights name
+    (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``) or enum member, or the path to a
+    local checkpoint. ``model``: an already built torchvision ResNet to replay instead.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        layers: Iterable[int | str] | str = DEFAULT_LAYERS,
+        weights: Any = None,
+        *,
+        seed: int = 0,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        from .weights import build_model
+
+        self.arch = check_arch(arch)
+        self.stage_names: tuple[str, ...] = parse_layers(layers)
+        if model is None:
+            model, self.weights_info = build_model(self.arch, weights, seed=seed)
+        else:
+            self.weights_info = None
+        self.weights_info: LoadedWeights | None
+        self.conv1 = model.conv1
+        self.bn1 = model.bn1
+        self.relu = model.relu
+        self.maxpool = model.maxpool
+        deepest = STAGES.index(self.stage_names[-1])
+        self.layer_names: tuple[str, ...] = STAGES[1 : deepest + 1]
+        for name in self.layer_names:
+            self.add_module(name, getattr(model, name))
+        self.channels: dict[str, int] = {n: stage_channels(model, n) for n in self.stage_names}
+        self.strides: dict[str, int] = {n: stage_stride(model, n) for n in self.stage_names}
+
+    def feature_info(self) -> list[StageInfo]:
+        return [StageInfo(n, self.channels[n], self.strides[n]) for n in self.stage_names]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if "stem" in self.stage_names:
+            features["stem"] = x
+        for name in self.layer_names:
+            x = getattr(self, name)(x)
+            if name in self.stage_names:
+                features[name] = x
+        return features

@@ -1,0 +1,139 @@
+"""Decoding images into correct RGB, and the preprocessing that turns them into uint8 tensors."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ImageError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+"""Transparent pixels are composited onto white before the model sees them."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize``, centre-crop ``crop`` (``None``: skip), normalise."""
+
+    resize: int | None = 256
+    crop: int | None = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["mean"] = list(self.mean)
+        values["std"] = list(self.std)
+        return values
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    # Pillow's convert("L"/"RGB") clips 16-bit values at 255, which turns almost every pixel
+    # white; scale the 0..65535 range down to 0..255 instead (65535 / 257 == 255).
+    if image.mode != "I":
+        image = image.convert("I")
+    return image.point(lambda value: value * (1 / 257)).convert("L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Correct 8-bit RGB from any Pillow mode; transparency is composited onto ``ALPHA_BACKGROUND``."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        image = _sixteen_bit_to_l(image)
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully (first frame of animations), apply EXIF orientation, return RGB.
+
+    Raises ``ImageError`` naming the file for anything Pillow cannot decode, including
+    truncated files and images over Pillow's decompression-bomb limit.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.seek(0)
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return to_rgb(image)
+    except Image.DecompressionBombWarning as error:
+        raise ImageError(f"{path}: image too large ({error})") from error
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: image too large ({error})") from error
+    except Image.UnidentifiedImageError as error:
+        reason = "empty file" if _is_empty(path) else "not an image Pillow can read"
+        raise ImageError(f"{path}: {reason}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{path}: cannot decode image ({error})") from error
+
+
+def _is_empty(path: str | Path) -> bool:
+    try:
+        return Path(path).stat().st_size == 0
+    except OSError:
+        return False
+
+
+def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
+    """Resize and crop an RGB image as torchvision's ImageClassification does; uint8 CHW tensor.
+
+    Normalisation happens later, on the batch and on the device.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    if preprocessing.resize is not None:
+        image = F.resize(
+            image,
+            [preprocessing.resize],
+            interpolation=InterpolationMode(preprocessing.interpolation),
+            antialias=True,
+        )
+    if preprocessing.crop is not None:
+        width, height = image.size
+        if preprocessing.crop > min(width, height):
+            raise ImageError(
+                f"image is {width}x{height} after resizing, smaller than the {preprocessing.crop} px "
+                "crop; use a larger --resize or --crop none"
+            )
+        image = F.center_crop(image, [preprocessing.crop])
+    return F.pil_to_tensor(image)
+
+
+def load_image_tensor(path: str | Path, preprocessing: Preprocessing) -> torch.Tensor:
+    """Decode and preprocess one file; ``ImageError`` names the file on failure."""
+    image = load_rgb(path)
+    try:
+        return preprocess(image, preprocessing)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from error

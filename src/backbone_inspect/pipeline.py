@@ -1,0 +1,125 @@
+"""The per-batch work: the Backbone on its device, preprocessing, normalisation and statistics.
+
+The CLI drives it image by image; other executors can drive the same methods batch by batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+from .errors import UsageError
+from .images import Preprocessing, load_image_tensor
+from .options import check_device_spec
+from .stats import StageStats, stage_stats
+from .weights import LoadedWeights
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; exit 2 if absent."""
+    text = check_device_spec(spec)
+    mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available else torch.device("cpu")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if device.type == "mps" and not mps_available:
+        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+    return device
+
+
+def own_copy(feature: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with storage of its own: saving it never drags a batch's storage along."""
+    return feature.to("cpu", copy=True).contiguous()
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image through the backbone: its CPU features [C, H, W] and their statistics."""
+
+    image: str
+    input_size: tuple[int, int]
+    features: OrderedDict[str, torch.Tensor]
+    stats: tuple[StageStats, ...]
+    seconds: float
+
+
+class Extractor:
+    """A Backbone in eval mode on a device, with the preprocessing that feeds it."""
+
+    def __init__(
+        self,
+        *,
+        arch: str = "resnet50",
+        layers: Iterable[int | str] | str = (2, 3, 4),
+        weights: Any = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        resize: int | None | str = None,
+        crop: int | None | str = None,
+    ) -> None:
+        """``resize``/``crop``: ``None`` keeps the weights' own value, ``"none"`` skips the step."""
+        self.device = torch.device(device)
+        self.seed = seed
+        self.backbone = Backbone(arch, layers, weights, seed=seed).eval().to(self.device)
+        loaded = self.backbone.weights_info
+        assert loaded is not None
+        self.weights: LoadedWeights = loaded
+        overrides = {
+            key: (None if value == "none" else value)
+            for key, value in (("resize", resize), ("crop", crop))
+            if value is not None
+        }
+        self.preprocessing: Preprocessing = replace(loaded.preprocessing, **overrides)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.preprocessing.mean, device=self.device).view(shape)
+        self._std = torch.tensor(self.preprocessing.std, device=self.device).view(shape)
+
+    @property
+    def arch(self) -> str:
+        return self.backbone.arch
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return self.backbone.stage_names
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""
+        return load_image_tensor(path, self.preprocessing)
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Features of a uint8 [N, 3, H, W] batch, on the device."""
+        with torch.inference_mode():
+            batch = images.to(self.device, non_blocking=True).float().div_(255)
+            batch = batch.sub_(self._mean).div_(self._std)
+            return self.backbone(batch)
+
+    def timed_forward(self, images: torch.Tensor) -> tuple[OrderedDict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        features = self.forward(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return features, time.perf_counter() - start
+
+    def inspect(self, path: str | Path) -> ImageResult:
+        """One image: decode, preprocess, forward, statistics; features copied to the CPU."""
+        pixels = self.load(path)
+        input_size = (int(pixels.shape[1]), int(pixels.shape[2]))
+        features, seconds = self.timed_forward(pixels.unsqueeze(0))
+        own = OrderedDict((name, own_copy(value[0])) for name, value in features.items())
+        stats = tuple(stage_stats(name, value, input_size) for name, value in own.items())
+        return ImageResult(str(path), input_size, own, stats, seconds)

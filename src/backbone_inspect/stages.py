@@ -1,0 +1,70 @@
+"""Stage and architecture names. Torch-free, so option parsing and ``--help`` stay instant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import UsageError
+
+ARCHS: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
+"""Stage names, shallow to deep; a stage's index in this tuple is its number on the command line."""
+
+DEFAULT_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
+
+
+def valid_stages_text() -> str:
+    return ", ".join(f"{index}={name}" for index, name in enumerate(STAGES))
+
+
+def stage_name(token: int | str) -> str:
+    """The canonical name of one stage given as an index (``2``, ``"2"``) or a name (``"layer2"``)."""
+    if isinstance(token, bool):
+        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
+    if isinstance(token, int):
+        if 0 <= token < len(STAGES):
+            return STAGES[token]
+        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
+    text = token.strip()
+    if text.isdigit():
+        return stage_name(int(text))
+    if text.lower() in STAGES:
+        return text.lower()
+    raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
+
+
+def parse_layers(layers: str | Iterable[int | str]) -> tuple[str, ...]:
+    """Canonical stage names, shallow to deep, without repeats.
+
+    Accepts ``"2,3,4"``, ``"layer2,layer4"``, ``"stem,1"`` or an iterable of indices and names.
+    """
+    if isinstance(layers, str):
+        tokens: list[int | str] = list(layers.split(","))
+        if any(not str(token).strip() for token in tokens):
+            raise UsageError(
+                f"invalid --layers {layers!r}: empty stage; valid stages: {valid_stages_text()}"
+            )
+    else:
+        tokens = list(layers)
+    if not tokens:
+        raise UsageError(f"no stages given; valid stages: {valid_stages_text()}")
+    names = {stage_name(token) for token in tokens}
+    return tuple(name for name in STAGES if name in names)
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise UsageError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    return arch
