@@ -70,7 +70,7 @@ def _show_version(value: bool) -> None:
 def inspect(
     images: Annotated[
         list[str],
-        typer.Argument(help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF).", show_default=False),
+        typer.Argument(help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF).", metavar="IMAGE", show_default=False),
     ],
     layers: Annotated[
         str,
@@ -94,14 +94,14 @@ def inspect(
     resize: Annotated[
         str | None,
         typer.Option(
-            help="Resize the shorter side to N px, or 'none'. [default: 256, or the weights' own]",
+            help="Resize the shorter side to N px, or 'none'. \\[default: 256, or the weights' own]",
             show_default=False,
         ),
     ] = None,
     crop: Annotated[
         str | None,
         typer.Option(
-            help="Centre-crop N×N px, or 'none'. [default: 224, or the weights' own]", show_default=False
+            help="Centre-crop N×N px, or 'none'. \\[default: 224, or the weights' own]", show_default=False
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")] = "auto",
@@ -110,7 +110,7 @@ def inspect(
         Path | None,
         typer.Option(help="Save DIR/<image stem>.pt per image.", file_okay=False, show_default=False),
     ] = None,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version.")
     ] = False,

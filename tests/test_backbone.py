@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from backbone_inspect import Backbone, feature_info
+from backbone_inspect.stages import ARCHS, STAGES
+
+from conftest import seeded_resnet
+
+TORCHVISION_NODES = {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_replay_equals_create_feature_extractor_and_forward(arch: str) -> None:
+    model = seeded_resnet(arch, seed=3)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 96, 80)
+    reference = create_feature_extractor(model, return_nodes={TORCHVISION_NODES[s]: s for s in STAGES})
+    backbone = Backbone(arch, layers=STAGES, model=model).eval()
+    with torch.no_grad():
+        expected = reference(x)
+        features = backbone(x)
+        logits = model.fc(torch.flatten(model.avgpool(features["layer4"]), 1))
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+    assert list(features) == list(STAGES)
+    for name in STAGES:
+        torch.testing.assert_close(features[name], expected[name], rtol=0, atol=0)
+
+
+def test_backbone_built_from_arch_and_seed_equals_seeded_torchvision_model() -> None:
+    x = torch.randn(1, 3, 64, 64)
+    backbone = Backbone("resnet18", layers=(2, 4), seed=5).eval()
+    model = seeded_resnet("resnet18", seed=5)
+    with torch.no_grad():
+        features = backbone(x)
+        expected = create_feature_extractor(model, {"layer2": "layer2", "layer4": "layer4"})(x)
+    assert list(features) == ["layer2", "layer4"]
+    for name in features:
+        assert torch.equal(features[name], expected[name])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_and_strides_match_a_forward_pass(arch: str) -> None:
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch, weights=None)
+        backbone = Backbone(arch, layers=STAGES, model=model)
+        size = 224
+        features = backbone(torch.empty(1, 3, size, size))
+    for name, feature in features.items():
+        assert backbone.channels[name] == feature.shape[1], name
+        assert backbone.strides[name] == size // feature.shape[-1], name
+    infos = feature_info(arch)
+    assert [(i.name, i.channels, i.stride) for i in infos] == [
+        (n, features[n].shape[1], size // features[n].shape[-1]) for n in STAGES
+    ]
+
+
+@pytest.mark.parametrize(
+    ("layers", "ran", "skipped"),
+    [
+        ((1,), ["layer1"], ["layer2", "layer3", "layer4"]),
+        (("stem",), [], ["layer1", "layer2", "layer3", "layer4"]),
+        ((3, 1), ["layer1", "layer2", "layer3"], ["layer4"]),
+        ((4,), ["layer1", "layer2", "layer3", "layer4"], []),
+    ],
+)
+def test_replay_stops_after_the_deepest_requested_stage(layers, ran, skipped) -> None:
+    model = seeded_resnet("resnet18")
+    calls: dict[str, int] = {name: 0 for name in STAGES[1:]}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    backbone = Backbone("resnet18", layers=layers, model=model).eval()
+    with torch.no_grad():
+        backbone(torch.randn(1, 3, 64, 64))
+    assert {n for n, c in calls.items() if c == 1} == set(ran)
+    assert all(calls[n] == 0 for n in skipped)
+    held = {name for name, _ in backbone.named_children()}
+    assert not held & set(skipped)
+
+
+def test_layers_are_sorted_and_deduplicated() -> None:
+    backbone = Backbone("resnet18", layers="4,layer2,2,stem")
+    assert backbone.stage_names == ("stem", "layer2", "layer4")
+    with torch.no_grad():
+        assert list(backbone.eval()(torch.randn(1, 3, 32, 32))) == ["stem", "layer2", "layer4"]
+
+
+def test_seed_gives_bit_identical_weights_and_features() -> None:
+    x = torch.randn(1, 3, 64, 64)
+    first, second, other = (Backbone("resnet18", layers=(4,), seed=s).eval() for s in (7, 7, 8))
+    with torch.no_grad():
+        assert torch.equal(first(x)["layer4"], second(x)["layer4"])
+        assert not torch.equal(first(x)["layer4"], other(x)["layer4"])
+
+
+def test_building_does_not_touch_the_global_rng() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Backbone("resnet18", layers=(1,), seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_backbone_trains_like_any_module() -> None:
+    backbone = Backbone("resnet18", layers=(2, 3))
+    assert backbone.training
+    before = backbone.bn1.running_mean.clone()
+    out = backbone(torch.randn(2, 3, 64, 64))
+    sum(feature.mean() for feature in out.values()).backward()
+    assert backbone.conv1.weight.grad is not None and backbone.conv1.weight.grad.abs().sum() > 0
+    assert backbone.layer3[0].conv1.weight.grad is not None
+    assert not torch.equal(backbone.bn1.running_mean, before), "train mode updates batch-norm statistics"
+    backbone.eval()
+    frozen = backbone.bn1.running_mean.clone()
+    with torch.no_grad():
+        backbone(torch.randn(2, 3, 64, 64))
+    assert torch.equal(backbone.bn1.running_mean, frozen)
+
+
+def test_state_dict_keys_are_torchvisions_own() -> None:
+    backbone = Backbone("resnet18", layers=(2,))
+    model = torchvision.models.resnet18()
+    keys = set(backbone.state_dict())
+    assert keys <= set(model.state_dict())
+    assert any(k.startswith("layer2.") for k in keys)
+    assert not any(k.startswith(("layer3.", "layer4.", "fc.")) for k in keys)
+    assert backbone.load_state_dict(model.state_dict(), strict=False).missing_keys == []
+
+
+@pytest.mark.parametrize("layers", [(5,), (-1,), ("abc",), (), "2,,3", ""])
+def test_invalid_layers_raise_a_usage_error_listing_valid_stages(layers) -> None:
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match="valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4"):
+        Backbone("resnet18", layers=layers)
+
+
+def test_unknown_arch_lists_the_valid_ones() -> None:
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match="valid archs: resnet18, resnet34"):
+        Backbone("resnet19")
+
+
+def test_arch_list_is_torchvisions_resnet_family() -> None:
+    names = set(torchvision.models.list_models(module=torchvision.models))
+    family = {n for n in names if n.startswith(("resnet", "resnext", "wide_resnet"))}
+    assert set(ARCHS) == family
