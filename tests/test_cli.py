@@ -307,3 +307,27 @@ def test_help_and_usage_errors_import_neither_torch_nor_torchvision() -> None:
     for args, code in ((["--help"], 0), (["x.jpg", "--layers", "7"], 2), (["x.jpg", "--arch", "vgg"], 2), (["missing.jpg"], 2)):
         result = run_module("-c", check, *args)
         assert result.stdout.splitlines()[-1] == f"{code} []", (args, result.stdout, result.stderr)
+
+
+def test_the_same_command_gives_bit_identical_features(tmp_path: Path, chelsea: Path) -> None:
+    for folder in ("first", "second"):
+        assert invoke(chelsea, "--save", tmp_path / folder, "--layers", "1,4", *SMALL).exit_code == 0
+    first, second = (torch.load(tmp_path / f / "chelsea.pt", weights_only=True)["features"] for f in ("first", "second"))
+    assert all(torch.equal(first[name], second[name]) for name in ("layer1", "layer4"))
+    other = invoke(chelsea, "--save", tmp_path / "other", "--seed", "1", "--layers", "4", *SMALL)
+    assert other.exit_code == 0
+    assert not torch.equal(torch.load(tmp_path / "other" / "chelsea.pt", weights_only=True)["features"]["layer4"], first["layer4"])
+
+
+def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch) -> None:
+    from backbone_inspect.pipeline import Extractor
+
+    def broken(self, path):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(Extractor, "inspect", broken)
+    result = invoke(chelsea, *SMALL)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: RuntimeError: boom second line (run with --debug for the traceback)\n"
+    debug = invoke(chelsea, "--debug", *SMALL)
+    assert debug.exit_code == 1 and isinstance(debug.exception, RuntimeError)

@@ -168,3 +168,8 @@ def test_checkpoints_are_loaded_with_weights_only(tmp_path: Path) -> None:
     torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "config": Path("x")}, path)
     with pytest.raises(WeightsError, match="cannot read checkpoint"):
         build_model("resnet18", str(path))
+
+
+def test_weights_enum_of_another_arch_is_refused() -> None:
+    with pytest.raises(UsageError, match="belong to another arch than resnet50"):
+        build_model("resnet50", torchvision.models.ResNet18_Weights.IMAGENET1K_V1)

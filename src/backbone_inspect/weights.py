@@ -67,6 +67,10 @@ def _resolve(arch: str, weights: Any) -> tuple[str, Any]:
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
         return "none", None
     if isinstance(weights, WeightsEnum):
+        from torchvision import models
+
+        if type(weights) is not models.get_model_weights(arch):
+            raise UsageError(f"weights {weights} belong to another arch than {arch}")
         return "named", weights
     if isinstance(weights, os.PathLike):
         return "checkpoint", Path(weights)
