@@ -69,8 +69,8 @@ def test_json_lines_hold_the_documented_record_and_nothing_else(chelsea: Path) -
     result = invoke(chelsea, camera, "--json", "--layers", "1,3", *SMALL)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["image"] for r in records] == [str(chelsea), str(camera)]
-    for record, image in zip(records, (chelsea, camera)):
+    assert [r["image"] for r in records] == [str(camera), str(chelsea)], "inputs are processed in sorted order"
+    for record, image in zip(records, (camera, chelsea)):
         assert record["arch"] == "resnet18" and record["weights"] == "none"
         assert record["input_size"] == [64, 64]
         assert list(record["layers"]) == ["layer1", "layer3"]
@@ -107,7 +107,7 @@ def test_save_writes_each_images_own_features_and_meta(tmp_path: Path, chelsea: 
     camera = SAMPLES / "camera.png"
     result = invoke(chelsea, camera, "--save", out, "--layers", "2,4", *SMALL)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["camera.pt", "chelsea.pt"]
+    assert sorted(p.name for p in out.glob("*.pt")) == ["camera.pt", "chelsea.pt"]
     for image in (chelsea, camera):
         saved = torch.load(out / f"{image.stem}.pt", weights_only=True)
         assert list(saved["features"]) == ["layer2", "layer4"]
@@ -142,11 +142,12 @@ def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path: Path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    result = invoke(chelsea, "--save", tmp_path, *SMALL)
+    result = invoke(chelsea, "--save", tmp_path, "--overwrite", *SMALL)
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: cannot write ") and "No space left on device" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: cannot write {tmp_path / 'chelsea.pt'}: No space left on device"]
     assert (tmp_path / "chelsea.pt").read_bytes() == b"previous complete file"
-    assert [p.name for p in tmp_path.iterdir()] == ["chelsea.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone-inspect.json", "chelsea.pt", "manifest.jsonl"]
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(tmp_path: Path, chelsea: Path) -> None:
@@ -173,7 +174,8 @@ def test_bad_images_are_named_and_the_others_still_processed(tmp_path: Path, che
     out = tmp_path / "out"
     result = invoke(empty, chelsea, text, truncated, "--save", out, "--json", *SMALL)
     assert result.exit_code == 1
-    errors = result.stderr.splitlines()
+    errors = result.stderr.splitlines()[:-1]
+    assert result.stderr.splitlines()[-1].startswith("processed 1, skipped 0, failed 3 in ")
     assert errors == [
         f"Error: {empty}: empty file",
         f"Error: {text}: not an image Pillow can read",
@@ -181,7 +183,7 @@ def test_bad_images_are_named_and_the_others_still_processed(tmp_path: Path, che
     ]
     assert errors[2].startswith(f"Error: {truncated}: cannot decode image")
     assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == [str(chelsea)]
-    assert sorted(p.name for p in out.iterdir()) == ["chelsea.pt"]
+    assert sorted(p.name for p in out.glob("*.pt")) == ["chelsea.pt"]
 
 
 @pytest.mark.parametrize("layers", ["5", "-1", "abc", "", "2,,3"])
@@ -221,10 +223,10 @@ def test_usage_errors_exit_2_with_one_line(chelsea: Path, args: list[str], messa
 def test_missing_input_paths_exit_2_before_any_work(tmp_path: Path, chelsea: Path) -> None:
     result = invoke(chelsea, tmp_path / "missing.jpg", "--save", tmp_path / "out", *SMALL)
     assert result.exit_code == 2
-    assert result.stderr == f"Error: {tmp_path / 'missing.jpg'}: no such file\n"
+    assert result.stderr == f"Error: {tmp_path / 'missing.jpg'}: no such file or directory\n"
     assert not (tmp_path / "out").exists()
     no_args = invoke()
-    assert no_args.exit_code == 2 and no_args.stderr == "Error: Missing argument 'IMAGE'.\n"
+    assert no_args.exit_code == 2 and no_args.stderr == "Error: no inputs: give image files or folders, or --from-list FILE\n"
 
 
 def test_weights_failures_exit_1_naming_the_file(tmp_path: Path, chelsea: Path, torch_home: Path) -> None:
@@ -322,10 +324,10 @@ def test_the_same_command_gives_bit_identical_features(tmp_path: Path, chelsea: 
 def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch) -> None:
     from backbone_inspect.pipeline import Extractor
 
-    def broken(self, path):
+    def broken(self, images):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Extractor, "inspect", broken)
+    monkeypatch.setattr(Extractor, "extract", broken)
     result = invoke(chelsea, *SMALL)
     assert result.exit_code == 1
     assert result.stderr == "Error: RuntimeError: boom second line (run with --debug for the traceback)\n"

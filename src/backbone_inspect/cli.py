@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,9 +13,12 @@ import typer
 from typer.core import TyperCommand
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_OK, ImageError, InspectError, UsageError
-from .options import check_device_spec, parse_size
+from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
+from .images import FoundImage, check_output_collisions, find_images, planned_input_size, read_path_list
+from .options import check_device_spec, check_save_dtype, parse_size
+from .shards import RankGroup, Shard, launched_by_torchrun, local_rank_from_env, parse_shard, shard_from_env
 from .stages import ARCHS, STAGES, check_arch, parse_layers
+from .stats import SummaryAccumulator
 
 PROG_NAME = "backbone-inspect"
 
@@ -69,9 +74,13 @@ def _show_version(value: bool) -> None:
 @app.command(cls=OneLineErrorCommand)
 def inspect(
     images: Annotated[
-        list[str],
-        typer.Argument(help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF).", metavar="IMAGE", show_default=False),
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF) and folders (searched recursively).",
+            metavar="IMAGE_OR_FOLDER",
+            show_default=False,
+        ),
+    ] = None,
     layers: Annotated[
         str,
         typer.Option(
@@ -108,26 +117,78 @@ def inspect(
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image, nothing else.")] = False,
     save: Annotated[
         Path | None,
-        typer.Option(help="Save DIR/<image stem>.pt per image.", file_okay=False, show_default=False),
+        typer.Option(
+            help="Save a .pt per image under DIR (mirroring folder inputs), with DIR/manifest.jsonl.",
+            metavar="DIR",
+            file_okay=False,
+            show_default=False,
+        ),
     ] = None,
+    from_list: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also read inputs from FILE, one path per line (blank lines and # comments ignored).",
+            metavar="FILE",
+            show_default=False,
+        ),
+    ] = None,
+    save_dtype: Annotated[
+        str, typer.Option(help="dtype of the saved tensors: float32, float16 or bfloat16.")
+    ] = "float32",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Processes decoding images beside the forward pass; 0: in-process. \\[default: CPU count - 1, at most 8]",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Recompute images whose .pt exists (default: skip them).")
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Process only slice K of N (0-based) of the sorted inputs. \\[default: from torchrun or Slurm]",
+            metavar="K/N",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be done and skipped, estimate the disk size; run nothing.")
+    ] = False,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="One table per stage over all images, even for a few image files.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> int:
-    """Shapes, strides and statistics of a torchvision ResNet's stages for each IMAGE."""
+    """Shapes, strides and statistics of a torchvision ResNet's stages; feature dumps with --save."""
     try:
         return _run(
-            images=images,
-            layers=parse_layers(layers),
-            arch=check_arch(arch),
-            weights=weights,
-            seed=seed,
-            resize=parse_size("--resize", resize),
-            crop=parse_size("--crop", crop),
-            device=check_device_spec(device),
-            json_lines=json_lines,
-            save=save,
+            RunOptions(
+                inputs=list(images or []),
+                from_list=from_list,
+                layers=parse_layers(layers),
+                arch=check_arch(arch),
+                weights=weights,
+                seed=seed,
+                resize=parse_size("--resize", resize),
+                crop=parse_size("--crop", crop),
+                device=check_device_spec(device),
+                json_lines=json_lines,
+                save=save,
+                save_dtype=check_save_dtype(save_dtype),
+                batch_size=batch_size,
+                workers=default_workers() if workers is None else workers,
+                overwrite=overwrite,
+                shard=parse_shard(shard) if shard is not None else None,
+                dry_run=dry_run,
+                summary=summary,
+            )
         )
     except InspectError as error:
         error_line(str(error))
@@ -139,66 +200,163 @@ def inspect(
         return EXIT_FAILURE
 
 
-def _check_inputs(images: list[str]) -> None:
-    for image in images:
-        path = Path(image)
-        if not path.exists():
-            raise UsageError(f"{image}: no such file")
-        if path.is_dir():
-            raise UsageError(f"{image}: is a directory, expected an image file")
+@dataclass(frozen=True)
+class RunOptions:
+    inputs: list[str]
+    from_list: Path | None
+    layers: tuple[str, ...]
+    arch: str
+    weights: str
+    seed: int
+    resize: int | None | str
+    crop: int | None | str
+    device: str
+    json_lines: bool
+    save: Path | None
+    save_dtype: str
+    batch_size: int
+    workers: int
+    overwrite: bool
+    shard: Shard | None
+    dry_run: bool
+    summary: bool
 
 
-def _run(
-    *,
-    images: list[str],
-    layers: tuple[str, ...],
-    arch: str,
-    weights: str,
-    seed: int,
-    resize: int | None | str,
-    crop: int | None | str,
-    device: str,
-    json_lines: bool,
-    save: Path | None,
-) -> int:
-    _check_inputs(images)
-    from .output import output_paths
+def _find_inputs(options: RunOptions) -> tuple[list[FoundImage], bool]:
+    """The images, and whether they were all named one by one on the command line."""
+    listed = read_path_list(options.from_list) if options.from_list is not None else []
+    inputs = options.inputs + listed
+    if not inputs:
+        raise UsageError("no inputs: give image files or folders, or --from-list FILE")
+    found = find_images(inputs)
+    named_files = options.from_list is None and not any(Path(given).is_dir() for given in options.inputs)
+    return found, named_files
 
-    targets = output_paths(images, save) if save is not None else {}
+
+def _run(options: RunOptions) -> int:
+    found, named_files = _find_inputs(options)
+    if options.save is not None:
+        check_output_collisions(found)
+    shard = options.shard or shard_from_env()
+    selected = shard.take(found) if shard is not None else found
+    per_image_tables = named_files and options.save is None and not options.summary and not options.json_lines
 
     from rich.console import Console
 
-    from .output import feature_meta, json_record, render_image_table, render_model_header, save_features
-    from .pipeline import Extractor, resolve_device
+    from . import dump
+    from . import output as out
+    from .pipeline import Extractor, planned_preprocessing, resolve_device
+
+    from .weights import plan_weights
+
+    rank_group = RankGroup() if launched_by_torchrun() else None
+    preprocessing = planned_preprocessing(options.arch, options.weights, options.resize, options.crop)
+    weights_label = plan_weights(options.arch, options.weights).label
+    settings = dump.DumpSettings(
+        arch=options.arch,
+        weights=weights_label,
+        seed=options.seed if weights_label == "none" else None,
+        layers=options.layers,
+        preprocessing=preprocessing.to_dict(),
+        save_dtype=options.save_dtype,
+    )
+    if options.save is not None:
+        dump.claim_output_dir(options.save, settings, overwrite=options.overwrite, record=not options.dry_run)
+    todo, skipped = dump.split_existing(selected, options.save, overwrite=options.overwrite)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    if options.dry_run:
+        return _dry_run(console, options, todo, skipped, preprocessing)
 
     extractor = Extractor(
-        arch=arch,
-        layers=layers,
-        weights=weights,
-        seed=seed,
-        device=resolve_device(device),
-        resize=resize,
-        crop=crop,
+        arch=options.arch,
+        layers=options.layers,
+        weights=options.weights,
+        seed=options.seed,
+        device=resolve_device(options.device, local_rank=local_rank_from_env() if shard_from_env() else None),
+        resize=options.resize,
+        crop=options.crop,
     )
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-    if not json_lines:
-        render_model_header(console, extractor)
-    failures = 0
-    for image in images:
-        try:
-            result = extractor.inspect(image)
-        except ImageError as error:
-            error_line(str(error))
-            failures += 1
-            continue
-        if image in targets:
-            save_features(targets[image], result.features, feature_meta(extractor, result))
-        if json_lines:
-            sys.stdout.write(json.dumps(json_record(extractor, result)) + "\n")
-            sys.stdout.flush()
-        else:
-            render_image_table(console, result)
-    return EXIT_FAILURE if failures else EXIT_OK
+    if not options.json_lines:
+        out.render_model_header(console, extractor)
+    manifest = None
+    writer = None
+    if options.save is not None:
+        manifest = dump.Manifest(options.save / (shard.manifest_name if shard else dump.UNSHARDED_MANIFEST))
+        writer = dump.FeatureWriter(options.save, options.save_dtype, out.run_meta(extractor, settings))
+        for image in skipped:
+            manifest.record(dump.Outcome(image.path, image.output, "skipped"))
+    accumulator = SummaryAccumulator()
+    progress = out.Progress(len(todo)) if sys.stderr.isatty() and not per_image_tables else None
+
+    def on_outcome(outcome: dump.Outcome, result: Any) -> None:
+        if manifest is not None:
+            manifest.record(outcome)
+        if outcome.status == "error":
+            error_line(str(outcome.error))
+        if result is not None:
+            for stats in result.stats:
+                accumulator.add(stats)
+            if options.json_lines:
+                sys.stdout.write(json.dumps(out.json_record(extractor, result)) + "\n")
+                sys.stdout.flush()
+            elif per_image_tables:
+                out.render_image_table(console, result)
+        if progress is not None:
+            progress.advance(outcome.status == "error")
+
+    try:
+        with dump.stop_on_signals() as stop:
+            result = dump.run_dump(
+                extractor,
+                todo,
+                writer=writer,
+                on_outcome=on_outcome,
+                batch_size=options.batch_size,
+                workers=options.workers,
+                stop=stop,
+            )
+    finally:
+        if progress is not None:
+            progress.stop()
+        if manifest is not None:
+            manifest.close()
+    result.skipped = len(skipped)
+    if not options.json_lines and not per_image_tables:
+        out.render_stage_summaries(console, accumulator.summaries())
+    if options.save is not None or len(found) > 1 or result.stopped_by is not None:
+        print(out.run_summary_line(result), file=sys.stderr, flush=True)
+    if result.output_error is not None:
+        error_line(result.output_error)
+    code = _exit_code(result)
+    return rank_group.agree_on_exit_code(code) if rank_group is not None else code
+
+
+def _exit_code(result: Any) -> int:
+    if result.stopped_by is not None:
+        return 128 + int(result.stopped_by)
+    return EXIT_FAILURE if result.failed or result.output_error else EXIT_OK
+
+
+def _dry_run(console: Any, options: RunOptions, todo: list[FoundImage], skipped: list[FoundImage], preprocessing: Any) -> int:
+    from .dump import estimate_bytes
+    from .output import human_bytes
+
+    sizes = [planned_input_size(image.path, preprocessing) for image in todo]
+    estimate = estimate_bytes(options.arch, options.layers, [s for s in sizes if s is not None], options.save_dtype)
+    record = {"to_do": len(todo), "to_skip": len(skipped), "estimated_bytes": estimate if options.save else 0}
+    if options.json_lines:
+        print(json.dumps(record))
+    else:
+        where = f" in {options.save}" if options.save else ""
+        console.print(
+            f"dry run: {len(todo)} images to do, {len(skipped)} to skip (already{where}); "
+            f"about {human_bytes(record['estimated_bytes'])} to write as {options.save_dtype}",
+        )
+    return EXIT_OK
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
 def main() -> None:

@@ -26,3 +26,12 @@ def check_device_spec(spec: str) -> str:
     if not _DEVICE_PATTERN.match(text):
         raise UsageError(f"invalid --device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
     return text
+
+
+SAVE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+def check_save_dtype(name: str) -> str:
+    if name not in SAVE_DTYPE_NAMES:
+        raise UsageError(f"invalid --save-dtype {name!r}: expected {', '.join(SAVE_DTYPE_NAMES)}")
+    return name

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import OutputError, UsageError
+from .errors import OutputError
 
 if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
+    from .dump import DumpSettings, RunSummary
     from .pipeline import Extractor, ImageResult
+    from .stats import StageSummary
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -49,29 +51,56 @@ def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mappin
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
-def feature_meta(extractor: Extractor, result: ImageResult) -> dict[str, Any]:
+def run_meta(extractor: Extractor, settings: DumpSettings) -> dict[str, Any]:
+    """What every feature file of a run says about how it was made (``image`` and ``input_size`` added per file)."""
     from . import __version__
 
     return {
-        "image": result.image,
         "arch": extractor.arch,
         "weights": extractor.weights.label,
         "seed": extractor.seed,
-        "input_size": list(result.input_size),
+        "layers": list(extractor.stage_names),
         "preprocessing": extractor.preprocessing.to_dict(),
+        "save_dtype": settings.save_dtype,
         "version": __version__,
     }
 
 
-def output_paths(images: Iterable[str], save_dir: Path) -> dict[str, Path]:
-    """``DIR/<stem>.pt`` per image; inputs that would share one file are a usage error."""
-    targets: dict[Path, list[str]] = {}
-    for image in images:
-        targets.setdefault(save_dir / f"{Path(image).stem}.pt", []).append(image)
-    clashes = [f"{', '.join(sources)} -> {target}" for target, sources in targets.items() if len(sources) > 1]
-    if clashes:
-        raise UsageError(f"inputs would overwrite each other's output: {'; '.join(clashes)}")
-    return {sources[0]: target for target, sources in targets.items()}
+class Progress:
+    """A rich progress bar on stderr: done/total, images/s, ETA, failures."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self._failures = 0
+        self._progress = RichProgress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[failures]}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task = self._progress.add_task("features", total=total, rate="", failures="")
+        self._progress.start()
+
+    def advance(self, failed: bool) -> None:
+        self._failures += failed
+        task = self._progress.tasks[0]
+        speed = task.speed
+        self._progress.update(
+            self._task,
+            advance=1,
+            rate=f"{speed:.1f} images/s" if speed else "",
+            failures=f"[red]{self._failures} failed[/]" if self._failures else "",
+        )
+
+    def stop(self) -> None:
+        self._progress.stop()
 
 
 def json_record(extractor: Extractor, result: ImageResult) -> dict[str, Any]:
@@ -102,8 +131,9 @@ def render_image_table(console: Console, result: ImageResult) -> None:
     from .stats import stride_text
 
     height, width = result.input_size
+    batch = f" (batch of {result.group_size})" if result.group_size > 1 else ""
     table = Table(
-        title=f"{result.image}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms",
+        title=f"{result.image}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms{batch}",
         title_justify="left",
     )
     table.add_column("stage")
@@ -122,3 +152,50 @@ def render_image_table(console: Console, result: ImageResult) -> None:
             f"{stats.zeros:.1%}",
         )
     console.print(table)
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "×".join(str(size) for size in shape)
+
+
+def render_stage_summaries(console: Console, summaries: Sequence[StageSummary]) -> None:
+    """One row per stage over every image: shapes, pooled statistics, zeros."""
+    from rich.table import Table
+
+    if not summaries:
+        return
+    table = Table(title=f"{summaries[0].images} images, every element pooled", title_justify="left")
+    table.add_column("stage")
+    for column in ("images", "shape C×H×W", "mean", "std", "min", "max", "zeros"):
+        table.add_column(column, justify="right")
+    for summary in summaries:
+        shapes = shape_text(summary.shapes[0]) + (
+            f" (+{len(summary.shapes) - 1} other shapes)" if len(summary.shapes) > 1 else ""
+        )
+        table.add_row(
+            summary.name,
+            str(summary.images),
+            shapes,
+            f"{summary.mean:.4g}",
+            f"{summary.std:.4g}",
+            f"{summary.min:.4g}",
+            f"{summary.max:.4g}",
+            f"{summary.zeros:.1%}",
+        )
+    console.print(table)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def run_summary_line(summary: RunSummary) -> str:
+    return (
+        f"processed {summary.processed}, skipped {summary.skipped}, failed {summary.failed} "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s), "
+        f"{human_bytes(summary.bytes_written)} written"
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,20 @@ from .errors import UsageError
 from .images import Preprocessing, load_image_tensor
 from .options import check_device_spec
 from .stats import StageStats, stage_stats
-from .weights import LoadedWeights
+from .weights import LoadedWeights, plan_weights
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; exit 2 if absent."""
+def resolve_device(spec: str, *, local_rank: int | None = None) -> torch.device:
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; exit 2 if absent.
+
+    ``local_rank``: under torchrun or Slurm, ``auto`` picks ``cuda:LOCAL_RANK``.
+    """
     text = check_device_spec(spec)
     mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if text == "auto":
         if torch.cuda.is_available():
+            if local_rank is not None:
+                return torch.device("cuda", local_rank % torch.cuda.device_count())
             return torch.device("cuda")
         return torch.device("mps") if mps_available else torch.device("cpu")
     device = torch.device(text)
@@ -56,6 +61,23 @@ class ImageResult:
     features: OrderedDict[str, torch.Tensor]
     stats: tuple[StageStats, ...]
     seconds: float
+    """Time of the forward pass of the group this image ran in."""
+    group_size: int = 1
+
+
+def planned_preprocessing(
+    arch: str, weights: Any, resize: int | None | str = None, crop: int | None | str = None
+) -> Preprocessing:
+    """The weights' preprocessing with ``--resize``/``--crop`` applied, without loading any weights.
+
+    ``None`` keeps the weights' own value, ``"none"`` skips the step.
+    """
+    overrides = {
+        key: (None if value == "none" else value)
+        for key, value in (("resize", resize), ("crop", crop))
+        if value is not None
+    }
+    return replace(plan_weights(arch, weights).preprocessing, **overrides)
 
 
 class Extractor:
@@ -79,12 +101,7 @@ class Extractor:
         loaded = self.backbone.weights_info
         assert loaded is not None
         self.weights: LoadedWeights = loaded
-        overrides = {
-            key: (None if value == "none" else value)
-            for key, value in (("resize", resize), ("crop", crop))
-            if value is not None
-        }
-        self.preprocessing: Preprocessing = replace(loaded.preprocessing, **overrides)
+        self.preprocessing: Preprocessing = planned_preprocessing(arch, weights, resize, crop)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.preprocessing.mean, device=self.device).view(shape)
         self._std = torch.tensor(self.preprocessing.std, device=self.device).view(shape)
@@ -115,11 +132,26 @@ class Extractor:
             torch.cuda.synchronize(self.device)
         return features, time.perf_counter() - start
 
+    def extract(self, images: Sequence[tuple[str, torch.Tensor]]) -> list[ImageResult]:
+        """Features and statistics of (name, uint8 [3, H, W]) images, in order.
+
+        Images of equal size run as one batch; different sizes run as separate batches, so
+        nothing is ever padded. Features come back as CPU tensors with storage of their own.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, (_, pixels) in enumerate(images):
+            groups.setdefault((int(pixels.shape[1]), int(pixels.shape[2])), []).append(position)
+        results: list[ImageResult | None] = [None] * len(images)
+        for input_size, positions in groups.items():
+            features, seconds = self.timed_forward(torch.stack([images[p][1] for p in positions]))
+            for row, position in enumerate(positions):
+                own = OrderedDict((name, own_copy(value[row])) for name, value in features.items())
+                stats = tuple(stage_stats(name, value, input_size) for name, value in own.items())
+                results[position] = ImageResult(
+                    images[position][0], input_size, own, stats, seconds, len(positions)
+                )
+        return [result for result in results if result is not None]
+
     def inspect(self, path: str | Path) -> ImageResult:
-        """One image: decode, preprocess, forward, statistics; features copied to the CPU."""
-        pixels = self.load(path)
-        input_size = (int(pixels.shape[1]), int(pixels.shape[2]))
-        features, seconds = self.timed_forward(pixels.unsqueeze(0))
-        own = OrderedDict((name, own_copy(value[0])) for name, value in features.items())
-        stats = tuple(stage_stats(name, value, input_size) for name, value in own.items())
-        return ImageResult(str(path), input_size, own, stats, seconds)
+        """One image: decode, preprocess, forward, statistics."""
+        return self.extract([(str(path), self.load(path))])[0]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Stride = int | float | list[float]
 
@@ -75,3 +76,63 @@ def stage_stats(name: str, feature: torch.Tensor, input_size: tuple[int, int]) -
         max=values.max().item(),
         zeros=(values == 0).sum().item() / values.numel(),
     )
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage over many images: every element of every image pooled."""
+
+    name: str
+    images: int
+    shapes: tuple[tuple[int, int, int], ...]
+    """The distinct shapes seen, most frequent first."""
+    mean: float
+    std: float
+    min: float
+    max: float
+    zeros: float
+
+
+class SummaryAccumulator:
+    """Pools per-image ``StageStats`` into one ``StageSummary`` per stage, in constant memory."""
+
+    def __init__(self) -> None:
+        self._stages: dict[str, dict[str, Any]] = {}
+
+    def add(self, stats: StageStats) -> None:
+        count = stats.shape[0] * stats.shape[1] * stats.shape[2]
+        entry = self._stages.setdefault(
+            stats.name,
+            {"images": 0, "shapes": {}, "count": 0, "sum": 0.0, "squares": 0.0,
+             "min": float("inf"), "max": float("-inf"), "zeros": 0.0},
+        )
+        entry["images"] += 1
+        entry["shapes"][stats.shape] = entry["shapes"].get(stats.shape, 0) + 1
+        entry["count"] += count
+        entry["sum"] += stats.mean * count
+        # Back from the unbiased std to the sum of squares, so the pooled std is exact.
+        entry["squares"] += stats.std**2 * (count - 1) + stats.mean**2 * count
+        entry["min"] = min(entry["min"], stats.min)
+        entry["max"] = max(entry["max"], stats.max)
+        entry["zeros"] += stats.zeros * count
+
+    def summaries(self) -> list[StageSummary]:
+        result = []
+        for name, entry in self._stages.items():
+            count = entry["count"]
+            mean = entry["sum"] / count
+            variance = (entry["squares"] - count * mean**2) / (count - 1) if count > 1 else 0.0
+            shapes = sorted(entry["shapes"], key=lambda shape: -entry["shapes"][shape])
+            result.append(
+                StageSummary(
+                    name=name,
+                    images=entry["images"],
+                    shapes=tuple(shapes),
+                    mean=mean,
+                    std=max(variance, 0.0) ** 0.5,
+                    min=entry["min"],
+                    max=entry["max"],
+                    zeros=entry["zeros"] / count,
+                )
+            )
+        return result

@@ -224,20 +224,40 @@ def _named_preprocessing(member: Any) -> Preprocessing:
     )
 
 
+@dataclass(frozen=True)
+class WeightsPlan:
+    """What ``--weights`` names, resolved without loading anything."""
+
+    kind: str
+    label: str
+    preprocessing: Preprocessing
+    source: Any = None
+    """The torchvision weights enum member, or the checkpoint path."""
+
+
+def plan_weights(arch: str, weights: Any = None) -> WeightsPlan:
+    kind, value = _resolve(check_arch(arch), weights)
+    if kind == "named":
+        return WeightsPlan(kind, value.name, _named_preprocessing(value), value)
+    if kind == "checkpoint":
+        return WeightsPlan(kind, str(value), Preprocessing(), value)
+    return WeightsPlan(kind, "none", Preprocessing())
+
+
 def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
     """The torchvision ResNet ``arch`` with ``weights`` loaded, and a description of them."""
-    check_arch(arch)
-    kind, value = _resolve(arch, weights)
+    plan = plan_weights(arch, weights)
     model = _random_model(arch, seed)
-    if kind == "none":
-        return model, LoadedWeights("none", "none", Preprocessing(), head_loaded=False, head_note=None)
-    if kind == "checkpoint":
-        return model, load_checkpoint_into(model, arch, value)
-    model.load_state_dict(_hub_state_dict(arch, value))
+    if plan.kind == "none":
+        return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
+    if plan.kind == "checkpoint":
+        return model, load_checkpoint_into(model, arch, plan.source)
+    member = plan.source
+    model.load_state_dict(_hub_state_dict(arch, member))
     return model, LoadedWeights(
-        label=value.name,
+        label=plan.label,
         kind="named",
-        preprocessing=_named_preprocessing(value),
+        preprocessing=plan.preprocessing,
         head_loaded=True,
-        categories=tuple(value.meta.get("categories") or ()) or None,
+        categories=tuple(member.meta.get("categories") or ()) or None,
     )

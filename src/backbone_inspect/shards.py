@@ -1,0 +1,91 @@
+"""Which slice of the inputs this process takes: ``--shard K/N``, torchrun or Slurm."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import UsageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """Every ``count``-th item from ``index``: the shards are disjoint and cover every item."""
+        return list(items[self.index :: self.count])
+
+    @property
+    def manifest_name(self) -> str:
+        return f"manifest.shard-{self.index}-of-{self.count}.jsonl"
+
+
+def parse_shard(text: str) -> Shard:
+    parts = text.split("/")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        index, count = (int(part) for part in parts)
+        if 0 <= index < count:
+            return Shard(index, count)
+    raise UsageError(f"invalid --shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/4")
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> Shard | None:
+    """The shard of a torchrun rank (RANK/WORLD_SIZE) or Slurm task (SLURM_PROCID/SLURM_NTASKS)."""
+    env = os.environ if env is None else env
+    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        rank, size = _env_int(env, rank_name), _env_int(env, size_name)
+        if rank is not None and size is not None and size > 1 and 0 <= rank < size:
+            return Shard(rank, size)
+    return None
+
+
+def local_rank_from_env(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = _env_int(env, name)
+        if value is not None:
+            return value
+    return 0
+
+
+def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    size = _env_int(env, "WORLD_SIZE")
+    return bool(env.get("TORCHELASTIC_RUN_ID") and env.get("MASTER_ADDR") and size and size > 1)
+
+
+class RankGroup:
+    """Under torchrun, ranks agree on the exit code at the end.
+
+    torchrun stops every rank as soon as one exits non-zero, so a rank whose slice had bad
+    images must not exit before the others finish: every rank waits for all, then all exit
+    with the worst code.
+    """
+
+    def __init__(self) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self._dist = dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+    def agree_on_exit_code(self, code: int) -> int:
+        import torch
+
+        value = torch.tensor([code], dtype=torch.int64)
+        self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX)
+        self._dist.destroy_process_group()
+        return int(value.item())
