@@ -81,6 +81,14 @@ def test_replay_stops_after_the_deepest_requested_stage(layers, ran, skipped) ->
     assert not held & set(skipped)
 
 
+def test_a_model_of_another_arch_is_refused() -> None:
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a resnet18"):
+        Backbone("resnet18", layers=4, model=torchvision.models.resnet34())
+    assert Backbone("resnet18", layers=4, model=torchvision.models.resnet18(num_classes=3)).stage_names == ("layer4",)
+
+
 def test_layers_are_sorted_and_deduplicated() -> None:
     backbone = Backbone("resnet18", layers="4,layer2,2,stem")
     assert backbone.stage_names == ("stem", "layer2", "layer4")

@@ -186,5 +186,5 @@ def test_resize_without_crop_keeps_the_aspect_ratio() -> None:
 def test_crop_larger_than_the_image_is_an_error_not_padding(tmp_path: Path) -> None:
     path = tmp_path / "small.png"
     gradient_rgb(40, 30).save(path)
-    with pytest.raises(ImageError, match=r"small.png: image is 40x30 after resizing, smaller than the 64 px crop"):
+    with pytest.raises(ImageError, match=r"small.png: image is 30×40 \(H×W\), smaller than the 64 px crop"):
         load_image_tensor(path, Preprocessing(resize=None, crop=64))

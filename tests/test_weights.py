@@ -159,14 +159,14 @@ def test_missing_and_unreadable_checkpoints_are_named(tmp_path: Path) -> None:
         build_model("resnet18", str(tmp_path / "nope.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(WeightsError, match=f"cannot read checkpoint {garbage}"):
+    with pytest.raises(WeightsError, match=f"cannot read checkpoint {garbage}: not a PyTorch checkpoint"):
         build_model("resnet18", str(garbage))
 
 
 def test_checkpoints_are_loaded_with_weights_only(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "config": Path("x")}, path)
-    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+    with pytest.raises(WeightsError, match=r"cannot read checkpoint .*pickled.pt: it holds pickled Python objects \(pathlib.PosixPath\), not only tensors; save model.state_dict\(\) instead$"):
         build_model("resnet18", str(path))
 
 

@@ -78,6 +78,25 @@ def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str = STA
     return stage_infos(model, layers)
 
 
+def _backbone_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {
+        key: value.shape
+        for key, value in model.state_dict().items()
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked")
+    }
+
+
+def _check_is_arch(model: nn.Module, arch: str) -> None:
+    from torchvision import models
+
+    from .errors import UsageError
+
+    with torch.device("meta"):
+        reference = models.get_model(arch, weights=None)
+    if _backbone_shapes(model) != _backbone_shapes(reference):
+        raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")
+
+
 class Backbone(nn.Module):
     """A torchvision ResNet replayed stage by stage.
 
@@ -108,6 +127,7 @@ class Backbone(nn.Module):
         if model is None:
             model, self.weights_info = build_model(self.arch, weights, seed=seed)
         else:
+            _check_is_arch(model, self.arch)
             self.weights_info = None
         self.weights_info: LoadedWeights | None
         self.conv1 = model.conv1

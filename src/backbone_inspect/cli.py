@@ -21,6 +21,7 @@ from .stages import ARCHS, STAGES, check_arch, parse_layers
 from .stats import SummaryAccumulator
 
 PROG_NAME = "backbone-inspect"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def error_line(message: str) -> None:
@@ -193,6 +194,10 @@ def inspect(
     except InspectError as error:
         error_line(str(error))
         return error.exit_code
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE would.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as error:
         if debug:
             raise
@@ -353,6 +358,14 @@ def _dry_run(console: Any, options: RunOptions, todo: list[FoundImage], skipped:
             f"about {human_bytes(record['estimated_bytes'])} to write as {options.save_dtype}",
         )
     return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner)
+        pass
 
 
 def default_workers() -> int:

@@ -124,8 +124,9 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     if preprocessing.crop is not None:
         width, height = image.size
         if preprocessing.crop > min(width, height):
+            resized = " after resizing" if preprocessing.resize is not None else ""
             raise ImageError(
-                f"image is {width}x{height} after resizing, smaller than the {preprocessing.crop} px "
+                f"image is {height}×{width} (H×W){resized}, smaller than the {preprocessing.crop} px "
                 "crop; use a larger --resize or --crop none"
             )
         image = F.center_crop(image, [preprocessing.crop])

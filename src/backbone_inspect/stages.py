@@ -45,11 +45,13 @@ def stage_name(token: int | str) -> str:
     raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
 
 
-def parse_layers(layers: str | Iterable[int | str]) -> tuple[str, ...]:
+def parse_layers(layers: int | str | Iterable[int | str]) -> tuple[str, ...]:
     """Canonical stage names, shallow to deep, without repeats.
 
     Accepts ``"2,3,4"``, ``"layer2,layer4"``, ``"stem,1"`` or an iterable of indices and names.
     """
+    if isinstance(layers, int):
+        layers = (layers,)
     if isinstance(layers, str):
         tokens: list[int | str] = list(layers.split(","))
         if any(not str(token).strip() for token in tokens):

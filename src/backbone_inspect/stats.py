@@ -18,10 +18,12 @@ def measured_stride(input_size: tuple[int, int], feature_size: tuple[int, int]) 
 
 def stride_value(stride: tuple[float, float]) -> Stride:
     """One number when both axes agree (an int when whole), else ``[H, W]``."""
-    height, width = (round(value, 4) for value in stride)
-    if height != width:
-        return [height, width]
-    return int(height) if float(height).is_integer() else height
+    height, width = (_whole_if_integral(round(value, 4)) for value in stride)
+    return [height, width] if height != width else height
+
+
+def _whole_if_integral(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
 
 
 def stride_text(stride: tuple[float, float]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -21,6 +22,8 @@ from .stages import check_arch
 
 HEAD_PREFIX = "fc."
 _NAMED_WEIGHTS_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _EXAMPLES_SHOWN = 5
 
 
@@ -76,8 +79,10 @@ def _resolve(arch: str, weights: Any) -> tuple[str, Any]:
         return "checkpoint", Path(weights)
     if not isinstance(weights, str):
         raise UsageError(f"weights must be None, a name or a path, not {type(weights).__name__}")
-    if _NAMED_WEIGHTS_PATTERN.match(weights) and not Path(weights).exists():
-        return "named", _named_weights(arch, weights)
+    if not weights.strip():
+        raise UsageError("--weights is empty: give none, a torchvision weights name or a checkpoint path")
+    if _NAMED_WEIGHTS_PATTERN.match(weights.upper()) and not Path(weights).exists():
+        return "named", _named_weights(arch, weights.upper())
     return "checkpoint", Path(weights)
 
 
@@ -94,9 +99,11 @@ def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(urlparse(member.url).path)
     cached = folder / filename
+    # torch.hub reports downloads on stderr; keep stdout clean for --json, and keep its
+    # chatter off a non-terminal stderr, where errors must stay one line.
+    chatter = sys.stderr if sys.stderr.isatty() else io.StringIO()
     try:
-        # torch.hub reports downloads with print/tqdm; stdout stays clean for --json.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             return torch.hub.load_state_dict_from_url(
                 member.url,
                 map_location="cpu",
@@ -117,8 +124,22 @@ def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(getattr(error, "reason", None) or error).strip()
+    text = _ANSI_ESCAPE.sub("", str(getattr(error, "reason", None) or error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
+    found = _UNSUPPORTED_GLOBAL.search(str(error))
+    if found:
+        reason = (
+            f"it holds pickled Python objects ({found.group(1)}), not only tensors; "
+            "save model.state_dict() instead"
+        )
+    elif "Weights only load failed" in str(error):
+        reason = "not a PyTorch checkpoint (it cannot be unpickled)"
+    else:
+        reason = f"not a PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})"
+    return WeightsError(f"cannot read checkpoint {path}: {reason}")
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -128,7 +149,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise WeightsError(f"cannot read checkpoint {path}: {_first_line(error)}") from error
+        raise _checkpoint_read_error(path, error) from error
     state = _unwrap(loaded)
     if state is None:
         raise WeightsError(f"checkpoint {path} holds no state_dict of tensors")

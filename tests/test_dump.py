@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from backbone_inspect.cli import app
+
+from conftest import REPO, SAMPLES
+
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def noise_image(path: Path, size: tuple[int, int] = (72, 72), seed: int = 0) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombytes("RGB", size, pixels.numpy().tobytes()).save(path)
+    return path
+
+
+def manifest(folder: Path, name: str = "manifest.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def features(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["features"]
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A nested folder: one stem twice, an upper-case extension, hidden and non-image files."""
+    root = tmp_path / "photos"
+    noise_image(root / "a" / "cat.jpg", seed=1)
+    noise_image(root / "b" / "cat.PNG", seed=2)
+    noise_image(root / "b" / "deep" / "dog.webp", seed=3)
+    noise_image(root / "top.png", seed=4)
+    noise_image(root / ".hidden.png", seed=5)
+    noise_image(root / ".cache" / "skip.png", seed=6)
+    (root / "README.txt").write_text("not an image")
+    return root
+
+
+def test_folders_mirror_their_layout_and_the_manifest_lists_each_image(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke(photos, "--save", out, "--layers", "1,4", *SMALL)
+    assert result.exit_code == 0, result.output
+    saved = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt"))
+    assert saved == ["a/cat.pt", "b/cat.pt", "b/deep/dog.pt", "top.pt"]
+    lines = manifest(out)
+    assert [line["image"] for line in lines] == [
+        str(photos / "a" / "cat.jpg"),
+        str(photos / "b" / "cat.PNG"),
+        str(photos / "b" / "deep" / "dog.webp"),
+        str(photos / "top.png"),
+    ]
+    for line in lines:
+        assert line["status"] == "ok"
+        tensors = features(out / line["output"])
+        assert line["shapes"] == {name: list(t.shape) for name, t in tensors.items()}
+        assert line["shapes"] == {"layer1": [64, 16, 16], "layer4": [512, 2, 2]}
+
+
+def test_from_list_reads_paths_skipping_blanks_and_comments(tmp_path: Path, photos: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# my images\n\n{photos / 'top.png'}\n   \n{photos / 'b'}\n")
+    out = tmp_path / "out"
+    result = invoke("--from-list", listing, "--save", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt")) == ["cat.pt", "deep/dog.pt", "top.pt"]
+
+
+def test_colliding_outputs_and_empty_inputs_exit_2_before_any_work(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    clash = invoke(photos / "a", photos / "b", "--save", out, *SMALL)
+    assert clash.exit_code == 2
+    assert clash.stderr == (
+        f"Error: inputs would overwrite each other's output: {photos / 'a' / 'cat.jpg'}, {photos / 'b' / 'cat.PNG'} -> cat.pt\n"
+    )
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    none_found = invoke(empty, "--save", out, *SMALL)
+    assert none_found.exit_code == 2 and none_found.stderr == f"Error: no images found in {empty}\n"
+
+
+def test_resume_skips_finished_images_and_overwrite_recomputes(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(photos, "--save", out, *SMALL).exit_code == 0
+    (out / "b" / "cat.pt").unlink()
+    before = (out / "top.pt").stat().st_mtime_ns
+    again = invoke(photos, "--save", out, *SMALL)
+    assert again.exit_code == 0
+    assert "processed 1, skipped 3, failed 0" in again.stderr
+    second_run = manifest(out)[4:]
+    assert {(line["output"], line["status"]) for line in second_run} == {
+        ("a/cat.pt", "skipped"), ("b/deep/dog.pt", "skipped"), ("top.pt", "skipped"), ("b/cat.pt", "ok")
+    }
+    assert (out / "top.pt").stat().st_mtime_ns == before
+    forced = invoke(photos, "--save", out, "--overwrite", *SMALL)
+    assert forced.exit_code == 0 and "processed 4, skipped 0" in forced.stderr
+    assert (out / "top.pt").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        (["--arch", "resnet34"], 'arch "resnet18" (now "resnet34")'),
+        (["--layers", "2"], 'layers ["layer2", "layer3", "layer4"] (now ["layer2"])'),
+        (["--crop", "48"], "preprocessing"),
+        (["--save-dtype", "float16"], 'save_dtype "float32" (now "float16")'),
+        (["--seed", "3"], "seed 0 (now 3)"),
+    ],
+)
+def test_resuming_with_other_settings_exits_2_naming_the_difference(tmp_path: Path, photos: Path, change, difference) -> None:
+    out = tmp_path / "out"
+    assert invoke(photos / "a", "--save", out, *SMALL).exit_code == 0
+    lines_before = (out / "manifest.jsonl").read_text()
+    args = dict(zip(SMALL[::2], SMALL[1::2])) | dict(zip(change[::2], change[1::2]))
+    flat = [item for pair in args.items() for item in pair]
+    result = invoke(photos, "--save", out, *flat)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {out} holds features made with other settings: ")
+    assert difference in result.stderr and "--overwrite" in result.stderr
+    assert (out / "manifest.jsonl").read_text() == lines_before
+    assert invoke(photos, "--save", out, "--overwrite", *flat).exit_code == 0
+
+
+def test_bad_images_are_recorded_and_the_rest_saved(tmp_path: Path, photos: Path) -> None:
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("not an image")
+    good = (photos / "top.png").read_bytes()
+    (photos / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (9500, 9500)).save(photos / "bomb.png")  # just over Pillow's 89.5 Mpixel limit
+    assert (photos / "bomb.png").stat().st_size < 1_000_000
+    out = tmp_path / "out"
+    result = invoke(photos, "--save", out, "--batch-size", "3", "--workers", "1", *SMALL)
+    assert result.exit_code == 1
+    statuses = {Path(line["image"]).name: line for line in manifest(out)}
+    assert {name for name, line in statuses.items() if line["status"] == "error"} == {
+        "empty.jpg", "text.png", "truncated.png", "bomb.png"
+    }
+    assert "too large" in statuses["bomb.png"]["error"] and "empty file" in statuses["empty.jpg"]["error"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 4 and all(str(photos) in line for line in errors)
+    assert sorted(p.name for p in out.rglob("*.pt")) == ["cat.pt", "cat.pt", "dog.pt", "top.pt"]
+
+
+def test_unwritable_output_folder_is_one_error(tmp_path: Path, photos: Path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = invoke(photos, "--save", blocker / "out", *SMALL)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: cannot write to output folder {blocker / 'out'}: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_mixed_sizes_with_native_resolution_batch_without_changing_numbers(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    for index, size in enumerate([(64, 48), (48, 64), (64, 48), (80, 80), (64, 48), (48, 64)]):
+        noise_image(root / f"img{index}.png", size, seed=index)
+    batched, single = tmp_path / "batched", tmp_path / "single"
+    native = ["--arch", "resnet18", "--resize", "none", "--crop", "none", "--layers", "1,3"]
+    assert invoke(root, "--save", batched, "--batch-size", "6", "--workers", "1", *native).exit_code == 0
+    assert invoke(root, "--save", single, "--batch-size", "1", "--workers", "0", *native).exit_code == 0
+    for path in sorted(single.glob("*.pt")):
+        one, many = features(path), features(batched / path.name)
+        for name in one:
+            torch.testing.assert_close(many[name], one[name], rtol=1e-4, atol=1e-5)
+    assert list(features(batched / "img3.pt")["layer1"].shape) == [64, 20, 20]
+
+
+def test_save_dtype_halves_the_files_and_sizes_match_the_tensors(tmp_path: Path, photos: Path) -> None:
+    sizes = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        out = tmp_path / dtype
+        assert invoke(photos / "a", "--save", out, "--save-dtype", dtype, *SMALL).exit_code == 0
+        tensors = features(out / "cat.pt")
+        assert all(t.dtype == getattr(torch, dtype) for t in tensors.values())
+        own_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        sizes[dtype] = (out / "cat.pt").stat().st_size
+        assert own_bytes < sizes[dtype] < own_bytes + 4096
+    assert sizes["float16"] == pytest.approx(sizes["float32"] / 2, rel=0.05)
+    reference = features(tmp_path / "float32" / "cat.pt")["layer4"]
+    torch.testing.assert_close(features(tmp_path / "float16" / "cat.pt")["layer4"].float(), reference, rtol=2e-3, atol=2e-3)
+
+
+def test_dry_run_counts_and_estimates_without_running(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(photos, "--save", out, *SMALL).exit_code == 0
+    for output in ("b/cat.pt", "b/deep/dog.pt", "top.pt"):
+        (out / output).unlink()
+    dry = invoke(photos, "--save", out, "--dry-run", "--json", *SMALL)
+    assert dry.exit_code == 0
+    plan = json.loads(dry.stdout)
+    assert plan["to_do"] == 3 and plan["to_skip"] == 1
+    assert len(manifest(out)) == 4, "a dry run writes nothing"
+    assert invoke(photos, "--save", out, *SMALL).exit_code == 0
+    written = sum((out / line["output"]).stat().st_size for line in manifest(out)[4:] if line["status"] == "ok")
+    assert plan["estimated_bytes"] == pytest.approx(written, rel=0.05)
+
+
+def test_many_images_print_one_summary_per_stage_pooled_over_all(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke(photos, "--save", out, "--layers", "2", *SMALL)
+    assert result.exit_code == 0
+    assert result.stdout.count("layer2") == 1 and "4 images" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ layer2"))
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    pooled = torch.cat([features(p)["layer2"].flatten() for p in out.rglob("*.pt")])
+    assert cells[1] == "4" and cells[2] == "128×8×8"
+    assert float(cells[3]) == pytest.approx(pooled.mean().item(), rel=1e-3)
+    assert float(cells[4]) == pytest.approx(pooled.std().item(), rel=1e-3)
+    assert float(cells[6]) == pytest.approx(pooled.max().item(), rel=1e-3)
+    assert cells[7] == f"{(pooled == 0).float().mean().item():.1%}"
+    json_run = invoke(photos, "--json", *SMALL)
+    assert [json.loads(line)["image"] for line in json_run.stdout.splitlines()] == [
+        line["image"] for line in manifest(out)
+    ]
+
+
+def test_shards_are_disjoint_and_cover_every_image(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    for index in range(3):
+        result = invoke(photos, "--save", out, "--shard", f"{index}/3", *SMALL)
+        assert result.exit_code == 0, result.output
+    per_shard = [
+        {line["output"] for line in manifest(out, f"manifest.shard-{i}-of-3.jsonl")} for i in range(3)
+    ]
+    assert sum(len(s) for s in per_shard) == 4 and set().union(*per_shard) == {
+        "a/cat.pt", "b/cat.pt", "b/deep/dog.pt", "top.pt"
+    }
+    assert not (out / "manifest.jsonl").exists()
+    for text in ("3/3", "1", "a/b", "-1/2"):
+        bad = invoke(photos, "--shard", text, *SMALL)
+        assert bad.exit_code == 2 and bad.stderr.startswith(f"Error: invalid --shard '{text}'")
+
+
+def _many_images(root: Path, count: int) -> Path:
+    for index in range(count):
+        noise_image(root / f"img{index:03d}.png", (40, 40), seed=index)
+    return root
+
+
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, signal_number, exit_code) -> None:
+    root = _many_images(tmp_path / "many", 120)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "backbone_inspect", str(root), "--save", str(out), "--batch-size", "2",
+               "--workers", "1", "--arch", "resnet50", "--resize", "96", "--crop", "96", "--layers", "1,4"]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    manifest_path = out / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not manifest_path.exists() or len(manifest_path.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code, stderr
+    assert "Traceback" not in stderr and "processed " in stderr
+    saved = sorted(out.glob("*.pt"))
+    assert 6 <= len(saved) < 120
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    lines = manifest(out)
+    assert sorted(line["output"] for line in lines) == sorted(p.name for p in saved)
+    for path in saved:
+        assert set(features(path)) == {"layer1", "layer4"}
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"processed {120 - len(saved)}, skipped {len(saved)}, failed 0" in rerun.stderr
+    assert len(list(out.glob("*.pt"))) == 120
+
+
+def test_torchrun_with_two_processes_splits_the_work_and_finishes_despite_bad_images(tmp_path: Path) -> None:
+    root = _many_images(tmp_path / "many", 9)
+    (root / "img000.png").write_text("broken")  # in rank 0's slice
+    out = tmp_path / "out"
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "--module", "backbone_inspect", str(root), "--save", str(out), *SMALL, "--layers", "4", "--workers", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert result.returncode != 0, "one rank had a bad image"
+    ranks = [manifest(out, f"manifest.shard-{i}-of-2.jsonl") for i in range(2)]
+    assert [len(lines) for lines in ranks] == [5, 4]
+    assert {line["output"] for lines in ranks for line in lines} == {f"img{i:03d}.pt" for i in range(9)}
+    assert [line["status"] for line in ranks[0]].count("error") == 1
+    assert all(line["status"] == "ok" for line in ranks[1])
+    assert len(list(out.glob("*.pt"))) == 8
