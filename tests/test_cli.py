@@ -324,10 +324,10 @@ def test_the_same_command_gives_bit_identical_features(tmp_path: Path, chelsea: 
 def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch) -> None:
     from backbone_inspect.pipeline import Extractor
 
-    def broken(self, images):
+    def broken(self, names, group):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Extractor, "extract", broken)
+    monkeypatch.setattr(Extractor, "forward_group", broken)
     result = invoke(chelsea, *SMALL)
     assert result.exit_code == 1
     assert result.stderr == "Error: RuntimeError: boom second line (run with --debug for the traceback)\n"

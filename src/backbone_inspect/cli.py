@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
 from .images import FoundImage, check_output_collisions, find_images, planned_input_size, read_path_list
-from .options import check_device_spec, check_save_dtype, parse_size
+from .options import check_device_spec, check_dtype, parse_size
 from .shards import RankGroup, Shard, launched_by_torchrun, local_rank_from_env, parse_shard, shard_from_env
 from .stages import ARCHS, STAGES, check_arch, parse_layers
 from .stats import SummaryAccumulator
@@ -136,6 +136,20 @@ def inspect(
     save_dtype: Annotated[
         str, typer.Option(help="dtype of the saved tensors: float32, float16 or bfloat16.")
     ] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: float32, bfloat16 (fast on CPUs with AVX-512 BF16/AMX) or float16 (CUDA).")
+    ] = "float32",
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="Run in channels_last memory format. \\[default: on for cpu and cuda, where it is faster]",
+            show_default=False,
+        ),
+    ] = None,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the extractor (slow start, faster steady state).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None,
@@ -182,7 +196,10 @@ def inspect(
                 device=check_device_spec(device),
                 json_lines=json_lines,
                 save=save,
-                save_dtype=check_save_dtype(save_dtype),
+                save_dtype=check_dtype("--save-dtype", save_dtype),
+                dtype=check_dtype("--dtype", dtype),
+                channels_last=channels_last,
+                compile=compile_model,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
                 overwrite=overwrite,
@@ -219,6 +236,9 @@ class RunOptions:
     json_lines: bool
     save: Path | None
     save_dtype: str
+    dtype: str
+    channels_last: bool | None
+    compile: bool
     batch_size: int
     workers: int
     overwrite: bool
@@ -280,6 +300,9 @@ def _run(options: RunOptions) -> int:
         device=resolve_device(options.device, local_rank=local_rank_from_env() if shard_from_env() else None),
         resize=options.resize,
         crop=options.crop,
+        dtype=options.dtype,
+        channels_last=options.channels_last,
+        compile=options.compile,
     )
     if not options.json_lines:
         out.render_model_header(console, extractor)

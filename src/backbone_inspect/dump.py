@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -19,15 +21,10 @@ from typing import IO, Any
 import torch
 
 from .errors import OutputError, UsageError
-from .images import FoundImage, ImageDataset, LoadedImage, collate_as_list
+from .images import DecodedBatch, FoundImage, ImageDataset, collate_batch
 from .output import atomic_write, save_features
-from .pipeline import Extractor, ImageResult
+from .pipeline import TORCH_DTYPES, Extractor, ImageResult
 
-SAVE_DTYPES: dict[str, torch.dtype] = {  # the names are options.SAVE_DTYPE_NAMES
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 SETTINGS_FILE = "backbone-inspect.json"
 UNSHARDED_MANIFEST = "manifest.jsonl"
 FILE_OVERHEAD_BYTES = 1536
@@ -140,7 +137,7 @@ class FeatureWriter:
 
     def __init__(self, save_dir: Path, save_dtype: str, run_meta: dict[str, Any]) -> None:
         self.save_dir = save_dir
-        self.dtype = SAVE_DTYPES[save_dtype]
+        self.dtype = TORCH_DTYPES[save_dtype]
         self.run_meta = run_meta
 
     def write(self, output: str, result: ImageResult) -> int:
@@ -161,29 +158,44 @@ def split_existing(
     return todo, skipped
 
 
+def extract_batch(
+    extractor: Extractor,
+    images: Sequence[FoundImage],
+    batch: DecodedBatch,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[tuple[FoundImage, ImageResult | str]]:
+    """Forward one decoded batch: per image, in order, its result or why it failed.
+
+    Returns nothing more once ``should_stop()`` is true before a forward pass.
+    """
+    done: dict[int, ImageResult | str] = dict(batch.errors)
+    for group in batch.groups:
+        if should_stop():
+            return []
+        names = [images[position].path for position in group.positions]
+        done.update(zip(group.positions, extractor.forward_group(names, group)))
+    return [(images[position], done[position]) for position in range(len(images))]
+
+
+def finish_image(
+    image: FoundImage, result: ImageResult | str, writer: FeatureWriter | None
+) -> tuple[Outcome, ImageResult | None]:
+    """Write one image's file (atomically) and describe it as a manifest line."""
+    if isinstance(result, str):
+        return Outcome(image.path, image.output, "error", error=result), None
+    written = writer.write(image.output, result) if writer is not None else 0
+    shapes = {stats.name: list(stats.shape) for stats in result.stats}
+    return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result
+
+
 def process_batch(
     extractor: Extractor,
-    batch: Sequence[tuple[FoundImage, LoadedImage]],
+    images: Sequence[FoundImage],
+    batch: DecodedBatch,
     writer: FeatureWriter | None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Iterator[tuple[Outcome, ImageResult | None]]:
-    """Forward one batch of decoded images and write their files; one outcome per image.
-
-    Stops between images once ``should_stop()`` is true: every file written is complete.
-    """
-    good = [(image, loaded) for image, loaded in batch if loaded.pixels is not None]
-    for image, loaded in batch:
-        if loaded.pixels is None:
-            yield Outcome(image.path, image.output, "error", error=loaded.error), None
-    if not good or should_stop():
-        return
-    results = extractor.extract([(image.path, loaded.pixels) for image, loaded in good])
-    for (image, _), result in zip(good, results):
-        if should_stop():
-            return
-        written = writer.write(image.output, result) if writer is not None else 0
-        shapes = {stats.name: list(stats.shape) for stats in result.stats}
-        yield Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result
+) -> list[tuple[Outcome, ImageResult | None]]:
+    """The whole unit of work, synchronously: one decoded batch in, files and outcomes out."""
+    return [finish_image(image, result, writer) for image, result in extract_batch(extractor, images, batch)]
 
 
 def _ignore_sigint(_: int) -> None:
@@ -194,23 +206,25 @@ def _ignore_sigint(_: int) -> None:
 
 def decoded_batches(
     images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int
-) -> Iterator[list[tuple[FoundImage, LoadedImage]]]:
+) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
     """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward."""
     dataset = ImageDataset([image.path for image in images], extractor.preprocessing)
     if workers == 0:
         for start in range(0, len(images), batch_size):
             indices = range(start, min(start + batch_size, len(images)))
-            yield [(images[i], dataset[i]) for i in indices]
+            yield [images[i] for i in indices], collate_batch([dataset[i] for i in indices])
         return
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate_as_list,
+        collate_fn=collate_batch,
         worker_init_fn=_ignore_sigint,
+        pin_memory=extractor.device.type == "cuda",
+        prefetch_factor=2,
     )
     for batch in loader:
-        yield [(images[loaded.index], loaded) for loaded in batch]
+        yield [images[index] for index in batch.indices], batch
 
 
 @dataclass
@@ -279,20 +293,36 @@ def run_dump(
     workers: int,
     stop: StopRequest,
 ) -> RunSummary:
-    """Run every image of ``todo``; ``on_outcome`` sees each as it finishes (manifest, output)."""
+    """Run every image of ``todo``; ``on_outcome`` sees each, in order, once its file is written.
+
+    Files are written by a background thread while the next batch computes; at most about
+    two batches of features are held at once, so memory stays flat.
+    """
     summary = RunSummary()
     workers = workers if len(todo) > batch_size else 0
     batches = decoded_batches(todo, extractor, batch_size=batch_size, workers=workers)
+    pending: collections.deque[Future[tuple[Outcome, ImageResult | None]]] = collections.deque()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
+
+    def report(future: Future[tuple[Outcome, ImageResult | None]]) -> None:
+        outcome, result = future.result()
+        summary.add(outcome)
+        on_outcome(outcome, result)
+
     try:
-        for batch in batches:
-            for outcome, result in process_batch(extractor, batch, writer, stop):
-                summary.add(outcome)
-                on_outcome(outcome, result)
+        for images, batch in batches:
+            for image, result in extract_batch(extractor, images, batch, stop):
+                pending.append(executor.submit(finish_image, image, result, writer))
+            while pending and (pending[0].done() or len(pending) > batch_size):
+                report(pending.popleft())
             if stop():
                 break
+        while pending:
+            report(pending.popleft())
     except OutputError as error:
         summary.output_error = str(error)
     finally:
+        executor.shutdown(wait=True, cancel_futures=True)
         close = getattr(batches, "close", None)
         if close is not None:
             close()
@@ -311,7 +341,7 @@ def estimate_bytes(
 
     with torch.device("meta"):
         backbone = Backbone(extractor_arch, layers, model=torchvision.models.get_model(extractor_arch))
-    element = torch.empty((), dtype=SAVE_DTYPES[save_dtype]).element_size()
+    element = torch.empty((), dtype=TORCH_DTYPES[save_dtype]).element_size()
     per_size: dict[tuple[int, int], int] = {}
     total = 0
     for size in input_sizes:

@@ -239,9 +239,53 @@ class ImageDataset:
             return LoadedImage(index, None, str(error))
 
 
-def collate_as_list(items: list[LoadedImage]) -> list[LoadedImage]:
-    """Batches stay lists: images of different sizes are grouped later, never padded."""
-    return items
+@dataclass(frozen=True)
+class SizeGroup:
+    """Images of one size within a batch, stacked: one forward pass."""
+
+    positions: tuple[int, ...]
+    """Their positions in the batch."""
+    pixels: torch.Tensor
+    """uint8 [N, 3, H, W]."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[2]), int(self.pixels.shape[3]))
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """A batch as the DataLoader hands it over: stacked by size, with the errors beside."""
+
+    indices: tuple[int, ...]
+    """Dataset indices of the batch's images, in order."""
+    groups: tuple[SizeGroup, ...]
+    errors: dict[int, str]
+    """Position in the batch -> why that image has no pixels."""
+
+    def pin_memory(self) -> DecodedBatch:
+        """Called by the DataLoader's pin-memory thread when feeding a GPU."""
+        pinned = tuple(SizeGroup(group.positions, group.pixels.pin_memory()) for group in self.groups)
+        return DecodedBatch(self.indices, pinned, self.errors)
+
+
+def collate_batch(items: list[LoadedImage]) -> DecodedBatch:
+    """Group a batch's images by size and stack each group (in the worker process).
+
+    Images of different sizes (``--crop none``) become separate groups: never padded.
+    """
+    import torch
+
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for position, item in enumerate(items):
+        if item.pixels is not None:
+            by_size.setdefault(tuple(item.pixels.shape), []).append(position)
+    groups = tuple(
+        SizeGroup(tuple(positions), torch.stack([items[p].pixels for p in positions]))  # type: ignore[misc]
+        for positions in by_size.values()
+    )
+    errors = {position: item.error or "unknown error" for position, item in enumerate(items) if item.pixels is None}
+    return DecodedBatch(tuple(item.index for item in items), groups, errors)
 
 
 def planned_input_size(path: str, preprocessing: Preprocessing) -> tuple[int, int] | None:

@@ -28,10 +28,11 @@ def check_device_spec(spec: str) -> str:
     return text
 
 
-SAVE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
-def check_save_dtype(name: str) -> str:
-    if name not in SAVE_DTYPE_NAMES:
-        raise UsageError(f"invalid --save-dtype {name!r}: expected {', '.join(SAVE_DTYPE_NAMES)}")
+def check_dtype(option: str, name: str) -> str:
+    """``--dtype`` and ``--save-dtype``: one of ``DTYPE_NAMES``."""
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"invalid {option} {name!r}: expected {', '.join(DTYPE_NAMES)}")
     return name

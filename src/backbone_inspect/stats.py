@@ -65,19 +65,31 @@ def stage_stats(name: str, feature: torch.Tensor, input_size: tuple[int, int]) -
     """Statistics of one image's feature map ``feature`` of shape [C, H, W]."""
     if feature.dim() != 3:
         raise ValueError(f"expected a [C, H, W] feature map, got shape {list(feature.shape)}")
-    values = feature.detach().float()
-    channels, height, width = values.shape
-    return StageStats(
-        name=name,
-        shape=(channels, height, width),
-        stride=measured_stride(input_size, (height, width)),
-        dtype=str(feature.dtype).removeprefix("torch."),
-        mean=values.mean().item(),
-        std=values.std().item() if values.numel() > 1 else 0.0,
-        min=values.min().item(),
-        max=values.max().item(),
-        zeros=(values == 0).sum().item() / values.numel(),
+    return batch_stage_stats(name, feature.unsqueeze(0), input_size)[0]
+
+
+def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, int]) -> list[StageStats]:
+    """Statistics of each image of a batch of feature maps [N, C, H, W], in float32.
+
+    One reduction per statistic over the whole batch, on the batch's device.
+    """
+    values = features.detach().float()
+    _, channels, height, width = values.shape
+    count = channels * height * width
+    dims = (1, 2, 3)
+    columns = zip(
+        values.mean(dim=dims).tolist(),
+        (values.std(dim=dims) if count > 1 else values.new_zeros(values.shape[0])).tolist(),
+        values.amin(dim=dims).tolist(),
+        values.amax(dim=dims).tolist(),
+        (values == 0).sum(dim=dims).tolist(),
     )
+    stride = measured_stride(input_size, (height, width))
+    dtype = str(features.dtype).removeprefix("torch.")
+    return [
+        StageStats(name, (channels, height, width), stride, dtype, mean, std, low, high, zeros / count)
+        for mean, std, low, high, zeros in columns
+    ]
 
 
 @dataclass(frozen=True)
