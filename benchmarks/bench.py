@@ -1,0 +1,204 @@
+"""Throughput of backbone-inspect against the model's own forward pass and the usual alternatives.
+
+Not a test: run it by hand, on an otherwise idle machine, and copy its table into BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench.py                      # resnet18 and resnet50, float32 and bfloat16
+    .venv/bin/python benchmarks/bench.py --archs resnet50 --dtypes float32 --images 48
+
+All variants run on the same generated JPEGs (320x240, preprocessed to 224x224) in one process,
+except the end-to-end command, which runs as a subprocess. Variants:
+
+  ceiling       the model's own modules, conv1 .. layer4, on ready normalised tensors (batch,
+                channels_last when faster, inference_mode): what extraction cannot beat
+  replay        backbone_inspect.Backbone(layers=2,3,4) on the same tensors
+  fx            torchvision create_feature_extractor(layer2, layer3, layer4), same tensors
+  hooks         forward hooks on layer2..4 of the full model (forward runs to fc), same tensors
+  command       `backbone-inspect DIR --layers 2,3,4 --save OUT`: decoding, forward, stats and
+                writing, per image with start-up excluded: (time for 3N images - time for N) / 2N
+  naive         what a user would write: per image PIL -> torchvision transforms ->
+                create_feature_extractor (batch 1, float32, contiguous) -> torch.save
+  timm          timm features_only=True, out_indices=(2, 3, 4), same tensors (with the [bench] extra)
+
+The early-stop check compares, for the command, the per-image time of --layers 1 over
+--layers 4 with the model's own forward to layer1 over its forward to layer4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from backbone_inspect import Backbone
+
+STAGES = ("layer2", "layer3", "layer4")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for index in range(count):
+        small = torch.randint(0, 256, (1, 3, 8, 8), generator=generator).float()
+        big = nn.functional.interpolate(small, size=(size[1], size[0]), mode="bilinear")[0]
+        array = big.clamp(0, 255).byte().permute(1, 2, 0).contiguous().numpy()
+        path = folder / f"img{index:05d}.jpg"
+        Image.fromarray(array).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def ready_tensors(paths: list[Path]) -> torch.Tensor:
+    transform = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+def forward_to(model: nn.Module, stage: str) -> nn.Sequential:
+    """The model's own modules in order, conv1 .. ``stage``."""
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return nn.Sequential(*[getattr(model, n) for n in names[: names.index(stage) + 1]])
+
+
+def images_per_second(run: Callable[[torch.Tensor], object], data: torch.Tensor, batch: int, repeats: int = 2) -> float:
+    """Best of ``repeats`` passes over ``data`` in batches, after one warm-up batch."""
+    with torch.inference_mode():
+        run(data[:batch])
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for offset in range(0, len(data), batch):
+                run(data[offset : offset + batch])
+            best = min(best, time.perf_counter() - start)
+    return len(data) / best
+
+
+def prepare(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    module = module.eval().to(dtype=dtype)
+    return module.to(memory_format=torch.channels_last) if channels_last else module
+
+
+def as_input(data: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    data = data.to(dtype)
+    return data.contiguous(memory_format=torch.channels_last) if channels_last else data.contiguous()
+
+
+def command_seconds(folder: Path, out: Path, arch: str, dtype: str, layers: str, extra: list[str]) -> float:
+    command = [sys.executable, "-m", "backbone_inspect", str(folder), "--save", str(out), "--arch", arch,
+               "--layers", layers, "--dtype", dtype, "--overwrite", *extra]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    return time.perf_counter() - start
+
+
+def command_rate(small: Path, large: Path, extra_images: int, out: Path, arch: str, dtype: str, layers: str, extra: list[str]) -> float:
+    """Images/s of the command with start-up excluded: the extra images over the extra time."""
+    seconds_small = command_seconds(small, out / "small", arch, dtype, layers, extra)
+    seconds_large = command_seconds(large, out / "large", arch, dtype, layers, extra)
+    return extra_images / (seconds_large - seconds_small)
+
+
+def naive_rate(paths: list[Path], model: nn.Module, out: Path) -> float:
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(256),
+        torchvision.transforms.CenterCrop(224),
+        torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    extractor = create_feature_extractor(model.eval(), {s: s for s in STAGES})
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        extractor(transform(Image.open(paths[0]).convert("RGB"))[None])
+        start = time.perf_counter()
+        for path in paths:
+            features = extractor(transform(Image.open(path).convert("RGB"))[None])
+            torch.save({k: v[0] for k, v in features.items()}, out / f"{path.stem}.pt")
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--images", type=int, default=64, help="N: in-process variants use N, the command N and 3N")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, timm {'yes' if timm else 'not installed'}")
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary)
+        small_paths = make_images(root / "small", args.images)
+        large_paths = make_images(root / "large", 3 * args.images)
+        data = ready_tensors(small_paths)
+        rows: list[tuple[str, str, str, float, float]] = []
+        for arch in args.archs:
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(arch).eval()
+            naive_fp32 = naive_rate(small_paths, model, root / "naive")
+            for dtype_name in args.dtypes:
+                dtype = DTYPES[dtype_name]
+                work = copy.deepcopy(model)  # prepare() converts modules in place
+                fastest = {}
+                for channels_last in (False, True):
+                    ceiling = prepare(forward_to(work, "layer4"), dtype, channels_last)
+                    fastest[channels_last] = images_per_second(ceiling, as_input(data, dtype, channels_last), args.batch_size)
+                channels_last = fastest[True] >= fastest[False]
+                x = as_input(data, dtype, channels_last)
+                ceiling_rate = fastest[channels_last]
+
+                def row(variant: str, rate: float) -> None:
+                    rows.append((arch, dtype_name, variant, rate, rate / ceiling_rate))
+                    print(f"| {arch} | {dtype_name} | {variant} | {rate:.1f} | {rate / ceiling_rate:.2f} |", flush=True)
+
+                row(f"ceiling ({'channels_last' if channels_last else 'contiguous'}; other: "
+                    f"{fastest[not channels_last]:.1f})", ceiling_rate)
+                replay = prepare(Backbone(arch, STAGES, model=work), dtype, channels_last)
+                row("replay", images_per_second(replay, x, args.batch_size))
+                fx = prepare(create_feature_extractor(work, {s: s for s in STAGES}), dtype, channels_last)
+                row("fx", images_per_second(fx, x, args.batch_size))
+                captured: dict[str, torch.Tensor] = {}
+                hooked = prepare(work, dtype, channels_last)
+                handles = [getattr(hooked, s).register_forward_hook(lambda m, i, o, s=s: captured.__setitem__(s, o)) for s in STAGES]
+                row("hooks", images_per_second(hooked, x, args.batch_size))
+                for handle in handles:
+                    handle.remove()
+                if timm is not None:
+                    timm_model = prepare(timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3, 4)), dtype, channels_last)
+                    row("timm", images_per_second(timm_model, x, args.batch_size))
+                command = command_rate(root / "small", root / "large", 2 * args.images, root / "out", arch, dtype_name, "2,3,4", [])
+                row("command", command)
+                row("naive (float32)", naive_fp32)
+                print(f"  command vs naive float32: {command / naive_fp32:.2f}x", flush=True)
+                if arch == "resnet50" and dtype_name == "float32":
+                    to1 = images_per_second(forward_to(work, "layer1"), x, args.batch_size)
+                    to4 = images_per_second(forward_to(work, "layer4"), x, args.batch_size)
+                    cmd1 = command_rate(root / "small", root / "large", 2 * args.images, root / "out1", arch, dtype_name, "1", [])
+                    cmd4 = command_rate(root / "small", root / "large", 2 * args.images, root / "out4", arch, dtype_name, "4", [])
+                    model_ratio, command_ratio = to4 / to1, cmd4 / cmd1
+                    print(f"  early stop: per-image time layer1/layer4: model {model_ratio:.2f}, command "
+                          f"{command_ratio:.2f} ({command_ratio / model_ratio:.2f}x the model's ratio)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

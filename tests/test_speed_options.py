@@ -1,0 +1,117 @@
+"""The speed options change how the numbers are computed, never what they are (beyond dtype noise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from backbone_inspect.cli import app
+from backbone_inspect.images import LoadedImage, collate_batch
+from backbone_inspect.pipeline import Extractor
+from backbone_inspect.stats import batch_stage_stats, stage_stats
+
+from conftest import seeded_resnet
+
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+
+
+def pixels(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(x_uint8: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x_uint8.float() / 255 - mean) / std
+    with torch.no_grad():
+        return create_feature_extractor(seeded_resnet("resnet18"), {s: s for s in stages})(x)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_memory_format_does_not_change_the_features(channels_last: bool) -> None:
+    x = pixels()
+    extractor = Extractor(arch="resnet18", layers=(1, 4), channels_last=channels_last)
+    assert extractor.channels_last is channels_last
+    features = extractor.forward(x)
+    assert features["layer1"].is_contiguous(memory_format=torch.channels_last) is channels_last
+    expected = reference(x, ["layer1", "layer4"])
+    for name in expected:
+        torch.testing.assert_close(features[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_is_the_default_on_cpu() -> None:
+    assert Extractor(arch="resnet18", layers=(1,)).channels_last
+
+
+def test_bfloat16_compute_is_close_to_float32_and_stats_stay_float32() -> None:
+    x = pixels()
+    extractor = Extractor(arch="resnet18", layers=(2, 4), dtype="bfloat16")
+    features = extractor.forward(x)
+    assert all(f.dtype == torch.bfloat16 for f in features.values())
+    expected = reference(x, ["layer2", "layer4"])
+    for name in expected:
+        error = (features[name].float() - expected[name]).norm() / expected[name].norm()
+        assert error < 0.05, (name, error.item())
+    results = extractor.extract([(f"img{i}", x[i]) for i in range(3)])
+    assert results[0].stats[0].dtype == "bfloat16"
+    exact = stage_stats("layer2", features["layer2"][0].float(), (64, 64))
+    assert results[0].stats[0].mean == pytest.approx(exact.mean, rel=1e-6)
+
+
+def test_compiled_extractor_keeps_the_replay_and_its_numbers() -> None:
+    x = pixels(2)
+    compiled = Extractor(arch="resnet18", layers=(1, 3), compile=True)
+    assert compiled.backbone.layer_names == ("layer1", "layer2", "layer3")
+    features = compiled.forward(x)
+    expected = reference(x, ["layer1", "layer3"])
+    assert list(features) == ["layer1", "layer3"]
+    for name in expected:
+        torch.testing.assert_close(features[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_statistics_equal_per_image_statistics() -> None:
+    features = torch.relu(torch.randn(4, 8, 5, 6))
+    features[2] = 0  # an all-zero map: std 0, zeros 100%
+    batched = batch_stage_stats("layer3", features.contiguous(memory_format=torch.channels_last), (80, 96))
+    for row, stats in enumerate(batched):
+        one = features[row]
+        assert stats.shape == (8, 5, 6) and stats.stride == (16.0, 16.0)
+        assert stats.mean == pytest.approx(one.mean().item(), rel=1e-6, abs=1e-9)
+        assert stats.std == pytest.approx(one.std().item(), rel=1e-5, abs=1e-9)
+        assert (stats.min, stats.max) == (one.min().item(), one.max().item())
+        assert stats.zeros == (one == 0).sum().item() / one.numel()
+
+
+def test_batches_are_stacked_by_size_in_the_worker() -> None:
+    items = [
+        LoadedImage(10, torch.zeros(3, 8, 8, dtype=torch.uint8)),
+        LoadedImage(11, None, "bad.jpg: empty file"),
+        LoadedImage(12, torch.ones(3, 8, 6, dtype=torch.uint8)),
+        LoadedImage(13, torch.full((3, 8, 8), 2, dtype=torch.uint8)),
+    ]
+    batch = collate_batch(items)
+    assert batch.indices == (10, 11, 12, 13) and batch.errors == {1: "bad.jpg: empty file"}
+    assert [(g.positions, tuple(g.pixels.shape)) for g in batch.groups] == [((0, 3), (2, 3, 8, 8)), ((2,), (1, 3, 8, 6))]
+    assert torch.equal(batch.groups[0].pixels[1], items[3].pixels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning memory needs CUDA")
+def test_decoded_batches_can_be_pinned() -> None:
+    batch = collate_batch([LoadedImage(0, torch.zeros(3, 8, 8, dtype=torch.uint8))])
+    assert batch.pin_memory().groups[0].pixels.is_pinned()
+
+
+def test_cli_dtype_options_and_saved_dtype_are_independent(tmp_path: Path, chelsea: Path) -> None:
+    result = CliRunner().invoke(app, [str(chelsea), "--dtype", "bfloat16", "--save", str(tmp_path), "--json", "--no-channels-last", *SMALL])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert {stats["dtype"] for stats in record["layers"].values()} == {"bfloat16"}
+    saved = torch.load(tmp_path / "chelsea.pt", weights_only=True)["features"]
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    bad = CliRunner().invoke(app, [str(chelsea), "--dtype", "float8", *SMALL])
+    assert bad.exit_code == 2 and bad.stderr == "Error: invalid --dtype 'float8': expected float32, float16, bfloat16\n"
