@@ -21,7 +21,7 @@ from backbone_inspect.images import load_rgb
 from conftest import REPO, SAMPLES, seeded_resnet
 
 SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
-VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4"
+VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4 (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
 
 
 def invoke(*args: str | Path):

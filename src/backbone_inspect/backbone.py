@@ -62,6 +62,77 @@ def stage_stride(model: nn.Module, name: str) -> int:
     return stride
 
 
+def stage_receptive_field(model: nn.Module, name: str) -> int:
+    """Theoretical receptive field of one output position of a stage, in input pixels.
+
+    Walks the main path (the downsample branch sees a subset of the same window):
+    each convolution or pooling of kernel k, dilation d widens it by (k - 1) * d * jump,
+    where jump is the product of the strides before it.
+    """
+    field, jump = 1, 1
+    for stage in STAGES[: STAGES.index(name) + 1]:
+        for qualified_name, module in _stage_modules(model, stage):
+            if "downsample" in qualified_name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+                continue
+            kernel, stride, dilation = (
+                value[0] if isinstance(value, tuple) else int(value)
+                for value in (module.kernel_size, module.stride, module.dilation)
+            )
+            field += (kernel - 1) * dilation * jump
+            jump *= stride
+    return field
+
+
+def stage_parameters(model: nn.Module, name: str) -> int:
+    """Parameters of every module up to and including a stage."""
+    return sum(
+        parameter.numel()
+        for stage in STAGES[: STAGES.index(name) + 1]
+        for owner in (STEM_MODULES if stage == "stem" else (stage,))
+        for parameter in getattr(model, owner).parameters()
+    )
+
+
+@dataclass(frozen=True)
+class StageDescription:
+    """One stage of an arch for an input size, as ``--describe`` shows it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    channels: int
+    stride: int
+    output_size: tuple[int, int]
+    receptive_field: int
+    parameters: int
+    """Up to and including this stage."""
+
+    def bytes_per_image(self, element_size: int) -> int:
+        return self.channels * self.output_size[0] * self.output_size[1] * element_size
+
+
+def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
+    """Every stage of ``arch`` for one input size, built on the meta device: no weights, no compute."""
+    from torchvision import models
+
+    from .stages import STAGE_ALIASES
+
+    with torch.device("meta"):
+        model = models.get_model(check_arch(arch), weights=None)
+        features = Backbone(arch, STAGES, model=model)(torch.empty(1, 3, *input_size))
+    return [
+        StageDescription(
+            name=name,
+            aliases=STAGE_ALIASES[name],
+            channels=stage_channels(model, name),
+            stride=stage_stride(model, name),
+            output_size=(int(features[name].shape[2]), int(features[name].shape[3])),
+            receptive_field=stage_receptive_field(model, name),
+            parameters=stage_parameters(model, name),
+        )
+        for name in STAGES
+    ]
+
+
 def stage_infos(model: nn.Module, layers: Iterable[int | str] | str = STAGES) -> list[StageInfo]:
     return [
         StageInfo(name, stage_channels(model, name), stage_stride(model, name))
@@ -108,6 +179,8 @@ class Backbone(nn.Module):
     ``weights``: ``None``/``"none"`` (random, from ``seed``), a torchvision weights name
     (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``) or enum member, or the path to a
     local checkpoint. ``model``: an already built torchvision ResNet to replay instead.
+    ``head=True`` also holds the model's ``avgpool`` and ``fc`` (layer4 must be requested), for
+    ``classify``.
     """
 
     def __init__(
@@ -118,6 +191,7 @@ class Backbone(nn.Module):
         *,
         seed: int = 0,
         model: nn.Module | None = None,
+        head: bool = False,
     ) -> None:
         super().__init__()
         from .weights import build_model
@@ -138,11 +212,22 @@ class Backbone(nn.Module):
         self.layer_names: tuple[str, ...] = STAGES[1 : deepest + 1]
         for name in self.layer_names:
             self.add_module(name, getattr(model, name))
+        if head:
+            if self.stage_names[-1] != "layer4":
+                raise ValueError("head=True needs layer4 among the layers: the classifier runs on it")
+            self.avgpool = model.avgpool
+            self.fc = model.fc
         self.channels: dict[str, int] = {n: stage_channels(model, n) for n in self.stage_names}
         self.strides: dict[str, int] = {n: stage_stride(model, n) for n in self.stage_names}
 
     def feature_info(self) -> list[StageInfo]:
         return [StageInfo(n, self.channels[n], self.strides[n]) for n in self.stage_names]
+
+    def classify(self, layer4: torch.Tensor) -> torch.Tensor:
+        """The model's own head on layer4 features: avgpool -> flatten -> fc, as its forward does."""
+        if not hasattr(self, "fc"):
+            raise RuntimeError("this Backbone holds no head; build it with head=True")
+        return self.fc(torch.flatten(self.avgpool(layer4), 1))
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from .backbone import Backbone
-from .errors import UsageError
+from .errors import UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .options import check_device_spec
+from .stages import parse_layers
 from .stats import StageStats, batch_stage_stats
 from .weights import LoadedWeights, plan_weights
 
@@ -75,6 +76,17 @@ class ImageResult:
     seconds: float
     """Time of the forward pass of the group this image ran in."""
     group_size: int = 1
+    top: tuple[ClassScore, ...] | None = None
+    """The most probable classes, with ``topk``."""
+    pixels: torch.Tensor | None = None
+    """The preprocessed input, uint8 [3, H, W] on the CPU (what the model saw, before normalising)."""
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    probability: float
 
 
 def planned_preprocessing(
@@ -108,18 +120,25 @@ class Extractor:
         dtype: str = "float32",
         channels_last: bool | None = None,
         compile: bool = False,
+        topk: int = 0,
+        categories: Sequence[str] | None = None,
     ) -> None:
         """``resize``/``crop``: ``None`` keeps the weights' own value, ``"none"`` skips the step.
 
         ``dtype``: the compute dtype (statistics are computed in float32 whatever it is).
         ``channels_last``: ``None`` uses it where it is faster. ``compile``: ``torch.compile``
-        the Backbone (its replay and early stop are what gets compiled).
+        the Backbone (its replay and early stop are what gets compiled). ``topk``: also the
+        ``topk`` most probable classes, from the model's own avgpool -> fc on layer4, named by
+        ``categories`` or the named weights' own.
         """
         self.device = torch.device(device)
         self.seed = seed
         self.dtype = TORCH_DTYPES[dtype]
         self.channels_last = default_channels_last(self.device) if channels_last is None else channels_last
-        self.backbone = Backbone(arch, layers, weights, seed=seed).eval().to(self.device, dtype=self.dtype)
+        self.requested: tuple[str, ...] = parse_layers(layers)
+        run_layers = self.requested + (("layer4",) if topk and "layer4" not in self.requested else ())
+        self.backbone = Backbone(arch, run_layers, weights, seed=seed, head=topk > 0)
+        self.backbone = self.backbone.eval().to(self.device, dtype=self.dtype)
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.backbone) if compile else self.backbone
@@ -128,10 +147,27 @@ class Extractor:
         loaded = self.backbone.weights_info
         assert loaded is not None
         self.weights: LoadedWeights = loaded
+        self.topk = topk
+        self.categories = self._check_categories(categories) if topk else None
         self.preprocessing: Preprocessing = planned_preprocessing(arch, weights, resize, crop)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.preprocessing.mean, device=self.device).view(shape)
         self._std = torch.tensor(self.preprocessing.std, device=self.device).view(shape)
+
+    def _check_categories(self, categories: Sequence[str] | None) -> tuple[str, ...]:
+        names = tuple(categories) if categories is not None else self.weights.categories
+        if names is None:
+            raise UsageError(
+                "--topk needs class names: use torchvision's named weights, or give --categories FILE"
+            )
+        if self.weights.kind == "checkpoint" and not self.weights.head_loaded:
+            raise WeightsError(f"--topk: {self.weights.head_note}; the checkpoint's classes are unknown here")
+        classes = self.backbone.fc.out_features
+        if len(names) != classes:
+            raise UsageError(f"--categories has {len(names)} names, but the classifier of {self.arch} has {classes} classes")
+        if not 0 < self.topk <= classes:
+            raise UsageError(f"--topk {self.topk}: expected 1..{classes}")
+        return names
 
     @property
     def arch(self) -> str:
@@ -139,7 +175,8 @@ class Extractor:
 
     @property
     def stage_names(self) -> tuple[str, ...]:
-        return self.backbone.stage_names
+        """The stages asked for (with ``topk``, layer4 also runs, for the classifier)."""
+        return self.requested
 
     def load(self, path: str | Path) -> torch.Tensor:
         """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""
@@ -178,6 +215,8 @@ class Extractor:
     def forward_group(self, names: Sequence[str], group: SizeGroup) -> list[ImageResult]:
         """One forward pass over images of one size; statistics computed batched, on the device."""
         features, seconds = self.timed_forward(group.pixels)
+        top = self._top_classes(features["layer4"]) if self.topk else [None] * len(names)
+        features = OrderedDict((name, features[name]) for name in self.requested)
         stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
         return [
             ImageResult(
@@ -187,8 +226,20 @@ class Extractor:
                 tuple(stats[name][row] for name in features),
                 seconds,
                 len(names),
+                top[row],
+                group.pixels[row].to("cpu"),
             )
             for row, image in enumerate(names)
+        ]
+
+    def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
+        assert self.categories is not None
+        with torch.inference_mode():
+            probabilities = self.backbone.classify(layer4).float().softmax(dim=1)
+            values, indices = probabilities.topk(self.topk, dim=1)
+        return [
+            tuple(ClassScore(i, self.categories[i], p) for i, p in zip(row_indices, row_values))
+            for row_indices, row_values in zip(indices.tolist(), values.tolist())
         ]
 
     def inspect(self, path: str | Path) -> ImageResult:

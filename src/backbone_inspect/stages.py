@@ -25,12 +25,27 @@ STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
 DEFAULT_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 
 
+STAGE_ALIASES: dict[str, tuple[str, ...]] = {
+    "stem": (),
+    **{
+        f"layer{number}": (f"C{number + 1}", f"res{number + 1}", f"stage{number}")
+        for number in range(1, 5)
+    },
+}
+"""Other names of the stages: FPN's C2-C5, detectron2's res2-res5, Hugging Face's stage1-stage4."""
+
+_BY_ALIAS: dict[str, str] = {alias.lower(): name for name, aliases in STAGE_ALIASES.items() for alias in aliases}
+
+
 def valid_stages_text() -> str:
-    return ", ".join(f"{index}={name}" for index, name in enumerate(STAGES))
+    return (
+        ", ".join(f"{index}={name}" for index, name in enumerate(STAGES))
+        + " (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
+    )
 
 
 def stage_name(token: int | str) -> str:
-    """The canonical name of one stage given as an index (``2``, ``"2"``) or a name (``"layer2"``)."""
+    """The canonical name of one stage given as an index (``2``), a name (``"layer2"``) or an alias (``"C3"``)."""
     if isinstance(token, bool):
         raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
     if isinstance(token, int):
@@ -42,6 +57,8 @@ def stage_name(token: int | str) -> str:
         return stage_name(int(text))
     if text.lower() in STAGES:
         return text.lower()
+    if text.lower() in _BY_ALIAS:
+        return _BY_ALIAS[text.lower()]
     raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
 
 
