@@ -15,13 +15,17 @@ from typer.core import TyperCommand
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
 from .images import FoundImage, check_output_collisions, find_images, planned_input_size, read_path_list
-from .options import check_device_spec, check_dtype, parse_size
+from .options import check_device_spec, check_dtype, parse_input_size, parse_size, read_categories
 from .shards import RankGroup, Shard, launched_by_torchrun, local_rank_from_env, parse_shard, shard_from_env
 from .stages import ARCHS, STAGES, check_arch, parse_layers
 from .stats import SummaryAccumulator
 
 PROG_NAME = "backbone-inspect"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def warning_line(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
 
 
 def error_line(message: str) -> None:
@@ -170,6 +174,28 @@ def inspect(
             show_default=False,
         ),
     ] = None,
+    viz: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw PNGs per image and stage under DIR: the most active channels, and a heatmap over the input.",
+            metavar="DIR",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    viz_channels: Annotated[int, typer.Option(min=1, help="Channels in each --viz grid.")] = 16,
+    topk: Annotated[
+        int | None,
+        typer.Option(min=1, help="Also show the K most probable classes (named weights, or --categories).", metavar="K", show_default=False),
+    ] = None,
+    categories: Annotated[
+        str | None,
+        typer.Option(help="Class names for --topk, one per line in the classifier's order.", metavar="FILE", show_default=False),
+    ] = None,
+    describe: Annotated[
+        bool, typer.Option("--describe", help="Describe every stage of --arch for --input-size, without images or weights.")
+    ] = False,
+    input_size: Annotated[str, typer.Option(help="Input size for --describe: N or HxW.")] = "224",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be done and skipped, estimate the disk size; run nothing.")
     ] = False,
@@ -183,6 +209,10 @@ def inspect(
 ) -> int:
     """Shapes, strides and statistics of a torchvision ResNet's stages; feature dumps with --save."""
     try:
+        if describe:
+            if images or from_list is not None:
+                raise UsageError("--describe takes no images: it describes --arch for --input-size")
+            return _describe(check_arch(arch), parse_input_size(input_size), json_lines)
         return _run(
             RunOptions(
                 inputs=list(images or []),
@@ -200,6 +230,10 @@ def inspect(
                 dtype=check_dtype("--dtype", dtype),
                 channels_last=channels_last,
                 compile=compile_model,
+                viz=viz,
+                viz_channels=viz_channels,
+                topk=topk or 0,
+                categories=read_categories(categories) if categories is not None else None,
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
                 overwrite=overwrite,
@@ -239,6 +273,10 @@ class RunOptions:
     dtype: str
     channels_last: bool | None
     compile: bool
+    viz: Path | None
+    viz_channels: int
+    topk: int
+    categories: list[str] | None
     batch_size: int
     workers: int
     overwrite: bool
@@ -260,13 +298,11 @@ def _find_inputs(options: RunOptions) -> tuple[list[FoundImage], bool]:
 
 def _run(options: RunOptions) -> int:
     found, named_files = _find_inputs(options)
-    if options.save is not None:
+    if options.save is not None or options.viz is not None:
         check_output_collisions(found)
     shard = options.shard or shard_from_env()
     selected = shard.take(found) if shard is not None else found
     per_image_tables = named_files and options.save is None and not options.summary and not options.json_lines
-
-    from rich.console import Console
 
     from . import dump
     from . import output as out
@@ -288,7 +324,7 @@ def _run(options: RunOptions) -> int:
     if options.save is not None:
         dump.claim_output_dir(options.save, settings, overwrite=options.overwrite, record=not options.dry_run)
     todo, skipped = dump.split_existing(selected, options.save, overwrite=options.overwrite)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = _stdout_console()
     if options.dry_run:
         return _dry_run(console, options, todo, skipped, preprocessing)
 
@@ -303,6 +339,8 @@ def _run(options: RunOptions) -> int:
         dtype=options.dtype,
         channels_last=options.channels_last,
         compile=options.compile,
+        topk=options.topk,
+        categories=options.categories,
     )
     if not options.json_lines:
         out.render_model_header(console, extractor)
@@ -314,6 +352,9 @@ def _run(options: RunOptions) -> int:
         for image in skipped:
             manifest.record(dump.Outcome(image.path, image.output, "skipped"))
     accumulator = SummaryAccumulator()
+    deepest = extractor.stage_names[-1]
+    deepest_stride = extractor.backbone.strides[deepest]
+    warned_sizes: set[tuple[int, int]] = set()
     progress = out.Progress(len(todo)) if sys.stderr.isatty() and not per_image_tables else None
 
     def on_outcome(outcome: dump.Outcome, result: Any) -> None:
@@ -322,6 +363,11 @@ def _run(options: RunOptions) -> int:
         if outcome.status == "error":
             error_line(str(outcome.error))
         if result is not None:
+            if any(size % deepest_stride for size in result.input_size) and not warned_sizes:
+                warned_sizes.add(result.input_size)
+                warning_line(out.stride_warning(result.input_size, deepest, deepest_stride))
+            if options.viz is not None:
+                out.write_viz(options.viz / Path(outcome.output or "image").with_suffix(""), result, options.viz_channels)
             for stats in result.stats:
                 accumulator.add(stats)
             if options.json_lines:
@@ -357,6 +403,28 @@ def _run(options: RunOptions) -> int:
         error_line(result.output_error)
     code = _exit_code(result)
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    # Piped output gets a fixed width wide enough for every table, rather than rich's 80.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+def _describe(arch: str, input_size: tuple[int, int], json_lines: bool) -> int:
+    from .backbone import describe_stages
+    from .output import describe_record, render_description, stride_warning
+
+    stages = describe_stages(arch, input_size)
+    deepest = stages[-1]
+    if any(size % deepest.stride for size in input_size):
+        warning_line(stride_warning(input_size, deepest.name, deepest.stride))
+    if json_lines:
+        print(json.dumps(describe_record(arch, input_size, stages)))
+    else:
+        render_description(_stdout_console(), arch, input_size, stages)
+    return EXIT_OK
 
 
 def _exit_code(result: Any) -> int:

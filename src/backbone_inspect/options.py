@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -36,3 +37,21 @@ def check_dtype(option: str, name: str) -> str:
     if name not in DTYPE_NAMES:
         raise UsageError(f"invalid {option} {name!r}: expected {', '.join(DTYPE_NAMES)}")
     return name
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """``--input-size``: ``N`` (square) or ``HxW``."""
+    parts = text.lower().replace("×", "x").split("x")
+    if 1 <= len(parts) <= 2 and all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        height, width = (int(parts[0]), int(parts[-1]))
+        return (height, width)
+    raise UsageError(f"invalid --input-size {text!r}: expected N or HxW in pixels, e.g. 224 or 480x640")
+
+
+def read_categories(path: str) -> list[str]:
+    """``--categories``: one class name per line, in the classifier's order; blank lines ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--categories {path}: cannot read it ({error})") from error
+    return [line.strip() for line in lines if line.strip()]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .dump import DumpSettings, RunSummary
+    from .backbone import StageDescription
     from .pipeline import Extractor, ImageResult
     from .stats import StageSummary
 
@@ -112,13 +113,81 @@ class Progress:
 
 
 def json_record(extractor: Extractor, result: ImageResult) -> dict[str, Any]:
-    return {
+    record = {
         "image": result.image,
         "arch": extractor.arch,
         "weights": extractor.weights.label,
         "input_size": list(result.input_size),
         "layers": {stats.name: stats.to_dict() for stats in result.stats},
     }
+    if result.top is not None:
+        record["top"] = [{"index": c.index, "label": c.label, "probability": c.probability} for c in result.top]
+    return record
+
+
+def top_text(result: ImageResult) -> str:
+    assert result.top is not None
+    return f"top-{len(result.top)}: " + ", ".join(f"{c.label} ({c.index}) {c.probability:.1%}" for c in result.top)
+
+
+def stride_warning(input_size: Sequence[int], stage: str, stride: int) -> str:
+    height, width = input_size
+    return (
+        f"input {height}×{width} is not divisible by {stage}'s stride {stride}: its feature maps "
+        "round up, and the measured stride differs from the nominal one"
+    )
+
+
+def write_viz(folder: Path, result: ImageResult, channels: int) -> None:
+    from .viz import write_visualisations
+
+    try:
+        write_visualisations(folder, result, channels)
+    except OSError as error:
+        raise OutputError(f"cannot write pictures under {folder}: {error.strerror or error}") from error
+
+
+def describe_record(arch: str, input_size: Sequence[int], stages: Sequence[StageDescription]) -> dict[str, Any]:
+    return {
+        "arch": arch,
+        "input_size": list(input_size),
+        "stages": [
+            {
+                "name": stage.name,
+                "aliases": list(stage.aliases),
+                "channels": stage.channels,
+                "stride": stage.stride,
+                "output_size": list(stage.output_size),
+                "receptive_field": stage.receptive_field,
+                "parameters": stage.parameters,
+                "bytes_float32": stage.bytes_per_image(4),
+                "bytes_float16": stage.bytes_per_image(2),
+            }
+            for stage in stages
+        ],
+    }
+
+
+def render_description(console: Console, arch: str, input_size: Sequence[int], stages: Sequence[StageDescription]) -> None:
+    from rich.table import Table
+
+    height, width = input_size
+    table = Table(title=f"{arch}  input {height}×{width}  (meta device: no weights, no compute)", title_justify="left")
+    for column in ("stage", "aliases", "channels", "stride", "output H×W", "receptive field", "parameters", "float32/image", "float16/image"):
+        table.add_column(column, justify="left" if column in ("stage", "aliases") else "right", no_wrap=column == "aliases")
+    for stage in stages:
+        table.add_row(
+            stage.name,
+            " ".join(stage.aliases) or "-",
+            str(stage.channels),
+            str(stage.stride),
+            f"{stage.output_size[0]}×{stage.output_size[1]}",
+            str(stage.receptive_field),
+            f"{stage.parameters:,}",
+            human_bytes(stage.bytes_per_image(4)),
+            human_bytes(stage.bytes_per_image(2)),
+        )
+    console.print(table)
 
 
 def render_model_header(console: Console, extractor: Extractor) -> None:
@@ -160,6 +229,8 @@ def render_image_table(console: Console, result: ImageResult) -> None:
             f"{stats.zeros:.1%}",
         )
     console.print(table)
+    if result.top is not None:
+        console.print(top_text(result), highlight=False)
 
 
 def shape_text(shape: Sequence[int]) -> str:

@@ -1,0 +1,152 @@
+"""Pictures of feature maps, drawn with Pillow alone: a grid of the most active channels, and the
+mean activation as a heatmap over the input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .output import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import ImageResult
+
+VIRIDIS_ANCHORS: tuple[tuple[int, int, int], ...] = (
+    (68, 1, 84), (65, 68, 135), (42, 120, 142), (34, 168, 132), (122, 209, 81), (253, 231, 37),
+)
+TILE = 128
+GAP = 8
+CAPTION = 18
+HEADER = 44
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+HEATMAP_SIDE = 336
+"""The shorter side of the heatmap panels: big enough to read, whatever the input size."""
+
+
+def viridis_palette() -> list[int]:
+    """A 256-entry viridis palette (flattened RGB), interpolated between its anchors."""
+    palette = []
+    steps = len(VIRIDIS_ANCHORS) - 1
+    for level in range(256):
+        position = level / 255 * steps
+        low = min(int(position), steps - 1)
+        fraction = position - low
+        palette.extend(
+            round(a + (b - a) * fraction) for a, b in zip(VIRIDIS_ANCHORS[low], VIRIDIS_ANCHORS[low + 1])
+        )
+    return palette
+
+
+def normalised_gray(values: torch.Tensor) -> Image.Image:
+    """A 2-D map scaled to 0..255 by its own min and max (a constant map is black)."""
+    from torchvision.transforms.functional import to_pil_image
+
+    values = values.detach().float().cpu()
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else values * 0
+    return to_pil_image((scaled * 255).round().byte())
+
+
+def colourise(gray: Image.Image) -> Image.Image:
+    indexed = gray.convert("P")
+    indexed.putpalette(viridis_palette())
+    return indexed.convert("RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _header(result_stage: str, feature: torch.Tensor, stride: str) -> str:
+    channels, height, width = feature.shape
+    # The default font has no "×": the pictures say "x".
+    return f"{result_stage}  ·  {channels}x{height}x{width}  ·  stride {stride.replace('×', 'x')}"
+
+
+def most_active_channels(feature: torch.Tensor, count: int) -> list[int]:
+    """Indices of the ``count`` channels with the highest mean activation, most active first."""
+    means = feature.detach().float().mean(dim=(1, 2))
+    return means.topk(min(count, feature.shape[0])).indices.tolist()
+
+
+def channel_grid(stage: str, feature: torch.Tensor, stride: str, count: int = 16) -> Image.Image:
+    """The ``count`` most active channels of a [C, H, W] map, each min-max normalised, in a grid."""
+    chosen = most_active_channels(feature, count)
+    columns = math.ceil(math.sqrt(len(chosen)))
+    rows = math.ceil(len(chosen) / columns)
+    width = GAP + columns * (TILE + GAP)
+    height = HEADER + rows * (TILE + CAPTION + GAP) + GAP
+    canvas = Image.new("RGB", (max(width, 420), height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
+    draw.text(
+        (GAP, 25), f"{len(chosen)} most active of {feature.shape[0]} channels, each min-max normalised",
+        fill=(90, 90, 90), font=_font(12),
+    )
+    means = feature.detach().float().mean(dim=(1, 2))
+    for slot, channel in enumerate(chosen):
+        row, column = divmod(slot, columns)
+        left = GAP + column * (TILE + GAP)
+        top = HEADER + row * (TILE + CAPTION + GAP)
+        # Nearest neighbour: every feature-map cell stays visible as a square.
+        tile = colourise(normalised_gray(feature[channel])).resize((TILE, TILE), Image.Resampling.NEAREST)
+        canvas.paste(tile, (left, top))
+        draw.text(
+            (left, top + TILE + 2), f"ch {channel}  mean {means[channel].item():.3g}", fill=TEXT, font=_font(11)
+        )
+    return canvas
+
+
+def heatmap_overlay(stage: str, feature: torch.Tensor, pixels: torch.Tensor, stride: str) -> Image.Image:
+    """The input beside the channel-mean activation, upsampled and overlaid on it."""
+    from torchvision.transforms.functional import to_pil_image
+
+    picture = to_pil_image(pixels.cpu())
+    scale = HEATMAP_SIDE / min(picture.size)
+    size = (round(picture.width * scale), round(picture.height * scale))
+    picture = picture.resize(size, Image.Resampling.BILINEAR)
+    mean_map = feature.detach().float().mean(dim=0)
+    heat = colourise(normalised_gray(mean_map).resize(size, Image.Resampling.BILINEAR))
+    overlay = Image.blend(picture, heat, 0.55)
+    canvas = Image.new("RGB", (GAP * 3 + size[0] * 2, HEADER + size[1] + GAP), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
+    draw.text(
+        (GAP, 25),
+        f"mean over channels, {mean_map.min().item():.3g} (dark) to {mean_map.max().item():.3g} (yellow)",
+        fill=(90, 90, 90), font=_font(12),
+    )
+    canvas.paste(picture, (GAP, HEADER))
+    canvas.paste(overlay, (GAP * 2 + size[0], HEADER))
+    return canvas
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+
+
+def write_visualisations(folder: Path, result: ImageResult, channels: int = 16) -> list[Path]:
+    """``folder/<stage>-channels.png`` and ``folder/<stage>-heatmap.png`` for each stage of a result."""
+    from .stats import stride_text
+
+    written = []
+    for stats in result.stats:
+        feature = result.features[stats.name]
+        stride = stride_text(stats.stride)
+        grid_path = folder / f"{stats.name}-channels.png"
+        save_png(grid_path, channel_grid(stats.name, feature, stride, channels))
+        written.append(grid_path)
+        if result.pixels is not None:
+            heat_path = folder / f"{stats.name}-heatmap.png"
+            save_png(heat_path, heatmap_overlay(stats.name, feature, result.pixels, stride))
+            written.append(heat_path)
+    return written

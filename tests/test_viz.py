@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageStat
+from typer.testing import CliRunner
+
+from backbone_inspect.cli import app
+from backbone_inspect.viz import HEADER, HEATMAP_SIDE, TILE, channel_grid, heatmap_overlay, most_active_channels
+
+from conftest import SAMPLES
+
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+
+
+def bright_fraction(image: Image.Image, box: tuple[int, int, int, int]) -> float:
+    """Mean brightness (0..1) of a region: viridis runs from dark purple to bright yellow."""
+    return ImageStat.Stat(image.crop(box).convert("L")).mean[0] / 255
+
+
+def test_grid_shows_the_most_active_channels_first_with_their_pattern_in_place() -> None:
+    feature = torch.zeros(32, 8, 8)
+    feature[5, :4, :4] = 10.0  # most active: bright top-left quadrant
+    feature[9, 4:, 4:] = 6.0  # second: bright bottom-right quadrant
+    feature[20] = torch.rand(8, 8)
+    assert most_active_channels(feature, 3)[:2] == [5, 9]
+    grid = channel_grid("layer3", feature, "16", count=4)
+    columns = 2
+    assert grid.width >= 8 + columns * (TILE + 8)
+    first = (8, HEADER, 8 + TILE, HEADER + TILE)
+    second = (8 + TILE + 8, HEADER, 8 + 2 * TILE + 8, HEADER + TILE)
+    def quadrant(tile, dx, dy):
+        left, top = tile[0] + dx * TILE // 2, tile[1] + dy * TILE // 2
+        return (left, top, left + TILE // 2, top + TILE // 2)
+    assert bright_fraction(grid, quadrant(first, 0, 0)) > 0.8 > 0.3 > bright_fraction(grid, quadrant(first, 1, 1))
+    assert bright_fraction(grid, quadrant(second, 1, 1)) > 0.8 > 0.3 > bright_fraction(grid, quadrant(second, 0, 0))
+
+
+def test_heatmap_overlay_is_hot_where_the_activation_is() -> None:
+    feature = torch.zeros(16, 7, 7)
+    feature[:, 5:, 5:] = 3.0  # bottom-right corner
+    pixels = torch.full((3, 224, 224), 128, dtype=torch.uint8)
+    picture = heatmap_overlay("layer4", feature, pixels, "32")
+    assert picture.size == (8 * 3 + 2 * HEATMAP_SIDE, HEADER + HEATMAP_SIDE + 8)
+    right = 8 * 2 + HEATMAP_SIDE
+    corner = HEATMAP_SIDE // 4
+    hot = (right + HEATMAP_SIDE - corner, HEADER + HEATMAP_SIDE - corner, right + HEATMAP_SIDE, HEADER + HEATMAP_SIDE)
+    cold = (right, HEADER, right + corner, HEADER + corner)
+    assert bright_fraction(picture, hot) > bright_fraction(picture, cold) + 0.2
+    left_panel = picture.crop((8, HEADER, 8 + HEATMAP_SIDE, HEADER + HEATMAP_SIDE))
+    assert ImageStat.Stat(left_panel).mean == pytest.approx([128, 128, 128], abs=1), "the input is shown as it is"
+
+
+def test_cli_writes_readable_pngs_per_image_and_stage(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    Image.open(SAMPLES / "chelsea.jpg").save(folder / "sub" / "cat.png")
+    Image.open(SAMPLES / "camera.png").save(folder / "camera.png")
+    viz = tmp_path / "viz"
+    result = CliRunner().invoke(app, [str(folder), "--viz", str(viz), "--viz-channels", "9", "--layers", "1,C5", *SMALL])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.relative_to(viz).as_posix() for p in viz.rglob("*") if p.is_file())
+    assert names == [
+        "camera/layer1-channels.png", "camera/layer1-heatmap.png", "camera/layer4-channels.png", "camera/layer4-heatmap.png",
+        "sub/cat/layer1-channels.png", "sub/cat/layer1-heatmap.png", "sub/cat/layer4-channels.png", "sub/cat/layer4-heatmap.png",
+    ]
+    for name in names:
+        with Image.open(viz / name) as picture:
+            picture.load()
+            assert picture.format == "PNG" and picture.mode == "RGB"
+            assert max(ImageStat.Stat(picture).stddev) > 10, f"{name} is blank"
+    with Image.open(viz / "camera" / "layer1-channels.png") as grid:
+        assert grid.size == (max(8 + 3 * (TILE + 8), 420), HEADER + 3 * (TILE + 18 + 8) + 8)
+    with Image.open(viz / "camera" / "layer4-heatmap.png") as heat:
+        assert heat.size == (8 * 3 + 2 * HEATMAP_SIDE, HEADER + HEATMAP_SIDE + 8)
+    assert not [p for p in viz.rglob("*.tmp")]
