@@ -74,17 +74,23 @@ def forward_to(model: nn.Module, stage: str) -> nn.Sequential:
     return nn.Sequential(*[getattr(model, n) for n in names[: names.index(stage) + 1]])
 
 
-def images_per_second(run: Callable[[torch.Tensor], object], data: torch.Tensor, batch: int, repeats: int = 2) -> float:
-    """Best of ``repeats`` passes over ``data`` in batches, after one warm-up batch."""
+def images_per_second(run: Callable[[torch.Tensor], object], data: torch.Tensor, batch: int) -> float:
+    """One pass over ``data`` in batches, after one warm-up batch."""
     with torch.inference_mode():
         run(data[:batch])
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for offset in range(0, len(data), batch):
-                run(data[offset : offset + batch])
-            best = min(best, time.perf_counter() - start)
-    return len(data) / best
+        start = time.perf_counter()
+        for offset in range(0, len(data), batch):
+            run(data[offset : offset + batch])
+    return len(data) / (time.perf_counter() - start)
+
+
+def best_rates(variants: dict[str, tuple[Callable[[torch.Tensor], object], torch.Tensor, int]], rounds: int) -> dict[str, float]:
+    """Each variant's best rate over ``rounds``, measured round-robin so that drifts hit all alike."""
+    best = dict.fromkeys(variants, 0.0)
+    for _ in range(rounds):
+        for name, (run, data, batch) in variants.items():
+            best[name] = max(best[name], images_per_second(run, data, batch))
+    return best
 
 
 def prepare(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -98,8 +104,10 @@ def as_input(data: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> tor
 
 
 def command_seconds(folder: Path, out: Path, arch: str, dtype: str, layers: str, extra: list[str]) -> float:
-    command = [sys.executable, "-m", "backbone_inspect", str(folder), "--save", str(out), "--arch", arch,
-               "--layers", layers, "--dtype", dtype, "--overwrite", *extra]
+    """Wall time of the command; ``--no-save`` in ``extra`` runs it without --save (statistics only)."""
+    save = [] if "--no-save" in extra else ["--save", str(out), "--overwrite"]
+    command = [sys.executable, "-m", "backbone_inspect", str(folder), *save, "--arch", arch,
+               "--layers", layers, "--dtype", dtype, *(e for e in extra if e != "--no-save")]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -151,7 +159,8 @@ def main() -> None:
         small_paths = make_images(root / "small", args.images)
         large_paths = make_images(root / "large", 3 * args.images)
         data = ready_tensors(small_paths)
-        rows: list[tuple[str, str, str, float, float]] = []
+        print("| arch | compute dtype | variant | images/s | ratio to ceiling |")
+        print("|---|---|---|---|---|")
         for arch in args.archs:
             torch.manual_seed(0)
             model = torchvision.models.get_model(arch).eval()
@@ -159,45 +168,54 @@ def main() -> None:
             for dtype_name in args.dtypes:
                 dtype = DTYPES[dtype_name]
                 work = copy.deepcopy(model)  # prepare() converts modules in place
-                fastest = {}
-                for channels_last in (False, True):
-                    ceiling = prepare(forward_to(work, "layer4"), dtype, channels_last)
-                    fastest[channels_last] = images_per_second(ceiling, as_input(data, dtype, channels_last), args.batch_size)
-                channels_last = fastest[True] >= fastest[False]
+                settings = [(cl, batch) for cl in (False, True) for batch in (1, 4, 8, 16, 32)]
+                candidates = {}
+                for cl, batch in settings:
+                    module = prepare(copy.deepcopy(forward_to(work, "layer4")), dtype, cl)
+                    candidates[f"{cl}/{batch}"] = (module, as_input(data, dtype, cl), batch)
+                searched = best_rates(candidates, rounds=1)
+                best_key = max(searched, key=searched.get)
+                channels_last, batch = best_key.split("/")[0] == "True", int(best_key.split("/")[1])
                 x = as_input(data, dtype, channels_last)
-                ceiling_rate = fastest[channels_last]
+                work = prepare(work, dtype, channels_last)
+                captured: dict[str, torch.Tensor] = {}
+                hooked = copy.deepcopy(work)
+                for stage in STAGES:
+                    getattr(hooked, stage).register_forward_hook(lambda m, i, o, s=stage: captured.__setitem__(s, o))
+                variants = {
+                    "ceiling": (forward_to(work, "layer4"), x, batch),
+                    "replay": (Backbone(arch, STAGES, model=work), x, batch),
+                    "fx": (create_feature_extractor(work, {s: s for s in STAGES}), x, batch),
+                    "hooks": (hooked, x, batch),
+                }
+                if timm is not None:
+                    timm_model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+                    variants["timm"] = (prepare(timm_model, dtype, channels_last), x, batch)
+                if arch == "resnet50" and dtype_name == "float32":
+                    variants["model to layer1"] = (forward_to(work, "layer1"), x, batch)
+                rates = best_rates(variants, rounds=3)
+                ceiling_rate = rates["ceiling"]
+                print(f"| {arch} | {dtype_name} | ceiling: {'channels_last' if channels_last else 'contiguous'}, batch {batch} "
+                      f"(searched: {', '.join(f'{k}={v:.1f}' for k, v in searched.items())}) | {ceiling_rate:.1f} | 1.00 |", flush=True)
 
                 def row(variant: str, rate: float) -> None:
-                    rows.append((arch, dtype_name, variant, rate, rate / ceiling_rate))
                     print(f"| {arch} | {dtype_name} | {variant} | {rate:.1f} | {rate / ceiling_rate:.2f} |", flush=True)
 
-                row(f"ceiling ({'channels_last' if channels_last else 'contiguous'}; other: "
-                    f"{fastest[not channels_last]:.1f})", ceiling_rate)
-                replay = prepare(Backbone(arch, STAGES, model=work), dtype, channels_last)
-                row("replay", images_per_second(replay, x, args.batch_size))
-                fx = prepare(create_feature_extractor(work, {s: s for s in STAGES}), dtype, channels_last)
-                row("fx", images_per_second(fx, x, args.batch_size))
-                captured: dict[str, torch.Tensor] = {}
-                hooked = prepare(work, dtype, channels_last)
-                handles = [getattr(hooked, s).register_forward_hook(lambda m, i, o, s=s: captured.__setitem__(s, o)) for s in STAGES]
-                row("hooks", images_per_second(hooked, x, args.batch_size))
-                for handle in handles:
-                    handle.remove()
-                if timm is not None:
-                    timm_model = prepare(timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3, 4)), dtype, channels_last)
-                    row("timm", images_per_second(timm_model, x, args.batch_size))
+                for name in ("replay", "fx", "hooks", "timm"):
+                    if name in rates:
+                        row(name, rates[name])
                 command = command_rate(root / "small", root / "large", 2 * args.images, root / "out", arch, dtype_name, "2,3,4", [])
-                row("command", command)
-                row("naive (float32)", naive_fp32)
-                print(f"  command vs naive float32: {command / naive_fp32:.2f}x", flush=True)
-                if arch == "resnet50" and dtype_name == "float32":
-                    to1 = images_per_second(forward_to(work, "layer1"), x, args.batch_size)
-                    to4 = images_per_second(forward_to(work, "layer4"), x, args.batch_size)
-                    cmd1 = command_rate(root / "small", root / "large", 2 * args.images, root / "out1", arch, dtype_name, "1", [])
-                    cmd4 = command_rate(root / "small", root / "large", 2 * args.images, root / "out4", arch, dtype_name, "4", [])
-                    model_ratio, command_ratio = to4 / to1, cmd4 / cmd1
-                    print(f"  early stop: per-image time layer1/layer4: model {model_ratio:.2f}, command "
-                          f"{command_ratio:.2f} ({command_ratio / model_ratio:.2f}x the model's ratio)", flush=True)
+                row("command --save", command)
+                row("naive loop (float32)", naive_fp32)
+                print(f"  command vs naive float32 loop: {command / naive_fp32:.2f}x", flush=True)
+                if "model to layer1" in rates:
+                    model_ratio = ceiling_rate / rates["model to layer1"]
+                    for label, extra in (("with --save", []), ("without --save", ["--no-save"])):
+                        cmd1 = command_rate(root / "small", root / "large", 2 * args.images, root / "out1", arch, dtype_name, "1", extra)
+                        cmd4 = command_rate(root / "small", root / "large", 2 * args.images, root / "out4", arch, dtype_name, "4", extra)
+                        command_ratio = cmd4 / cmd1
+                        print(f"  early stop ({label}): per-image time layer1/layer4: model {model_ratio:.2f}, command "
+                              f"{command_ratio:.2f} ({command_ratio / model_ratio:.2f}x the model's ratio)", flush=True)
 
 
 if __name__ == "__main__":
