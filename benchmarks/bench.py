@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    from backbone_inspect.pipeline import keep_freed_memory
+
+    keep_freed_memory()  # as the command does: every variant gets the same allocator
     try:
         import timm
     except ImportError:

@@ -313,7 +313,7 @@ def _run(options: RunOptions) -> int:
 
     from . import dump
     from . import output as out
-    from .pipeline import Extractor, planned_preprocessing, resolve_device
+    from .pipeline import Extractor, keep_freed_memory, planned_preprocessing, resolve_device
 
     from .weights import plan_weights
 
@@ -335,6 +335,7 @@ def _run(options: RunOptions) -> int:
     if options.dry_run:
         return _dry_run(console, options, todo, skipped, preprocessing)
 
+    keep_freed_memory()
     extractor = Extractor(
         arch=options.arch,
         layers=options.layers,

@@ -296,7 +296,7 @@ def run_dump(
     """Run every image of ``todo``; ``on_outcome`` sees each, in order, once its file is written.
 
     Files are written by a background thread while the next batch computes; at most about
-    two batches of features are held at once, so memory stays flat.
+    three batches of features are held at once, so memory stays flat.
     """
     summary = RunSummary()
     workers = workers if len(todo) > batch_size else 0
@@ -313,7 +313,7 @@ def run_dump(
         for images, batch in batches:
             for image, result in extract_batch(extractor, images, batch, stop):
                 pending.append(executor.submit(finish_image, image, result, writer))
-            while pending and (pending[0].done() or len(pending) > batch_size):
+            while pending and (pending[0].done() or len(pending) > 2 * batch_size):
                 report(pending.popleft())
             if stop():
                 break
