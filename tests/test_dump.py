@@ -256,8 +256,12 @@ def _many_images(root: Path, count: int) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, signal_number, exit_code) -> None:
+@pytest.mark.parametrize(
+    ("signals", "exit_code"),
+    [([signal.SIGINT], 130), ([signal.SIGTERM], 143), ([signal.SIGINT, signal.SIGINT], 130)],
+    ids=["SIGINT", "SIGTERM", "SIGINT twice"],
+)
+def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, signals, exit_code) -> None:
     root = _many_images(tmp_path / "many", 120)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "backbone_inspect", str(root), "--save", str(out), "--batch-size", "2",
@@ -268,10 +272,12 @@ def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not manifest_path.exists() or len(manifest_path.read_text().splitlines()) < 6):
         time.sleep(0.05)
-    process.send_signal(signal_number)
+    for number in signals:
+        process.send_signal(number)
+        time.sleep(0.05)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == exit_code, stderr
-    assert "Traceback" not in stderr and "processed " in stderr
+    assert "Traceback" not in stderr and "processed " in stderr and "; stopped by SIG" in stderr
     saved = sorted(out.glob("*.pt"))
     assert 6 <= len(saved) < 120
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -300,3 +306,64 @@ def test_torchrun_with_two_processes_splits_the_work_and_finishes_despite_bad_im
     assert [line["status"] for line in ranks[0]].count("error") == 1
     assert all(line["status"] == "ok" for line in ranks[1])
     assert len(list(out.glob("*.pt"))) == 8
+
+
+def test_partial_overwrite_and_broken_files_are_recomputed_on_resume(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(photos, "--save", out, *SMALL).exit_code == 0
+    # An --overwrite with crop 48 over part of the folder (b/) leaves crop-64 files elsewhere,
+    # while the folder's settings now say crop 48...
+    args = ["--arch", "resnet18", "--resize", "64"]
+    assert invoke(photos / "b", "--save", out / "b", "--crop", "48", "--overwrite", *args).exit_code == 0
+    (out / "backbone-inspect.json").write_text((out / "b" / "backbone-inspect.json").read_text())
+    (out / "top.pt").write_bytes(b"x")  # ...and a broken file stands under a final name.
+    result = invoke(photos, "--save", out, "--crop", "48", *args)
+    assert result.exit_code == 0, result.output
+    assert "Warning: 2 existing feature file(s) are unreadable or were made with other settings" in result.stderr
+    assert "processed 2, skipped 2" in result.stderr
+    assert {line["output"]: line["status"] for line in manifest(out)[-4:]} == {
+        "a/cat.pt": "ok", "top.pt": "ok", "b/cat.pt": "skipped", "b/deep/dog.pt": "skipped"
+    }
+    for path in out.rglob("*.pt"):
+        assert torch.load(path, weights_only=True)["meta"]["preprocessing"]["crop"] == 48, path
+    again = invoke(photos, "--save", out, "--crop", "48", *args)
+    assert "processed 0, skipped 4" in again.stderr and "Warning" not in again.stderr
+
+
+def test_settings_errors_name_the_nested_key_and_the_compute_dtype(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(photos / "a", "--save", out, *SMALL).exit_code == 0
+    crop = invoke(photos / "a", "--save", out, "--arch", "resnet18", "--resize", "64", "--crop", "48")
+    assert crop.exit_code == 2 and "preprocessing.crop 64 (now 48)" in crop.stderr and "resize" not in crop.stderr
+    dtype = invoke(photos / "a", "--save", out, "--dtype", "bfloat16", *SMALL)
+    assert dtype.exit_code == 2 and 'dtype "float32" (now "bfloat16")' in dtype.stderr
+
+
+def test_crop_larger_than_resize_is_refused_before_any_work(tmp_path: Path, photos: Path) -> None:
+    result = invoke(photos, "--save", tmp_path / "out", "--arch", "resnet18", "--resize", "32", "--crop", "64")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --crop 64 is larger than --resize 32: every image would be smaller than its crop\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_in_the_way_of_an_output_folder(tmp_path: Path, photos: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b").write_text("in the way")
+    result = invoke(photos, "--save", out, "--batch-size", "1", *SMALL)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors and all(f"{out / 'b'} is a file, not a folder" in line for line in errors)
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*.pt")}
+    recorded = {line["output"]: line["status"] for line in manifest(out)}
+    assert {o for o, status in recorded.items() if status == "ok"} == written
+    assert all(status == "error" for o, status in recorded.items() if o.startswith("b/"))
+
+
+def test_dry_run_counts_unreadable_images_quietly(tmp_path: Path, photos: Path) -> None:
+    Image.new("L", (9500, 9500)).save(photos / "bomb.png")
+    (photos / "empty.jpg").write_bytes(b"")
+    result = invoke(photos, "--save", tmp_path / "out", "--dry-run", "--json", "--arch", "resnet18", "--resize", "none", "--crop", "none")
+    assert result.exit_code == 0 and result.stderr == ""
+    plan = json.loads(result.stdout)
+    assert plan["to_do"] == 6 and plan["unreadable"] == 2

@@ -314,7 +314,6 @@ def _run(options: RunOptions) -> int:
     from . import dump
     from . import output as out
     from .pipeline import Extractor, keep_freed_memory, planned_preprocessing, resolve_device
-
     from .weights import plan_weights
 
     rank_group = RankGroup() if launched_by_torchrun() else None
@@ -326,11 +325,17 @@ def _run(options: RunOptions) -> int:
         seed=options.seed if weights_label == "none" else None,
         layers=options.layers,
         preprocessing=preprocessing.to_dict(),
+        dtype=options.dtype,
         save_dtype=options.save_dtype,
     )
     if options.save is not None:
         dump.claim_output_dir(options.save, settings, overwrite=options.overwrite, record=not options.dry_run)
-    todo, skipped = dump.split_existing(selected, options.save, overwrite=options.overwrite)
+    todo, skipped, redo = dump.split_existing(selected, options.save, settings, overwrite=options.overwrite)
+    if redo:
+        warning_line(
+            f"{len(redo)} existing feature file(s) are unreadable or were made with other settings "
+            f"(e.g. {redo[0].output}); they are computed again"
+        )
     console = _stdout_console()
     if options.dry_run:
         return _dry_run(console, options, todo, skipped, preprocessing)
@@ -356,26 +361,28 @@ def _run(options: RunOptions) -> int:
     writer = None
     if options.save is not None:
         manifest = dump.Manifest(options.save / (shard.manifest_name if shard else dump.UNSHARDED_MANIFEST))
-        writer = dump.FeatureWriter(options.save, options.save_dtype, out.run_meta(extractor, settings))
+        writer = dump.FeatureWriter(options.save, options.save_dtype, out.run_meta(settings))
         for image in skipped:
             manifest.record(dump.Outcome(image.path, image.output, "skipped"))
     accumulator = SummaryAccumulator()
     deepest = extractor.stage_names[-1]
     deepest_stride = extractor.backbone.strides[deepest]
-    warned_sizes: set[tuple[int, int]] = set()
+    stride_warned = False
     progress = out.Progress(len(todo)) if sys.stderr.isatty() and not per_image_tables else None
+    say_error = progress.error_line if progress is not None else error_line
 
     def on_outcome(outcome: dump.Outcome, result: Any) -> None:
+        nonlocal stride_warned
         if manifest is not None:
             manifest.record(outcome)
         if outcome.status == "error":
-            error_line(str(outcome.error))
+            say_error(str(outcome.error))
         if result is not None:
-            if any(size % deepest_stride for size in result.input_size) and not warned_sizes:
-                warned_sizes.add(result.input_size)
+            if not stride_warned and any(size % deepest_stride for size in result.input_size):
+                stride_warned = True
                 warning_line(out.stride_warning(result.input_size, deepest, deepest_stride))
             if options.viz is not None:
-                out.write_viz(options.viz / Path(outcome.output or "image").with_suffix(""), result, options.viz_channels)
+                out.write_viz(options.viz / Path(str(outcome.output)).with_suffix(""), result, options.viz_channels)
             for stats in result.stats:
                 accumulator.add(stats)
             if options.json_lines:
@@ -406,8 +413,8 @@ def _run(options: RunOptions) -> int:
     if not options.json_lines and not per_image_tables:
         out.render_stage_summaries(console, accumulator.summaries())
     if options.save is not None or len(found) > 1 or result.stopped_by is not None:
-        print(out.run_summary_line(result), file=sys.stderr, flush=True)
-    if result.output_error is not None:
+        print(out.run_summary_line(result, shard), file=sys.stderr, flush=True)
+    if result.output_error is not None and not result.output_error_shown:
         error_line(result.output_error)
     code = _exit_code(result)
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
@@ -446,14 +453,21 @@ def _dry_run(console: Any, options: RunOptions, todo: list[FoundImage], skipped:
     from .output import human_bytes
 
     sizes = [planned_input_size(image.path, preprocessing) for image in todo]
-    estimate = estimate_bytes(options.arch, options.layers, [s for s in sizes if s is not None], options.save_dtype)
-    record = {"to_do": len(todo), "to_skip": len(skipped), "estimated_bytes": estimate if options.save else 0}
+    readable = [size for size in sizes if size is not None]
+    estimate = estimate_bytes(options.arch, options.layers, readable, options.save_dtype)
+    record = {
+        "to_do": len(todo),
+        "to_skip": len(skipped),
+        "unreadable": len(sizes) - len(readable),
+        "estimated_bytes": estimate if options.save else 0,
+    }
     if options.json_lines:
         print(json.dumps(record))
     else:
         where = f" in {options.save}" if options.save else ""
         console.print(
-            f"dry run: {len(todo)} images to do, {len(skipped)} to skip (already{where}); "
+            f"dry run: {len(todo)} images to do ({record['unreadable']} of them unreadable from their "
+            f"header, so they will fail), {len(skipped)} to skip (already{where}); "
             f"about {human_bytes(record['estimated_bytes'])} to write as {options.save_dtype}",
         )
     return EXIT_OK

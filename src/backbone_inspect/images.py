@@ -292,15 +292,18 @@ def planned_input_size(path: str, preprocessing: Preprocessing) -> tuple[int, in
     """The [H, W] an image will have after preprocessing, from its header alone; None if unreadable."""
     from PIL import Image
 
-    if preprocessing.crop is not None:
-        return (preprocessing.crop, preprocessing.crop)
     try:
-        with Image.open(path) as opened:
-            width, height = opened.size
-            if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap axes
-                width, height = height, width
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                exif_orientation = opened.getexif().get(0x0112)
+        if exif_orientation in (5, 6, 7, 8):  # EXIF orientations that swap axes
+            width, height = height, width
     except Exception:
         return None
+    if preprocessing.crop is not None:
+        return (preprocessing.crop, preprocessing.crop)
     if preprocessing.resize is None:
         return (height, width)
     short, long = sorted((height, width))

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .dump import DumpSettings, RunSummary
+    from .shards import Shard
     from .backbone import StageDescription
     from .pipeline import Extractor, ImageResult
     from .stats import StageSummary
@@ -57,22 +58,25 @@ def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mappin
         atomic_write(path, lambda handle: torch.save(payload, handle))
         return path.stat().st_size
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+        raise OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}") from error
 
 
-def run_meta(extractor: Extractor, settings: DumpSettings) -> dict[str, Any]:
-    """What every feature file of a run says about how it was made (``image`` and ``input_size`` added per file)."""
+def _write_failure_reason(path: Path, error: OSError) -> str:
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder"
+    return error.strerror or str(error)
+
+
+def run_meta(settings: DumpSettings) -> dict[str, Any]:
+    """What every feature file of a run says about how it was made (``image`` and ``input_size`` added per file).
+
+    The settings, so that resuming can check each file it skips.
+    """
     from . import __version__
 
-    return {
-        "arch": extractor.arch,
-        "weights": extractor.weights.label,
-        "seed": extractor.seed,
-        "layers": list(extractor.stage_names),
-        "preprocessing": extractor.preprocessing.to_dict(),
-        "save_dtype": settings.save_dtype,
-        "version": __version__,
-    }
+    return {**settings.to_dict(), "version": __version__}
 
 
 class Progress:
@@ -107,6 +111,11 @@ class Progress:
             rate=f"{speed:.1f} images/s" if speed else "",
             failures=f"[red]{self._failures} failed[/]" if self._failures else "",
         )
+
+    def error_line(self, message: str) -> None:
+        """An ``Error:`` line above the bar, never wrapped (logs stay greppable)."""
+        text = " ".join(str(message).split())
+        self._progress.console.print(f"Error: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self._progress.stop()
@@ -243,13 +252,16 @@ def render_stage_summaries(console: Console, summaries: Sequence[StageSummary]) 
 
     if not summaries:
         return
-    table = Table(title=f"{summaries[0].images} images, every element pooled", title_justify="left")
+    count = summaries[0].images
+    table = Table(title=f"{count} image{'s' if count != 1 else ''}, every element pooled", title_justify="left")
     table.add_column("stage")
     for column in ("images", "shape C×H×W", "mean", "std", "min", "max", "zeros"):
         table.add_column(column, justify="right")
     for summary in summaries:
         shapes = shape_text(summary.shapes[0]) + (
-            f" (+{len(summary.shapes) - 1} other shapes)" if len(summary.shapes) > 1 else ""
+            f" (+{len(summary.shapes) - 1} other shape{'s' if len(summary.shapes) > 2 else ''})"
+            if len(summary.shapes) > 1
+            else ""
         )
         table.add_row(
             summary.name,
@@ -272,9 +284,15 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def run_summary_line(summary: RunSummary) -> str:
-    return (
-        f"processed {summary.processed}, skipped {summary.skipped}, failed {summary.failed} "
+def run_summary_line(summary: RunSummary, shard: Shard | None = None) -> str:
+    import signal
+
+    where = f"shard {shard.index}/{shard.count}: " if shard is not None else ""
+    line = (
+        f"{where}processed {summary.processed}, skipped {summary.skipped}, failed {summary.failed} "
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s), "
         f"{human_bytes(summary.bytes_written)} written"
     )
+    if summary.stopped_by is not None:
+        line += f"; stopped by {signal.Signals(summary.stopped_by).name}, {summary.left} left (run again to finish)"
+    return line

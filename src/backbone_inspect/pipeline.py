@@ -125,7 +125,13 @@ def planned_preprocessing(
         for key, value in (("resize", resize), ("crop", crop))
         if value is not None
     }
-    return replace(plan_weights(arch, weights).preprocessing, **overrides)
+    preprocessing = replace(plan_weights(arch, weights).preprocessing, **overrides)
+    if preprocessing.resize is not None and preprocessing.crop is not None and preprocessing.crop > preprocessing.resize:
+        raise UsageError(
+            f"--crop {preprocessing.crop} is larger than --resize {preprocessing.resize}: every image "
+            "would be smaller than its crop"
+        )
+    return preprocessing
 
 
 class Extractor:
