@@ -208,12 +208,14 @@ def main() -> None:
                     if name in rates:
                         row(name, rates[name])
                 command = command_rate(root / "small", root / "large", 2 * args.images, root / "out", arch, dtype_name, "2,3,4", [])
-                row("command --save", command)
+                row("command --save (default batch 32)", command)
+                tuned = command_rate(root / "small", root / "large", 2 * args.images, root / "out", arch, dtype_name, "2,3,4", ["--batch-size", str(batch)])
+                row(f"command --save --batch-size {batch}", tuned)
                 row("naive loop (float32)", naive_fp32)
-                print(f"  command vs naive float32 loop: {command / naive_fp32:.2f}x", flush=True)
+                print(f"  command vs naive float32 loop: {command / naive_fp32:.2f}x (batch {batch}: {tuned / naive_fp32:.2f}x)", flush=True)
                 if "model to layer1" in rates:
                     model_ratio = ceiling_rate / rates["model to layer1"]
-                    for label, extra in (("with --save", []), ("without --save", ["--no-save"])):
+                    for label, extra in (("with --save", ["--batch-size", str(batch)]), ("without --save", ["--no-save", "--batch-size", str(batch)])):
                         cmd1 = command_rate(root / "small", root / "large", 2 * args.images, root / "out1", arch, dtype_name, "1", extra)
                         cmd4 = command_rate(root / "small", root / "large", 2 * args.images, root / "out4", arch, dtype_name, "4", extra)
                         command_ratio = cmd4 / cmd1

@@ -155,13 +155,8 @@ def inspect(
         bool, typer.Option("--compile", help="torch.compile the extractor (slow start, faster steady state).")
     ] = False,
     batch_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Images per forward pass. \\[default: 8 on cpu (fastest there, measured), 32 on cuda and mps]",
-            show_default=False,
-        ),
-    ] = None,
+        int, typer.Option(min=1, help="Images per forward pass (on CPU, 8 is usually faster: BENCHMARKS.md).")
+    ] = 32,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -284,7 +279,7 @@ class RunOptions:
     viz_channels: int
     topk: int
     categories: list[str] | None
-    batch_size: int | None
+    batch_size: int
     workers: int
     overwrite: bool
     shard: Shard | None
@@ -400,7 +395,7 @@ def _run(options: RunOptions) -> int:
                 todo,
                 writer=writer,
                 on_outcome=on_outcome,
-                batch_size=options.batch_size or default_batch_size(extractor.device.type),
+                batch_size=options.batch_size,
                 workers=options.workers,
                 stop=stop,
             )
@@ -479,12 +474,6 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner)
         pass
-
-
-def default_batch_size(device_type: str) -> int:
-    # On CPU, small batches keep activations in cache: resnet50 at 224 px runs about 40%
-    # faster at 8 than at 32 (BENCHMARKS.md). GPUs want large batches.
-    return 8 if device_type == "cpu" else 32
 
 
 def default_workers() -> int:
