@@ -329,7 +329,7 @@ def run_dump(
     """Run every image of ``todo``; ``on_outcome`` sees each, in order, once its file is written.
 
     Files are written by a background thread while the next batch computes; at most about
-    three batches of features are held at once, so memory stays flat. A stop request, a
+    two batches of features are held at once, so memory stays flat. A stop request, a
     second Ctrl-C or an output error ends the run, and every file written by then is reported.
     """
     summary = RunSummary()
@@ -355,7 +355,7 @@ def run_dump(
         for images, batch in batches:
             for image, result in extract_batch(extractor, images, batch, stop):
                 pending.append((image, executor.submit(finish_image, image, result, writer)))
-            while pending and (pending[0][1].done() or len(pending) > 2 * batch_size):
+            while pending and (pending[0][1].done() or len(pending) > batch_size):
                 report(*pending.popleft())
             if stop() or summary.output_error is not None:
                 break

@@ -65,7 +65,7 @@ def keep_freed_memory() -> bool:
 
     Each batch allocates and frees the same large activation buffers; by default glibc maps
     and unmaps them every time, and the page faults cost about 15% of a CPU run (measured:
-    resnet50 at 224 px, 28.7 -> 33.4 images/s). With a 32 MiB mmap threshold and a 1 GiB
+    resnet50 at 224 px, 28.7 -> 33.4 images/s). With a 32 MiB mmap threshold and a 256 MiB
     trim threshold they are reused: memory stays flat, at the size of a batch's activations.
     A process-wide setting, so the CLI calls it, not the library. False where not glibc.
     """
@@ -81,7 +81,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(mallopt(m_trim_threshold, 256 * 1024 * 1024))
 
 
 def own_copy(feature: torch.Tensor) -> torch.Tensor:
