@@ -228,7 +228,7 @@ def render_image_table(console: Console, result: ImageResult) -> None:
     for stats in result.stats:
         table.add_row(
             stats.name,
-            "×".join(str(size) for size in stats.shape),
+            shape_text(stats.shape),
             stride_text(stats.stride),
             stats.dtype,
             f"{stats.mean:.4g}",
