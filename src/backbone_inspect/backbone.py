@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -231,11 +231,60 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        if "stem" in self.stage_names:
-            features["stem"] = x
-        for name in self.layer_names:
-            x = getattr(self, name)(x)
+        for name in self.run_order:
+            x = self.run_stage(name, x)
             if name in self.stage_names:
                 features[name] = x
         return features
+
+    @property
+    def run_order(self) -> tuple[str, ...]:
+        """Every stage that runs, shallow to deep: the stem, then layer1 .. the deepest requested."""
+        return ("stem", *self.layer_names)
+
+    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One stage of the replay: the stem (conv1 -> bn1 -> relu -> maxpool) or a layer."""
+        if name == "stem":
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return getattr(self, name)(x)
+
+    def forward_in_chunks(self, x: torch.Tensor, chunk_sizes: Mapping[str, int]) -> OrderedDict[str, torch.Tensor]:
+        """``forward``, with each stage run on slices of at most ``chunk_sizes[stage]`` images.
+
+        The same modules in the same order, so the same numbers up to float noise. Depth first:
+        a deep stage's slice is made from its inputs' slices just computed, while they are still
+        in cache. On a CPU, small slices keep the large early activations in cache, and large ones
+        share the reading of the deep stages' weights (see ``pipeline.cache_chunk_sizes``).
+        """
+        pieces: dict[str, list[torch.Tensor]] = {name: [] for name in self.stage_names}
+        self._run_depth_first(x, _runs_of_equal_size(self.run_order, chunk_sizes), pieces)
+        return OrderedDict((name, _joined(parts)) for name, parts in pieces.items())
+
+    def _run_depth_first(
+        self, x: torch.Tensor, runs: Sequence[tuple[tuple[str, ...], int]], pieces: dict[str, list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        *shallower, (names, size) = runs
+        outputs = []
+        for part in x.split(size):
+            if shallower:
+                part = _joined(self._run_depth_first(part, shallower, pieces))
+            for name in names:
+                part = self.run_stage(name, part)
+                if name in pieces:
+                    pieces[name].append(part)
+            outputs.append(part)
+        return outputs
+
+
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
+def _runs_of_equal_size(names: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[tuple[str, ...], int]]:
+    runs: list[tuple[tuple[str, ...], int]] = []
+    for name in names:
+        if runs and runs[-1][1] == sizes[name]:
+            runs[-1] = (runs[-1][0] + (name,), sizes[name])
+        else:
+            runs.append(((name,), sizes[name]))
+    return runs

@@ -349,6 +349,7 @@ def _run(options: RunOptions) -> int:
         compile=options.compile,
         topk=options.topk,
         categories=options.categories,
+        keep_features=options.save is not None or options.viz is not None,
     )
     if not options.json_lines:
         out.render_model_header(console, extractor)

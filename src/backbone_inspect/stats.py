@@ -86,7 +86,7 @@ def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, 
         torch.linalg.vector_norm(values, dim=dims).double().tolist(),
         values.amin(dim=dims).tolist(),
         values.amax(dim=dims).tolist(),
-        torch.count_nonzero(values, dim=dims).tolist(),
+        _count_nonzero(values, dims).tolist(),
     )
     stride = measured_stride(input_size, (height, width))
     dtype = str(features.dtype).removeprefix("torch.")
@@ -97,6 +97,20 @@ def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, 
         )
         for total, norm, low, high, nonzero in columns
     ]
+
+
+def _count_nonzero(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``torch.count_nonzero`` per image, about 8x faster on a CPU.
+
+    Integer reductions are not vectorised there (2 ms an image for a 256x56x56 map); a
+    comparison written as 0.0/1.0 and a float sum are, and count exactly: every partial sum
+    is a whole number below 2**24 in float32 (float64 for larger maps).
+    """
+    import torch
+
+    per_image = values[0].numel() if len(values) else 0
+    flags = torch.empty_like(values, dtype=torch.float32 if per_image < 2**24 else torch.float64)
+    return torch.ne(values, 0, out=flags).sum(dim=dims)
 
 
 def _unbiased_std(total: float, norm: float, count: int) -> float:
