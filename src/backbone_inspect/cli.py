@@ -155,7 +155,7 @@ def inspect(
         bool, typer.Option("--compile", help="torch.compile the extractor (slow start, faster steady state).")
     ] = False,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Images per forward pass (on CPU, 8 is usually faster: BENCHMARKS.md).")
+        int, typer.Option(min=1, help="Images per forward pass (on a CPU each stage runs them in cache-sized slices).")
     ] = 32,
     workers: Annotated[
         int | None,
@@ -165,6 +165,29 @@ def inspect(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="local, or ray: the dump on a Ray cluster (pip install 'backbone-inspect[ray]').")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the cluster to join (e.g. auto, or HOST:6379). \\[default: this machine's, or a new local one]",
+            metavar="ADDRESS",
+            show_default=False,
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --engine ray: models run in parallel. \\[default: one per GPU of the cluster, else 1]",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
+    ray_actor_cpus: Annotated[
+        float, typer.Option(min=0.01, help="With --engine ray: CPUs each model reserves (on CPUs: its threads, rounded up).")
+    ] = 1.0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Recompute images whose .pt exists (default: skip them).")
     ] = False,
@@ -242,6 +265,8 @@ def inspect(
                 shard=parse_shard(shard) if shard is not None else None,
                 dry_run=dry_run,
                 summary=summary,
+                engine=engine,
+                ray=_ray_plan(engine, ray_address, ray_actors, ray_actor_cpus),
             )
         )
     except InspectError as error:
@@ -285,6 +310,33 @@ class RunOptions:
     shard: Shard | None
     dry_run: bool
     summary: bool
+    engine: str = "local"
+    ray: Any = None
+    """A ray_engine.RayPlan with --engine ray."""
+
+
+ENGINES = ("local", "ray")
+
+
+def _ray_plan(engine: str, address: str | None, actors: int | None, actor_cpus: float) -> Any:
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine != "ray":
+        given = [name for name, value in (("--ray-address", address), ("--ray-actors", actors)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --engine ray")
+        return None
+    from .ray_engine import RayPlan, check_ray_installed
+
+    check_ray_installed()
+    return RayPlan(address, actors, actor_cpus)
+
+
+def _engine_label(options: RunOptions) -> str | None:
+    if options.ray is None:
+        return None
+    actors = f"{options.ray.actors} actor(s)" if options.ray.actors else "actors: one per GPU, else 1"
+    return f"ray ({options.ray.address or 'local cluster'}, {actors}, device {options.device})"
 
 
 def _find_inputs(options: RunOptions) -> tuple[list[FoundImage], bool]:
@@ -302,6 +354,8 @@ def _run(options: RunOptions) -> int:
     found, named_files = _find_inputs(options)
     if options.save is not None or options.viz is not None:
         check_output_collisions(found)
+    if options.ray is not None and options.viz is not None:
+        raise UsageError("--viz works with the local engine only: draw pictures of a few images without --engine ray")
     shard = options.shard or shard_from_env()
     selected = shard.take(found) if shard is not None else found
     per_image_tables = named_files and options.save is None and not options.summary and not options.json_lines
@@ -336,23 +390,29 @@ def _run(options: RunOptions) -> int:
         return _dry_run(console, options, todo, skipped, preprocessing)
 
     keep_freed_memory()
-    extractor = Extractor(
-        arch=options.arch,
-        layers=options.layers,
-        weights=options.weights,
-        seed=options.seed,
-        device=resolve_device(options.device, local_rank=local_rank_from_env() if shard_from_env() else None),
-        resize=options.resize,
-        crop=options.crop,
-        dtype=options.dtype,
-        channels_last=options.channels_last,
-        compile=options.compile,
-        topk=options.topk,
-        categories=options.categories,
-        keep_features=options.save is not None or options.viz is not None,
-    )
+    extractor_options = {
+        "arch": options.arch,
+        "layers": options.layers,
+        "weights": options.weights,
+        "seed": options.seed,
+        "resize": options.resize,
+        "crop": options.crop,
+        "dtype": options.dtype,
+        "channels_last": options.channels_last,
+        "compile": options.compile,
+        "topk": options.topk,
+        "categories": options.categories,
+        "keep_features": options.save is not None or options.viz is not None,
+    }
+    if options.ray is not None:
+        # The driver's copy only checks the weights and options before the cluster starts; the
+        # actors hold the models, on their own devices.
+        extractor = Extractor(**{**extractor_options, "compile": False}, device="cpu")
+    else:
+        local_rank = local_rank_from_env() if shard_from_env() else None
+        extractor = Extractor(**extractor_options, device=resolve_device(options.device, local_rank=local_rank))
     if not options.json_lines:
-        out.render_model_header(console, extractor)
+        out.render_model_header(console, extractor, engine=_engine_label(options))
     manifest = None
     writer = None
     if options.save is not None:
@@ -391,15 +451,32 @@ def _run(options: RunOptions) -> int:
 
     try:
         with dump.stop_on_signals() as stop:
-            result = dump.run_dump(
-                extractor,
-                todo,
-                writer=writer,
-                on_outcome=on_outcome,
-                batch_size=options.batch_size,
-                workers=options.workers,
-                stop=stop,
-            )
+            if options.ray is not None:
+                from .ray_engine import run_ray_dump
+
+                result = run_ray_dump(
+                    todo,
+                    plan=options.ray,
+                    extractor_options=extractor_options,
+                    device=options.device,
+                    preprocessing=extractor.preprocessing,
+                    save_dir=options.save,
+                    save_dtype=options.save_dtype,
+                    run_meta=out.run_meta(settings),
+                    on_outcome=on_outcome,
+                    batch_size=options.batch_size,
+                    stop=stop,
+                )
+            else:
+                result = dump.run_dump(
+                    extractor,
+                    todo,
+                    writer=writer,
+                    on_outcome=on_outcome,
+                    batch_size=options.batch_size,
+                    workers=options.workers,
+                    stop=stop,
+                )
     finally:
         if progress is not None:
             progress.stop()

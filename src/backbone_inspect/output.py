@@ -199,12 +199,13 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
     console.print(table)
 
 
-def render_model_header(console: Console, extractor: Extractor) -> None:
+def render_model_header(console: Console, extractor: Extractor, *, engine: str | None = None) -> None:
+    """``engine``: where the models run, when not in this process (then the device is theirs)."""
     weights = extractor.weights
     line = (
         f"[bold]arch[/] {extractor.arch}  [bold]weights[/] {weights.label}"
         + (f" (seed {extractor.seed})" if weights.kind == "none" else "")
-        + f"  [bold]device[/] {extractor.device}"
+        + (f"  [bold]engine[/] {engine}" if engine else f"  [bold]device[/] {extractor.device}")
     )
     console.print(line, highlight=False)
     if weights.head_note:

@@ -1,0 +1,118 @@
+"""--engine ray against the local engine, on a local Ray cluster (skipped without the [ray] extra)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from backbone_inspect.cli import app
+
+from test_dump import features, manifest, noise_image
+
+RAY_MISSING = "--engine ray needs the [ray] extra: pip install -e '.[dev,ray]'"
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64", "--layers", "1,4", "--batch-size", "3"]
+
+
+def run_command(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real command in its own process: Ray's workers and sockets stay out of the test process."""
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "backbone_inspect", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """Good images in nested folders, of two sizes, beside a corrupt, an empty and a truncated one."""
+    root = tmp_path / "photos"
+    for index in range(7):
+        noise_image(root / ("a" if index % 2 else "b") / f"img{index}.png", size=(72, 72) if index % 3 else (90, 70), seed=index)
+    (root / "a" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    (root / "b" / "empty.png").write_bytes(b"")
+    whole = (root / "a" / "img1.png").read_bytes()
+    (root / "b" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def statuses(folder: Path) -> dict[str, tuple[str, str | None]]:
+    return {line["image"]: (line["status"], line["output"]) for line in manifest(folder)}
+
+
+def feature_files(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*.pt"))
+
+
+def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Path, mixed: Path) -> None:
+    pytest.importorskip("ray", reason=RAY_MISSING)
+    local = run_command("photos", "--save", "local", *SMALL, cwd=tmp_path)
+    on_ray = run_command("photos", "--save", "ray", *SMALL, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
+    assert local.returncode == 1, local.stderr
+    assert on_ray.returncode == 1, on_ray.stderr
+    for bad in ("corrupt.jpg", "empty.png", "truncated.png"):
+        assert any(line.startswith("Error: ") and bad in line for line in on_ray.stderr.splitlines()), on_ray.stderr
+    assert "engine ray" in on_ray.stdout and "engine" not in local.stdout
+    assert "processed 7, skipped 0, failed 3" in on_ray.stderr
+
+    assert feature_files(tmp_path / "ray") == feature_files(tmp_path / "local")
+    assert len(feature_files(tmp_path / "ray")) == 7
+    for name in feature_files(tmp_path / "local"):
+        here = torch.load(tmp_path / "local" / name, weights_only=True)
+        there = torch.load(tmp_path / "ray" / name, weights_only=True)
+        assert here["meta"] == there["meta"]
+        assert here["features"].keys() == there["features"].keys() == {"layer1", "layer4"}
+        for stage, tensor in here["features"].items():
+            torch.testing.assert_close(there["features"][stage], tensor, rtol=1e-5, atol=1e-5)
+    assert statuses(tmp_path / "ray") == statuses(tmp_path / "local")
+    errors = {line["image"]: line["error"] for line in manifest(tmp_path / "ray") if line["status"] == "error"}
+    assert sorted(Path(image).name for image in errors) == ["corrupt.jpg", "empty.png", "truncated.png"]
+    assert json.loads((tmp_path / "ray" / "backbone-inspect.json").read_text()) == json.loads(
+        (tmp_path / "local" / "backbone-inspect.json").read_text()
+    )
+
+    removed = ["a/img1.pt", "b/img4.pt"]
+    kept = {name: (tmp_path / "ray" / name).stat().st_mtime_ns for name in feature_files(tmp_path / "ray") if name not in removed}
+    for name in removed:
+        (tmp_path / "ray" / name).unlink()
+    first_lines = len(manifest(tmp_path / "ray"))
+    again = run_command("photos", "--save", "ray", *SMALL, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
+    assert again.returncode == 1, again.stderr
+    assert "processed 2, skipped 5, failed 3" in again.stderr
+    rerun = {line["output"]: line["status"] for line in manifest(tmp_path / "ray")[first_lines:]}
+    assert sorted(name for name, status in rerun.items() if status == "ok") == removed
+    assert sorted(name for name, status in rerun.items() if status == "skipped") == sorted(kept)
+    assert {name: (tmp_path / "ray" / name).stat().st_mtime_ns for name in kept} == kept
+    for name in removed:
+        torch.testing.assert_close(features(tmp_path / "ray" / name)["layer4"], features(tmp_path / "local" / name)["layer4"], rtol=1e-5, atol=1e-5)
+    assert not list((tmp_path / "ray").rglob("*.tmp*")), "no temporary file left behind"
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_engine_options_are_checked_before_any_work(tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = invoke(mixed, "--engine", "spark", *SMALL)
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --engine spark: expected one of local, ray"
+    result = invoke(mixed, "--ray-address", "auto", *SMALL)
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --ray-address needs --engine ray"
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the extra
+    result = invoke(mixed, "--engine", "ray", "--save", tmp_path / "out", *SMALL)
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --engine ray needs Ray: pip install 'backbone-inspect[ray]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pictures_are_refused_on_ray(tmp_path: Path, mixed: Path) -> None:
+    pytest.importorskip("ray", reason=RAY_MISSING)
+    result = invoke(mixed, "--engine", "ray", "--viz", tmp_path / "viz", *SMALL)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("Error: --viz works with the local engine only")
