@@ -116,3 +116,12 @@ def test_pictures_are_refused_on_ray(tmp_path: Path, mixed: Path) -> None:
     result = invoke(mixed, "--engine", "ray", "--viz", tmp_path / "viz", *SMALL)
     assert result.exit_code == 2
     assert result.output.strip().startswith("Error: --viz works with the local engine only")
+
+
+def test_ray_engine_refuses_actors_that_leave_no_cpu_for_decoding() -> None:
+    from backbone_inspect.errors import UsageError
+    from backbone_inspect.ray_engine import check_room_for_decoding
+
+    check_room_for_decoding(2, 0.75, 2)
+    with pytest.raises(UsageError, match=r"--ray-actors 2 x --ray-actor-cpus 1 leave no CPU for decoding on a cluster of 2 CPUs"):
+        check_room_for_decoding(2, 1.0, 2)

@@ -115,3 +115,77 @@ def test_cli_dtype_options_and_saved_dtype_are_independent(tmp_path: Path, chels
     assert {t.dtype for t in saved.values()} == {torch.float32}
     bad = CliRunner().invoke(app, [str(chelsea), "--dtype", "float8", *SMALL])
     assert bad.exit_code == 2 and bad.stderr == "Error: invalid --dtype 'float8': expected float32, float16, bfloat16\n"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {"stem": 1, "layer1": 1, "layer2": 2, "layer3": 4, "layer4": 8},  # deeper stages, bigger slices
+        {"stem": 2, "layer1": 3, "layer2": 3, "layer3": 1, "layer4": 5},  # uneven, shrinking, not dividing 5
+        {"stem": 8, "layer1": 8, "layer2": 8, "layer3": 8, "layer4": 8},  # one slice: the plain replay
+    ],
+)
+def test_forward_in_chunks_gives_the_models_own_features(arch: str, sizes: dict[str, int]) -> None:
+    from backbone_inspect import Backbone
+
+    stages = ["layer1", "layer2", "layer4"]
+    model = seeded_resnet(arch)
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = create_feature_extractor(model, {s: s for s in stages})(x)
+        got = Backbone(arch, stages, model=model).eval().forward_in_chunks(x, sizes)
+    assert list(got) == stages
+    for stage in stages:
+        torch.testing.assert_close(got[stage], expected[stage], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize(("dtype", "cache_mib"), [(torch.float32, 32), (torch.bfloat16, 32), (torch.float32, 4)])
+def test_cache_chunk_sizes_are_the_largest_slices_whose_activations_fit(arch: str, dtype: torch.dtype, cache_mib: int) -> None:
+    from backbone_inspect import Backbone
+    from backbone_inspect.pipeline import cache_chunk_sizes
+
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch).eval().to(dtype)
+    backbone = Backbone(arch, "4", model=model)
+    cache = cache_mib * 1024 * 1024
+    sizes = cache_chunk_sizes(backbone, 224, 224, element_size=torch.empty((), dtype=dtype).element_size(), cache_bytes=cache)
+    # The largest tensor of each stage, per image, from a real forward on the meta device.
+    with torch.device("meta"):
+        x = torch.empty(1, 3, 224, 224, dtype=dtype)
+        largest = {"stem": model.conv1(x)}
+        h = model.maxpool(model.relu(model.bn1(largest["stem"])))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            h = largest[name] = getattr(model, name)(h)
+    for name, tensor in largest.items():
+        per_image = tensor.numel() * tensor.element_size()
+        size = sizes[name]
+        assert size & (size - 1) == 0, "a power of two"
+        assert size == 1 or size * per_image <= cache * 3 // 4
+        assert 2 * size * per_image > cache * 3 // 4
+
+
+def test_extractor_runs_cache_sized_slices_on_cpu_and_whole_batches_when_compiled() -> None:
+    extractor = Extractor(arch="resnet18", layers=(1, 4))
+    assert extractor._cache_bytes is not None and extractor._cache_bytes > 0
+    x = pixels(count=6)
+    torch.testing.assert_close(dict(extractor.forward(x)), reference(x, ["layer1", "layer4"]), rtol=1e-4, atol=1e-4)
+    sizes = extractor._chunk_sizes(torch.empty(6, 3, 64, 64))
+    assert set(sizes) == {"stem", "layer1", "layer2", "layer3", "layer4"} and max(sizes.values()) <= 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_zero_count_equals_count_nonzero(dtype: torch.dtype) -> None:
+    from backbone_inspect.stats import _count_nonzero
+
+    values = torch.randn(4, 8, 9, 7, generator=torch.Generator().manual_seed(2)).relu().to(dtype)
+    values[1] = 0
+    values[2, :, 0] = -0.0
+    channels_last = values.contiguous(memory_format=torch.channels_last)
+    expected = torch.count_nonzero(values, dim=(1, 2, 3))
+    assert torch.equal(_count_nonzero(values, (1, 2, 3)).long(), expected)
+    assert torch.equal(_count_nonzero(channels_last, (1, 2, 3)).long(), expected)
+

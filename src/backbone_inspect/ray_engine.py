@@ -142,6 +142,15 @@ def _actor_resources(plan: RayPlan, device: str, cluster: dict[str, float]) -> t
     return plan.actors or 1, {"num_cpus": plan.actor_cpus}, max(1, math.ceil(plan.actor_cpus))
 
 
+def check_room_for_decoding(actors: int, actor_cpus: float, cluster_cpus: float) -> None:
+    """Actors holding every CPU would leave decoding tasks waiting for ever: refuse up front."""
+    if actors * actor_cpus + DECODE_TASK_CPUS > cluster_cpus:
+        raise UsageError(
+            f"--ray-actors {actors} x --ray-actor-cpus {actor_cpus:g} leave no CPU for decoding on a cluster "
+            f"of {cluster_cpus:g} CPUs: use fewer actors or a smaller --ray-actor-cpus"
+        )
+
+
 def run_ray_dump(
     todo: Sequence[FoundImage],
     *,
@@ -173,7 +182,9 @@ def run_ray_dump(
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UsageError(f"--ray-address {plan.address}: cannot join the Ray cluster: {error}") from error
     try:
-        actors, resources, threads = _actor_resources(plan, device, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        actors, resources, threads = _actor_resources(plan, device, cluster)
+        check_room_for_decoding(actors, plan.actor_cpus, cluster.get("CPU", 0))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         rows = [{"path": image.path, "read_path": os.path.abspath(image.path), "output": image.output} for image in todo]
