@@ -19,8 +19,9 @@ except the end-to-end command, which runs as a subprocess. Variants:
                 create_feature_extractor (batch 1, float32, contiguous) -> torch.save
   timm          timm features_only=True, out_indices=(2, 3, 4), same tensors (with the [bench] extra)
 
-The early-stop check compares, for the command, the per-image time of --layers 1 over
---layers 4 with the model's own forward to layer1 over its forward to layer4.
+The early-stop check (resnet50 float32; alone with --early-stop-only) compares, for the
+command, the per-image time of --layers 1 over --layers 4 with the model's own forward to
+layer1 over its forward to layer4.
 """
 
 from __future__ import annotations
@@ -144,25 +145,30 @@ def naive_rate(paths: list[Path], model: nn.Module, out: Path) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def early_stop(work: nn.Module, x: torch.Tensor, command_batch: int, searched: dict[str, float],
-               rates: dict[str, float], root: Path, arch: str, dtype_name: str, extra_images: int) -> None:
+def early_stop(work: nn.Module, x: torch.Tensor, command_batch: int, root: Path, arch: str, dtype_name: str, images: int) -> None:
     """Per-image time of --layers 1 over --layers 4: the command's against the model's own forward.
 
     The model's ratio depends on the batch (layer1's large maps fall out of cache in big
     batches), so it is given twice: at the command's default batch, and each depth at its own
-    best batch (the strictest reference).
+    best batch (the strictest reference). A layer1-only run is short, so the command runs on
+    2N and 6N images, each run timed three times, the fastest kept.
     """
-    at_batch = rates[f"model to layer4, batch {command_batch}"] / rates[f"model to layer1, batch {command_batch}"]
-    best_layer1 = max(v for k, v in rates.items() if k.startswith("model to layer1"))
-    best_layer4 = max(rates["ceiling"], *(v for k, v in searched.items() if k.startswith("True/")))
-    best = best_layer4 / best_layer1
+    batches = (1, 2, 4, 8, 16, 32)
+    rates = best_rates({(stage, b): (forward_to(work, stage), x, b) for stage in ("layer1", "layer4") for b in batches}, rounds=3)
+    at_batch = rates[("layer4", command_batch)] / rates[("layer1", command_batch)]
+    best = max(rates[("layer4", b)] for b in batches) / max(rates[("layer1", b)] for b in batches)
+    small, large = make_images(root / "es-small", 2 * images), make_images(root / "es-large", 6 * images)
     for label, extra in (("without --save", ["--no-save"]), ("with --save", [])):
-        cmd1 = command_rate(root / "small", root / "large", extra_images, root / "out1", arch, dtype_name, "1", extra)
-        cmd4 = command_rate(root / "small", root / "large", extra_images, root / "out4", arch, dtype_name, "4", extra)
-        ratio = cmd4 / cmd1
-        print(f"  early stop ({label}, default batch {command_batch}): per-image time layer1/layer4: command {ratio:.2f}; "
-              f"model at batch {command_batch} {at_batch:.2f} (command {ratio / at_batch:.2f}x that), "
-              f"model each depth at its best batch {best:.2f} (command {ratio / best:.2f}x that)", flush=True)
+        per_image = {}
+        for layers in ("1", "4"):
+            seconds_small = min(command_seconds(root / "es-small", root / "es-out", arch, dtype_name, layers, extra) for _ in range(3))
+            seconds_large = min(command_seconds(root / "es-large", root / "es-out", arch, dtype_name, layers, extra) for _ in range(3))
+            per_image[layers] = (seconds_large - seconds_small) / (len(large) - len(small))
+        ratio = per_image["1"] / per_image["4"]
+        print(f"  early stop ({label}, default batch {command_batch}): per-image time layer1/layer4: command {ratio:.2f} "
+              f"({per_image['1'] * 1e3:.1f} / {per_image['4'] * 1e3:.1f} ms); model at batch {command_batch} {at_batch:.2f} "
+              f"(command {ratio / at_batch:.2f}x that), model each depth at its best batch {best:.2f} "
+              f"(command {ratio / best:.2f}x that)", flush=True)
 
 
 def main() -> None:
@@ -170,7 +176,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--images", type=int, default=64, help="N: in-process variants use N, the command N and 3N")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="the command's default batch")
+    parser.add_argument("--early-stop-only", action="store_true", help="only the early-stop check (resnet50, float32)")
     args = parser.parse_args()
 
     from backbone_inspect.pipeline import keep_freed_memory
@@ -187,6 +194,11 @@ def main() -> None:
         small_paths = make_images(root / "small", args.images)
         large_paths = make_images(root / "large", 3 * args.images)
         data = ready_tensors(small_paths)
+        if args.early_stop_only:
+            torch.manual_seed(0)
+            work = prepare(torchvision.models.get_model("resnet50"), torch.float32, channels_last=True)
+            early_stop(work, as_input(data, torch.float32, True), args.batch_size, root, "resnet50", "float32", args.images)
+            return
         print("| arch | compute dtype | variant | images/s | ratio to ceiling |")
         print("|---|---|---|---|---|")
         for arch in args.archs:
@@ -219,12 +231,6 @@ def main() -> None:
                 if timm is not None:
                     timm_model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3, 4))
                     variants["timm"] = (prepare(timm_model, dtype, channels_last), x, batch)
-                if arch == "resnet50" and dtype_name == "float32":
-                    variants["model to layer1"] = (forward_to(work, "layer1"), x, batch)
-                    variants[f"model to layer1, batch {args.batch_size}"] = (forward_to(work, "layer1"), x, args.batch_size)
-                    variants[f"model to layer4, batch {args.batch_size}"] = (forward_to(work, "layer4"), x, args.batch_size)
-                    for size in (1, 2, 4):
-                        variants[f"model to layer1, batch {size}"] = (forward_to(work, "layer1"), x, size)
                 rates = best_rates(variants, rounds=3)
                 ceiling_rate = rates["ceiling"]
                 print(f"| {arch} | {dtype_name} | ceiling: {'channels_last' if channels_last else 'contiguous'}, batch {batch} "
@@ -242,8 +248,8 @@ def main() -> None:
                 row(f"command --save --batch-size {batch}", tuned)
                 row("naive loop (float32)", naive_fp32)
                 print(f"  command vs naive float32 loop: {command / naive_fp32:.2f}x (batch {batch}: {tuned / naive_fp32:.2f}x)", flush=True)
-                if "model to layer1" in rates:
-                    early_stop(work, x, args.batch_size, searched, rates, root, arch, dtype_name, 2 * args.images)
+                if arch == "resnet50" and dtype_name == "float32":
+                    early_stop(work, x, args.batch_size, root, arch, dtype_name, args.images)
 
 if __name__ == "__main__":
     main()
