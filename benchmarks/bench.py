@@ -116,14 +116,15 @@ def command_seconds(folder: Path, out: Path, arch: str, dtype: str, layers: str,
     return time.perf_counter() - start
 
 
-def command_rate(small: Path, large: Path, extra_images: int, out: Path, arch: str, dtype: str, layers: str, extra: list[str]) -> float:
+def command_rate(small: Path, large: Path, extra_images: int, out: Path, arch: str, dtype: str, layers: str,
+                 extra: list[str], repeats: int = 2) -> float:
     """Images/s of the command with start-up excluded: the extra images over the extra time.
 
-    Each run is timed twice and the faster kept: on a shared machine a run is now and then
-    several times slower than its neighbours.
+    Each run is timed ``repeats`` times and the fastest kept: on a shared machine a run is now
+    and then several times slower than its neighbours.
     """
-    seconds_small = min(command_seconds(small, out / "small", arch, dtype, layers, extra) for _ in range(2))
-    seconds_large = min(command_seconds(large, out / "large", arch, dtype, layers, extra) for _ in range(2))
+    seconds_small = min(command_seconds(small, out / "small", arch, dtype, layers, extra) for _ in range(repeats))
+    seconds_large = min(command_seconds(large, out / "large", arch, dtype, layers, extra) for _ in range(repeats))
     return extra_images / (seconds_large - seconds_small)
 
 
@@ -159,11 +160,11 @@ def early_stop(work: nn.Module, x: torch.Tensor, command_batch: int, root: Path,
     best = max(rates[("layer4", b)] for b in batches) / max(rates[("layer1", b)] for b in batches)
     small, large = make_images(root / "es-small", 2 * images), make_images(root / "es-large", 6 * images)
     for label, extra in (("without --save", ["--no-save"]), ("with --save", [])):
-        per_image = {}
-        for layers in ("1", "4"):
-            seconds_small = min(command_seconds(root / "es-small", root / "es-out", arch, dtype_name, layers, extra) for _ in range(3))
-            seconds_large = min(command_seconds(root / "es-large", root / "es-out", arch, dtype_name, layers, extra) for _ in range(3))
-            per_image[layers] = (seconds_large - seconds_small) / (len(large) - len(small))
+        per_image = {
+            layers: 1 / command_rate(root / "es-small", root / "es-large", len(large) - len(small), root / "es-out",
+                                     arch, dtype_name, layers, extra, repeats=3)
+            for layers in ("1", "4")
+        }
         ratio = per_image["1"] / per_image["4"]
         print(f"  early stop ({label}, default batch {command_batch}): per-image time layer1/layer4: command {ratio:.2f} "
               f"({per_image['1'] * 1e3:.1f} / {per_image['4'] * 1e3:.1f} ms); model at batch {command_batch} {at_batch:.2f} "

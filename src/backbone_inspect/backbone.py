@@ -27,6 +27,14 @@ class StageInfo:
     stride: int
 
 
+def along_height(value: int | tuple[int, ...]) -> int:
+    """A convolution's or pooling's kernel size, stride or dilation along the height.
+
+    ResNets use the same value on both axes; PyTorch stores it as an int or a pair.
+    """
+    return value[0] if isinstance(value, tuple) else int(value)
+
+
 def _conv_and_pool_stride(modules: Iterable[tuple[str, nn.Module]]) -> int:
     stride = 1
     for qualified_name, module in modules:
@@ -34,8 +42,7 @@ def _conv_and_pool_stride(modules: Iterable[tuple[str, nn.Module]]) -> int:
         if "downsample" in qualified_name.split("."):
             continue
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-            value = module.stride
-            stride *= value[0] if isinstance(value, tuple) else int(value)
+            stride *= along_height(module.stride)
     return stride
 
 
@@ -74,10 +81,7 @@ def stage_receptive_field(model: nn.Module, name: str) -> int:
         for qualified_name, module in _stage_modules(model, stage):
             if "downsample" in qualified_name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
                 continue
-            kernel, stride, dilation = (
-                value[0] if isinstance(value, tuple) else int(value)
-                for value in (module.kernel_size, module.stride, module.dilation)
-            )
+            kernel, stride, dilation = (along_height(v) for v in (module.kernel_size, module.stride, module.dilation))
             field += (kernel - 1) * dilation * jump
             jump *= stride
     return field

@@ -265,7 +265,6 @@ def inspect(
                 shard=parse_shard(shard) if shard is not None else None,
                 dry_run=dry_run,
                 summary=summary,
-                engine=engine,
                 ray=_ray_plan(engine, ray_address, ray_actors, ray_actor_cpus),
             )
         )
@@ -310,9 +309,8 @@ class RunOptions:
     shard: Shard | None
     dry_run: bool
     summary: bool
-    engine: str = "local"
     ray: Any = None
-    """A ray_engine.RayPlan with --engine ray."""
+    """A ray_engine.RayPlan with --engine ray; None runs the local engine."""
 
 
 ENGINES = ("local", "ray")

@@ -205,15 +205,24 @@ def extract_batch(
     return [(images[position], done[position]) for position in range(len(images))]
 
 
-def finish_image(
-    image: FoundImage, result: ImageResult | str, writer: FeatureWriter | None
-) -> tuple[Outcome, ImageResult | None]:
-    """Write one image's file (atomically) and describe it as a manifest line."""
+FinishedImage = tuple[Outcome, ImageResult | None, str | None]
+"""An image's manifest line, its result (when it has one) and the output error that should end the run."""
+
+
+def finish_image(image: FoundImage, result: ImageResult | str, writer: FeatureWriter | None) -> FinishedImage:
+    """Write one image's file (atomically) and describe it as a manifest line.
+
+    A write that fails is this image's error, and is also returned as the output error: a
+    folder that cannot be written ends the run.
+    """
     if isinstance(result, str):
-        return Outcome(image.path, image.output, "error", error=result), None
-    written = writer.write(image.output, result) if writer is not None else 0
+        return Outcome(image.path, image.output, "error", error=result), None, None
+    try:
+        written = writer.write(image.output, result) if writer is not None else 0
+    except OutputError as error:
+        return Outcome(image.path, image.output, "error", error=str(error)), None, str(error)
     shapes = {stats.name: list(stats.shape) for stats in result.stats}
-    return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result
+    return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result, None
 
 
 def process_batch(
@@ -221,7 +230,7 @@ def process_batch(
     images: Sequence[FoundImage],
     batch: DecodedBatch,
     writer: FeatureWriter | None,
-) -> list[tuple[Outcome, ImageResult | None]]:
+) -> list[FinishedImage]:
     """The whole unit of work, synchronously: one decoded batch in, files and outcomes out."""
     return [finish_image(image, result, writer) for image, result in extract_batch(extractor, images, batch)]
 
@@ -302,7 +311,11 @@ class RunSummary:
     """Whether the output error was already reported as an image's error."""
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, outcome: Outcome) -> None:
+    def add(self, outcome: Outcome, output_error: str | None = None) -> None:
+        """Count one image; an output error (the first is kept) ends the run, already shown as its error."""
+        if output_error is not None:
+            self.output_error = self.output_error or output_error
+            self.output_error_shown = True
         if outcome.status == "ok":
             self.processed += 1
         elif outcome.status == "skipped":
@@ -310,6 +323,12 @@ class RunSummary:
         else:
             self.failed += 1
         self.bytes_written += outcome.bytes_written
+
+    def finish(self, stopped_by: int | None, total: int) -> None:
+        """Close the account of a run over ``total`` images: its time, and what is left."""
+        self.seconds = time.perf_counter() - self.started
+        self.stopped_by = stopped_by
+        self.left = total - self.processed - self.failed
 
     @property
     def images_per_second(self) -> float:
@@ -335,17 +354,12 @@ def run_dump(
     summary = RunSummary()
     workers = workers if len(todo) > batch_size else 0
     batches = decoded_batches(todo, extractor, batch_size=batch_size, workers=workers)
-    pending: collections.deque[tuple[FoundImage, Future[tuple[Outcome, ImageResult | None]]]] = collections.deque()
+    pending: collections.deque[Future[FinishedImage]] = collections.deque()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
 
-    def report(image: FoundImage, future: Future[tuple[Outcome, ImageResult | None]]) -> None:
-        try:
-            outcome, result = future.result()
-        except OutputError as error:  # reported as this image's error
-            summary.output_error = summary.output_error or str(error)
-            summary.output_error_shown = True
-            outcome, result = Outcome(image.path, image.output, "error", error=str(error)), None
-        summary.add(outcome)
+    def report(future: Future[FinishedImage]) -> None:
+        outcome, result, output_error = future.result()
+        summary.add(outcome, output_error)
         try:
             on_outcome(outcome, result)
         except OutputError as error:  # e.g. a picture that cannot be written
@@ -354,27 +368,25 @@ def run_dump(
     try:
         for images, batch in batches:
             for image, result in extract_batch(extractor, images, batch, stop):
-                pending.append((image, executor.submit(finish_image, image, result, writer)))
-            while pending and (pending[0][1].done() or len(pending) > batch_size):
-                report(*pending.popleft())
+                pending.append(executor.submit(finish_image, image, result, writer))
+            while pending and (pending[0].done() or len(pending) > batch_size):
+                report(pending.popleft())
             if stop() or summary.output_error is not None:
                 break
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, report what is written
         stop.signal_number = signal.SIGINT
-        for _, future in pending:
+        for future in pending:
             future.cancel()
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
     while pending:
-        image, future = pending.popleft()
+        future = pending.popleft()
         if not future.cancelled():
-            report(image, future)
+            report(future)
     executor.shutdown(wait=True)
-    summary.seconds = time.perf_counter() - summary.started
-    summary.stopped_by = stop.signal_number
-    summary.left = len(todo) - summary.processed - summary.failed
+    summary.finish(stop.signal_number, len(todo))
     return summary
 
 

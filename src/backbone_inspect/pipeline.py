@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .backbone import Backbone, stage_channels, stage_stride
+from .backbone import Backbone, along_height, stage_channels, stage_stride
 from .errors import UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .options import check_device_spec
@@ -96,7 +96,7 @@ def cache_chunk_sizes(
     sizes: dict[str, int] = {}
     for name in backbone.run_order:
         if name == "stem":  # the stem's largest tensor is conv1's output, before the max pool
-            channels, stride = backbone.conv1.out_channels, _first(backbone.conv1.stride)
+            channels, stride = backbone.conv1.out_channels, along_height(backbone.conv1.stride)
         else:
             channels, stride = stage_channels(backbone, name), stage_stride(backbone, name)
         per_image = channels * -(-height // stride) * -(-width // stride) * element_size
@@ -105,10 +105,6 @@ def cache_chunk_sizes(
             size *= 2
         sizes[name] = size
     return sizes
-
-
-def _first(value: int | tuple[int, ...]) -> int:
-    return value[0] if isinstance(value, tuple) else int(value)
 
 
 def keep_freed_memory() -> bool:

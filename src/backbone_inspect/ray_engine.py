@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import signal
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, UsageError
+from .errors import UsageError
 from .images import FoundImage, ImageDataset, LoadedImage, Preprocessing, collate_batch
 
 DECODE_TASK_CPUS = 0.25
@@ -107,16 +106,11 @@ class FeatureActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .dump import Outcome, extract_batch, finish_image
+        from .dump import process_batch
 
         images = [FoundImage(str(path), str(output)) for path, output in zip(batch["path"], batch["output"])]
         records = []
-        for image, result in extract_batch(self.extractor, images, collate_batch(_loaded_images(batch))):
-            output_error = None
-            try:
-                outcome, kept = finish_image(image, result, self.writer)
-            except OutputError as error:
-                outcome, kept, output_error = Outcome(image.path, image.output, "error", error=str(error)), None, str(error)
+        for outcome, kept, output_error in process_batch(self.extractor, images, collate_batch(_loaded_images(batch)), self.writer):
             # The driver needs the statistics, not the tensors: they stay in the files.
             slim = replace(kept, features=OrderedDict(), pixels=None) if kept is not None else None
             records.append(pickle.dumps((outcome, slim, output_error)))
@@ -209,10 +203,7 @@ def run_ray_dump(
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for record in batch["record"]:
                 outcome, result, output_error = pickle.loads(record)
-                if output_error is not None:
-                    summary.output_error = summary.output_error or output_error
-                    summary.output_error_shown = True
-                summary.add(outcome)
+                summary.add(outcome, output_error)
                 on_outcome(outcome, result)
             if stop() or summary.output_error is not None:
                 break
@@ -220,7 +211,5 @@ def run_ray_dump(
         stop.signal_number = signal.SIGINT
     finally:
         ray.shutdown()
-    summary.seconds = time.perf_counter() - summary.started
-    summary.stopped_by = stop.signal_number
-    summary.left = len(todo) - summary.processed - summary.failed
+    summary.finish(stop.signal_number, len(todo))
     return summary
