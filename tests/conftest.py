@@ -59,3 +59,70 @@ def seeded_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def chelsea() -> Path:
     return SAMPLES / "chelsea.jpg"
+
+
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+"""Options that keep a CLI test fast: the smallest arch on 64×64 inputs."""
+SMALL_OPTIONS = {"arch": "resnet18", "resize": 64, "crop": 64}
+"""The same, as keywords of the Python API."""
+
+
+def invoke(*args: object):
+    """Run the command in-process, as a user would type it."""
+    from typer.testing import CliRunner
+
+    from backbone_inspect.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def noise_image(path: Path, size: tuple[int, int] = (72, 72), seed: int = 0) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombytes("RGB", size, pixels.numpy().tobytes()).save(path)
+    return path
+
+
+def manifest(folder: Path, name: str = "manifest.jsonl") -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def features(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["features"]
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Equal up to float32 noise, measured against the tensor's own size.
+
+    oneDNN picks other kernels on other CPUs, so single elements of deep features (values over
+    100) differ in their last bits from machine to machine; an elementwise ``atol`` tests the
+    CPU. The error relative to the norm does not depend on the scale of the values.
+    """
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)
+    assert error.item() <= rtol, f"relative error {error.item():.3g} > {rtol:g}"
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A nested folder: one stem twice, an upper-case extension, hidden and non-image files."""
+    root = tmp_path / "photos"
+    noise_image(root / "a" / "cat.jpg", seed=1)
+    noise_image(root / "b" / "cat.PNG", seed=2)
+    noise_image(root / "b" / "deep" / "dog.webp", seed=3)
+    noise_image(root / "top.png", seed=4)
+    noise_image(root / ".hidden.png", seed=5)
+    noise_image(root / ".cache" / "skip.png", seed=6)
+    (root / "README.txt").write_text("not an image")
+    return root
+
+
+def many_images(root: Path, count: int, size: tuple[int, int] = (40, 40)) -> Path:
+    for index in range(count):
+        noise_image(root / f"img{index:03d}.png", size, seed=index)
+    return root

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +9,12 @@ import torchvision
 from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms._presets import ImageClassification
-from typer.testing import CliRunner
-
 from backbone_inspect import __version__
-from backbone_inspect.cli import app
 from backbone_inspect.images import load_rgb
 
-from conftest import REPO, SAMPLES, seeded_resnet
+from conftest import SAMPLES, SMALL, assert_close_scaled, invoke, seeded_resnet
 
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
 VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4 (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
-
-
-def invoke(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def reference_features(image: Path, stages: list[str], *, arch="resnet18", seed=0, resize=64, crop=64):
@@ -113,7 +102,7 @@ def test_save_writes_each_images_own_features_and_meta(tmp_path: Path, chelsea: 
         assert list(saved["features"]) == ["layer2", "layer4"]
         expected = reference_features(image, ["layer2", "layer4"])
         for name, tensor in saved["features"].items():
-            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-5)
+            assert_close_scaled(tensor, expected[name])
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
         meta = saved["meta"]
         assert meta["image"] == str(image) and meta["arch"] == "resnet18" and meta["weights"] == "none"
@@ -280,37 +269,6 @@ def test_version_and_help() -> None:
         assert option in help_result.stdout
 
 
-def run_module(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, **kwargs)
-
-
-def test_python_dash_m_behaves_like_the_console_script(tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "backbone-inspect"
-    args = ["sample_images/chelsea.jpg", "--json", *SMALL, "--layers", "stem,4"]
-    env = {**os.environ, "TORCH_HOME": str(tmp_path)}
-    as_module = run_module("-m", "backbone_inspect", *args, env=env)
-    as_script = subprocess.run([str(script), *args], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
-    assert as_module.returncode == as_script.returncode == 0, as_module.stderr
-    assert as_module.stdout == as_script.stdout and json.loads(as_module.stdout)["layers"]["stem"]["shape"] == [64, 16, 16]
-    bad = run_module("-m", "backbone_inspect", "sample_images/chelsea.jpg", "--layers", "9", env=env)
-    assert bad.returncode == 2 and bad.stderr == f"Error: invalid stage 9; {VALID_STAGES}\n"
-
-
-def test_help_and_usage_errors_import_neither_torch_nor_torchvision() -> None:
-    check = (
-        "import sys\n"
-        "from backbone_inspect.cli import main\n"
-        "sys.argv = ['backbone-inspect'] + sys.argv[1:]\n"
-        "try:\n    main()\n"
-        "except SystemExit as exit:\n"
-        "    loaded = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
-        "    print(exit.code, loaded)\n"
-    )
-    for args, code in ((["--help"], 0), (["x.jpg", "--layers", "7"], 2), (["x.jpg", "--arch", "vgg"], 2), (["missing.jpg"], 2)):
-        result = run_module("-c", check, *args)
-        assert result.stdout.splitlines()[-1] == f"{code} []", (args, result.stdout, result.stderr)
-
-
 def test_the_same_command_gives_bit_identical_features(tmp_path: Path, chelsea: Path) -> None:
     for folder in ("first", "second"):
         assert invoke(chelsea, "--save", tmp_path / folder, "--layers", "1,4", *SMALL).exit_code == 0
@@ -322,7 +280,7 @@ def test_the_same_command_gives_bit_identical_features(tmp_path: Path, chelsea: 
 
 
 def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch) -> None:
-    from backbone_inspect.pipeline import Extractor
+    from backbone_inspect.extractor import Extractor
 
     def broken(self, names, group):
         raise RuntimeError("boom\nsecond line")

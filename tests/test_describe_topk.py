@@ -8,18 +8,12 @@ from urllib.parse import urlparse
 import pytest
 import torch
 import torchvision
-from typer.testing import CliRunner
 
 from backbone_inspect import feature_info
 from backbone_inspect.backbone import Backbone, describe_stages
-from backbone_inspect.cli import app
 from backbone_inspect.stages import STAGES, parse_layers
 
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from conftest import SMALL, invoke
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from backbone_inspect.cli import app
-
-from test_dump import features, manifest, noise_image
+from conftest import SMALL as SMALL_INPUTS, assert_close_scaled, features, invoke, manifest, noise_image
 
 RAY_MISSING = "--engine ray needs the [ray] extra: pip install -e '.[dev,ray]'"
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64", "--layers", "1,4", "--batch-size", "3"]
+SMALL = [*SMALL_INPUTS, "--layers", "1,4", "--batch-size", "3"]
 
 
 def run_command(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -49,6 +46,7 @@ def feature_files(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Path, mixed: Path) -> None:
     pytest.importorskip("ray", reason=RAY_MISSING)
     local = run_command("photos", "--save", "local", *SMALL, cwd=tmp_path)
@@ -68,7 +66,7 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Pa
         assert here["meta"] == there["meta"]
         assert here["features"].keys() == there["features"].keys() == {"layer1", "layer4"}
         for stage, tensor in here["features"].items():
-            torch.testing.assert_close(there["features"][stage], tensor, rtol=1e-5, atol=1e-5)
+            assert_close_scaled(there["features"][stage], tensor)
     assert statuses(tmp_path / "ray") == statuses(tmp_path / "local")
     errors = {line["image"]: line["error"] for line in manifest(tmp_path / "ray") if line["status"] == "error"}
     assert sorted(Path(image).name for image in errors) == ["corrupt.jpg", "empty.png", "truncated.png"]
@@ -89,12 +87,8 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Pa
     assert sorted(name for name, status in rerun.items() if status == "skipped") == sorted(kept)
     assert {name: (tmp_path / "ray" / name).stat().st_mtime_ns for name in kept} == kept
     for name in removed:
-        torch.testing.assert_close(features(tmp_path / "ray" / name)["layer4"], features(tmp_path / "local" / name)["layer4"], rtol=1e-5, atol=1e-5)
+        assert_close_scaled(features(tmp_path / "ray" / name)["layer4"], features(tmp_path / "local" / name)["layer4"])
     assert not list((tmp_path / "ray").rglob("*.tmp*")), "no temporary file left behind"
-
-
-def invoke(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_engine_options_are_checked_before_any_work(tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:

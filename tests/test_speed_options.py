@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from backbone_inspect.cli import app
 from backbone_inspect.images import LoadedImage, collate_batch
-from backbone_inspect.pipeline import Extractor
+from backbone_inspect.config import feature_config
+from backbone_inspect.extractor import Extractor
 from backbone_inspect.stats import batch_stage_stats, stage_stats
 
-from conftest import seeded_resnet
+from conftest import SMALL, assert_close_scaled, invoke, seeded_resnet
 
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+
+def extractor_on_cpu(**options) -> Extractor:
+    return Extractor(feature_config(**options), device="cpu")
 
 
 def pixels(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -35,22 +36,22 @@ def reference(x_uint8: torch.Tensor, stages: list[str]) -> dict[str, torch.Tenso
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_memory_format_does_not_change_the_features(channels_last: bool) -> None:
     x = pixels()
-    extractor = Extractor(arch="resnet18", layers=(1, 4), channels_last=channels_last)
+    extractor = extractor_on_cpu(arch="resnet18", layers=(1, 4), channels_last=channels_last)
     assert extractor.channels_last is channels_last
     features = extractor.forward(x)
     assert features["layer1"].is_contiguous(memory_format=torch.channels_last) is channels_last
     expected = reference(x, ["layer1", "layer4"])
     for name in expected:
-        torch.testing.assert_close(features[name], expected[name], rtol=1e-4, atol=1e-4)
+        assert_close_scaled(features[name], expected[name])
 
 
 def test_channels_last_is_the_default_on_cpu() -> None:
-    assert Extractor(arch="resnet18", layers=(1,)).channels_last
+    assert extractor_on_cpu(arch="resnet18", layers=(1,)).channels_last
 
 
 def test_bfloat16_compute_is_close_to_float32_and_stats_stay_float32() -> None:
     x = pixels()
-    extractor = Extractor(arch="resnet18", layers=(2, 4), dtype="bfloat16")
+    extractor = extractor_on_cpu(arch="resnet18", layers=(2, 4), dtype="bfloat16")
     features = extractor.forward(x)
     assert all(f.dtype == torch.bfloat16 for f in features.values())
     expected = reference(x, ["layer2", "layer4"])
@@ -65,13 +66,13 @@ def test_bfloat16_compute_is_close_to_float32_and_stats_stay_float32() -> None:
 
 def test_compiled_extractor_keeps_the_replay_and_its_numbers() -> None:
     x = pixels(2)
-    compiled = Extractor(arch="resnet18", layers=(1, 3), compile=True)
+    compiled = extractor_on_cpu(arch="resnet18", layers=(1, 3), compile=True)
     assert compiled.backbone.layer_names == ("layer1", "layer2", "layer3")
     features = compiled.forward(x)
     expected = reference(x, ["layer1", "layer3"])
     assert list(features) == ["layer1", "layer3"]
     for name in expected:
-        torch.testing.assert_close(features[name], expected[name], rtol=1e-4, atol=1e-4)
+        assert_close_scaled(features[name], expected[name])
 
 
 def test_batched_statistics_equal_per_image_statistics() -> None:
@@ -107,13 +108,13 @@ def test_decoded_batches_can_be_pinned() -> None:
 
 
 def test_cli_dtype_options_and_saved_dtype_are_independent(tmp_path: Path, chelsea: Path) -> None:
-    result = CliRunner().invoke(app, [str(chelsea), "--dtype", "bfloat16", "--save", str(tmp_path), "--json", "--no-channels-last", *SMALL])
+    result = invoke(chelsea, "--dtype", "bfloat16", "--save", tmp_path, "--json", "--no-channels-last", *SMALL)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert {stats["dtype"] for stats in record["layers"].values()} == {"bfloat16"}
     saved = torch.load(tmp_path / "chelsea.pt", weights_only=True)["features"]
     assert {t.dtype for t in saved.values()} == {torch.float32}
-    bad = CliRunner().invoke(app, [str(chelsea), "--dtype", "float8", *SMALL])
+    bad = invoke(chelsea, "--dtype", "float8", *SMALL)
     assert bad.exit_code == 2 and bad.stderr == "Error: invalid --dtype 'float8': expected float32, float16, bfloat16\n"
 
 
@@ -137,14 +138,14 @@ def test_forward_in_chunks_gives_the_models_own_features(arch: str, sizes: dict[
         got = Backbone(arch, stages, model=model).eval().forward_in_chunks(x, sizes)
     assert list(got) == stages
     for stage in stages:
-        torch.testing.assert_close(got[stage], expected[stage], rtol=1e-4, atol=1e-4)
+        assert_close_scaled(got[stage], expected[stage])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize(("dtype", "cache_mib"), [(torch.float32, 32), (torch.bfloat16, 32), (torch.float32, 4)])
 def test_cache_chunk_sizes_are_the_largest_slices_whose_activations_fit(arch: str, dtype: torch.dtype, cache_mib: int) -> None:
     from backbone_inspect import Backbone
-    from backbone_inspect.pipeline import cache_chunk_sizes
+    from backbone_inspect.device import cache_chunk_sizes
 
     import torchvision
 
@@ -169,10 +170,13 @@ def test_cache_chunk_sizes_are_the_largest_slices_whose_activations_fit(arch: st
 
 
 def test_extractor_runs_cache_sized_slices_on_cpu_and_whole_batches_when_compiled() -> None:
-    extractor = Extractor(arch="resnet18", layers=(1, 4))
+    extractor = extractor_on_cpu(arch="resnet18", layers=(1, 4))
     assert extractor._cache_bytes is not None and extractor._cache_bytes > 0
     x = pixels(count=6)
-    torch.testing.assert_close(dict(extractor.forward(x)), reference(x, ["layer1", "layer4"]), rtol=1e-4, atol=1e-4)
+    got, expected = extractor.forward(x), reference(x, ["layer1", "layer4"])
+    assert list(got) == list(expected)
+    for name in expected:
+        assert_close_scaled(got[name], expected[name])
     sizes = extractor._chunk_sizes(torch.empty(6, 3, 64, 64))
     assert set(sizes) == {"stem", "layer1", "layer2", "layer3", "layer4"} and max(sizes.values()) <= 6
 

@@ -5,14 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageStat
-from typer.testing import CliRunner
 
-from backbone_inspect.cli import app
 from backbone_inspect.viz import HEADER, HEATMAP_SIDE, TILE, channel_grid, heatmap_overlay, most_active_channels
 
-from conftest import SAMPLES
-
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
+from conftest import SAMPLES, SMALL, invoke
 
 
 def bright_fraction(image: Image.Image, box: tuple[int, int, int, int]) -> float:
@@ -59,7 +55,7 @@ def test_cli_writes_readable_pngs_per_image_and_stage(tmp_path: Path) -> None:
     Image.open(SAMPLES / "chelsea.jpg").save(folder / "sub" / "cat.png")
     Image.open(SAMPLES / "camera.png").save(folder / "camera.png")
     viz = tmp_path / "viz"
-    result = CliRunner().invoke(app, [str(folder), "--viz", str(viz), "--viz-channels", "9", "--layers", "1,C5", *SMALL])
+    result = invoke(folder, "--viz", viz, "--viz-channels", "9", "--layers", "1,C5", *SMALL)
     assert result.exit_code == 0, result.output
     names = sorted(p.relative_to(viz).as_posix() for p in viz.rglob("*") if p.is_file())
     assert names == [

@@ -1,20 +1,61 @@
-"""Look inside torchvision ResNet backbones by replaying their own stages."""
+"""Look inside torchvision ResNet backbones by replaying their own stages.
+
+The API, by what people do with it:
+
+- ``dump_features(inputs, save, ...)``: what ``backbone-inspect INPUTS --save DIR`` does.
+- ``inspect_images(inputs, ...)``: per-stage statistics (and features when asked), nothing saved.
+- ``Backbone``, ``feature_info``: the replay itself, as an ``nn.Module`` (FPN, detection).
+- ``feature_config``, ``plan_inputs``, ``PtFileStore``, ``make_engine``, ``plan_run``,
+  ``execute_run``: the pieces those are built from, for pipelines of your own.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "StageInfo", "feature_info", "__version__"]
+
+_EXPORTS: dict[str, str] = {
+    "Backbone": "backbone",
+    "StageInfo": "backbone",
+    "feature_info": "backbone",
+    "dump_features": "api",
+    "inspect_images": "api",
+    "Inspection": "api",
+    "FeatureConfig": "config",
+    "feature_config": "config",
+    "plan_inputs": "inputs",
+    "FeatureStore": "store",
+    "PtFileStore": "store",
+    "make_engine": "engine",
+    "RunCallbacks": "engine",
+    "plan_run": "run",
+    "execute_run": "run",
+    "RunSummary": "outcomes",
+    "Outcome": "outcomes",
+    "InspectError": "errors",
+    "UsageError": "errors",
+    "WeightsError": "errors",
+    "OutputError": "errors",
+    "RunStopped": "errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from .api import Inspection, dump_features, inspect_images
     from .backbone import Backbone, StageInfo, feature_info
+    from .config import FeatureConfig, feature_config
+    from .engine import RunCallbacks, make_engine
+    from .errors import InspectError, OutputError, RunStopped, UsageError, WeightsError
+    from .inputs import plan_inputs
+    from .outcomes import Outcome, RunSummary
+    from .run import execute_run, plan_run
+    from .store import FeatureStore, PtFileStore
 
 
 def __getattr__(name: str) -> Any:
     # torch is imported on first use, so that `backbone-inspect --help` stays instant.
-    if name in ("Backbone", "StageInfo", "feature_info"):
-        from . import backbone
-
-        return getattr(backbone, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -11,6 +13,8 @@ class InspectError(Exception):
     """Base of every error backbone-inspect reports to a user."""
 
     exit_code: int = EXIT_FAILURE
+    summary: Any = None
+    """The ``RunSummary`` of the run this error ended, when a run had begun (files written by then are complete)."""
 
 
 class UsageError(InspectError, ValueError):
@@ -29,3 +33,13 @@ class ImageError(InspectError):
 
 class OutputError(InspectError):
     """An output that cannot be written (exit 1)."""
+
+
+class RunStopped(InspectError):
+    """A run stopped by SIGINT or SIGTERM (exit 128 + the signal's number); its ``summary`` says what is left."""
+
+    def __init__(self, message: str, *, signal_number: int, summary: Any) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+        self.signal_number = signal_number
+        self.summary = summary

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ImageError, UsageError
+from .errors import ImageError
 
 if TYPE_CHECKING:
     import torch
@@ -21,9 +19,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """Transparent pixels are composited onto white before the model sees them."""
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
-)
 
 
 @dataclass(frozen=True)
@@ -143,74 +138,6 @@ def load_image_tensor(path: str | Path, preprocessing: Preprocessing) -> torch.T
 
 
 @dataclass(frozen=True)
-class FoundImage:
-    """An input image and the path of its feature file relative to the output folder."""
-
-    path: str
-    """The path as given, or joined onto the directory argument it was found under."""
-    output: str
-    """``<stem>.pt`` for a file argument; the path below the directory argument, for a found file."""
-
-
-def is_image_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def read_path_list(list_file: Path) -> list[str]:
-    """Paths from ``--from-list``: one per line; blank lines and ``#`` comments ignored."""
-    try:
-        text = list_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--from-list {list_file}: cannot read it ({error})") from error
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def _walk_images(directory: str) -> list[FoundImage]:
-    found = []
-    for root, folders, files in os.walk(directory):
-        folders[:] = [name for name in folders if not name.startswith(".")]
-        for name in files:
-            if is_image_name(name):
-                relative = Path(root, name).relative_to(directory)
-                found.append(FoundImage(os.path.join(root, name), relative.with_suffix(".pt").as_posix()))
-    return found
-
-
-def find_images(inputs: list[str]) -> list[FoundImage]:
-    """Every image under the inputs (files as given, directories searched recursively), sorted.
-
-    Hidden files and folders and files without an image extension are skipped inside
-    directories; a file named explicitly is always taken. A path that does not exist is a
-    usage error, and so is finding no image at all.
-    """
-    found: dict[str, FoundImage] = {}
-    for given in inputs:
-        path = Path(given)
-        if path.is_dir():
-            images = _walk_images(given)
-        elif path.exists():
-            images = [FoundImage(given, f"{path.stem}.pt")]
-        else:
-            raise UsageError(f"{given}: no such file or directory")
-        for image in images:
-            found.setdefault(os.path.normpath(image.path), image)
-    if not found:
-        raise UsageError(f"no images found in {', '.join(inputs) or 'the inputs'}")
-    return sorted(found.values(), key=lambda image: image.path)
-
-
-def check_output_collisions(images: Iterable[FoundImage]) -> None:
-    """Inputs that would write the same feature file are a usage error, before any work."""
-    sources: dict[str, list[str]] = {}
-    for image in images:
-        sources.setdefault(image.output, []).append(image.path)
-    clashes = [f"{', '.join(paths)} -> {output}" for output, paths in sources.items() if len(paths) > 1]
-    if clashes:
-        raise UsageError(f"inputs would overwrite each other's output: {'; '.join(clashes)}")
-
-
-@dataclass(frozen=True)
 class LoadedImage:
     """What a dataset item gives: the preprocessed pixels, or why there are none."""
 
@@ -286,27 +213,3 @@ def collate_batch(items: list[LoadedImage]) -> DecodedBatch:
     )
     errors = {position: item.error or "unknown error" for position, item in enumerate(items) if item.pixels is None}
     return DecodedBatch(tuple(item.index for item in items), groups, errors)
-
-
-def planned_input_size(path: str, preprocessing: Preprocessing) -> tuple[int, int] | None:
-    """The [H, W] an image will have after preprocessing, from its header alone; None if unreadable."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                exif_orientation = opened.getexif().get(0x0112)
-        if exif_orientation in (5, 6, 7, 8):  # EXIF orientations that swap axes
-            width, height = height, width
-    except Exception:
-        return None
-    if preprocessing.crop is not None:
-        return (preprocessing.crop, preprocessing.crop)
-    if preprocessing.resize is None:
-        return (height, width)
-    short, long = sorted((height, width))
-    # torchvision's rule for resizing the shorter side: the longer one is truncated.
-    resized_long = int(preprocessing.resize * long / short)
-    return (preprocessing.resize, resized_long) if height <= width else (resized_long, preprocessing.resize)

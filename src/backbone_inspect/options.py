@@ -10,11 +10,13 @@ from .errors import UsageError
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def parse_size(option: str, value: str | None) -> int | None | str:
+def parse_size(option: str, value: int | str | None) -> int | None | str:
     """``--resize``/``--crop``: a positive int, ``none``, or ``None`` when not given (use the weights')."""
     if value is None:
         return None
-    text = value.strip().lower()
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().lower()
     if text == "none":
         return "none"
     if text.isdigit() and int(text) > 0:
@@ -23,7 +25,7 @@ def parse_size(option: str, value: str | None) -> int | None | str:
 
 
 def check_device_spec(spec: str) -> str:
-    text = spec.strip().lower()
+    text = str(spec).strip().lower()
     if not _DEVICE_PATTERN.match(text):
         raise UsageError(f"invalid --device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
     return text
@@ -55,3 +57,19 @@ def read_categories(path: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"--categories {path}: cannot read it ({error})") from error
     return [line.strip() for line in lines if line.strip()]
+
+
+ENGINES: tuple[str, ...] = ("local", "ray")
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise UsageError(f"--engine {name}: expected one of {', '.join(ENGINES)}")
+    return name
+
+
+def default_workers() -> int:
+    """Processes decoding images beside the forward pass: CPU count - 1, at least 1, at most 8."""
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 1) - 1))

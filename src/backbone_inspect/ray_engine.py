@@ -2,9 +2,9 @@
 
 Reading and decoding run as Ray tasks on CPUs; the model runs in a pool of actors
 (``map_batches`` with a class), each doing exactly what the local engine does per batch:
-``dump.extract_batch`` then ``dump.finish_image`` (an atomic write per image). The driver
-only plans (what to skip, the settings file), writes the manifest from the actors' outcomes
-and reports. Inputs and the output folder must be on storage every node reaches.
+``local_engine.process_batch``, which writes each image to the store. The driver only checks
+the weights and reports each outcome it gets back to the run, which records it. Inputs and the
+output folder must be on storage every node reaches.
 """
 
 from __future__ import annotations
@@ -16,28 +16,23 @@ import pickle
 import signal
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .images import FoundImage, ImageDataset, LoadedImage, Preprocessing, collate_batch
+from .images import ImageDataset, LoadedImage, Preprocessing, collate_batch
+from .inputs import FoundImage
+
+if TYPE_CHECKING:
+    from .config import FeatureConfig
+    from .engine import RunCallbacks
+    from .outcomes import RunSummary, RunTally
+    from .signals import StopRequest
+    from .store import FeatureStore
 
 DECODE_TASK_CPUS = 0.25
 """What a decoding task reserves: decoding is light next to the model, so up to four run per free CPU."""
-
-
-@dataclass(frozen=True)
-class RayPlan:
-    """Where and how wide: the cluster to join and the actor pool."""
-
-    address: str | None
-    """``None``: join the cluster this machine belongs to, or start a local one."""
-    actors: int | None
-    """``None``: one actor per GPU of the cluster when the device may be CUDA, else one."""
-    actor_cpus: float
-    """CPUs each actor reserves; on CPU-only actors also its torch threads (rounded up)."""
 
 
 def check_ray_installed() -> None:
@@ -83,34 +78,26 @@ def _loaded_images(batch: dict[str, Any]) -> list[LoadedImage]:
 class FeatureActor:
     """One model, held for the whole run: a Ray Data actor running the local engine's per-batch work."""
 
-    def __init__(
-        self,
-        extractor_options: dict[str, Any],
-        device: str,
-        save_dir: str | None,
-        save_dtype: str,
-        run_meta: dict[str, Any],
-        threads: int | None,
-    ) -> None:
+    def __init__(self, config: FeatureConfig, store: FeatureStore | None, threads: int | None) -> None:
         import torch
 
-        from .dump import FeatureWriter
-        from .pipeline import Extractor, keep_freed_memory, resolve_device
+        from .device import keep_freed_memory
+        from .extractor import Extractor
 
         if threads is not None:
             torch.set_num_threads(threads)
         keep_freed_memory()
-        self.extractor = Extractor(**extractor_options, device=resolve_device(device))
-        self.writer = FeatureWriter(Path(save_dir), save_dtype, run_meta) if save_dir is not None else None
+        self.extractor = Extractor(config, keep_features=store is not None)
+        self.store = store
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .dump import process_batch
+        from .local_engine import process_batch
 
         images = [FoundImage(str(path), str(output)) for path, output in zip(batch["path"], batch["output"])]
         records = []
-        for outcome, kept, output_error in process_batch(self.extractor, images, collate_batch(_loaded_images(batch)), self.writer):
+        for outcome, kept, output_error in process_batch(self.extractor, images, collate_batch(_loaded_images(batch)), self.store):
             # The driver needs the statistics, not the tensors: they stay in the files.
             slim = replace(kept, features=OrderedDict(), pixels=None) if kept is not None else None
             records.append(pickle.dumps((outcome, slim, output_error)))
@@ -125,15 +112,15 @@ def _quiet_ray() -> None:
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
-def _actor_resources(plan: RayPlan, device: str, cluster: dict[str, float]) -> tuple[int, dict[str, float], int | None]:
+def _actor_resources(engine: RayEngine, device: str, cluster: dict[str, float]) -> tuple[int, dict[str, float], int | None]:
     """(actors, resources of each, torch threads of each)."""
     gpus = int(cluster.get("GPU", 0))
     wants_gpu = gpus > 0 and (device == "auto" or device.startswith("cuda"))
     if wants_gpu:
-        return plan.actors or gpus, {"num_gpus": 1, "num_cpus": plan.actor_cpus}, None
+        return engine.actors or gpus, {"num_gpus": 1, "num_cpus": engine.actor_cpus}, None
     if device.startswith("cuda"):
         raise UsageError(f"--device {device}: the Ray cluster has no GPU")
-    return plan.actors or 1, {"num_cpus": plan.actor_cpus}, max(1, math.ceil(plan.actor_cpus))
+    return engine.actors or 1, {"num_cpus": engine.actor_cpus}, max(1, math.ceil(engine.actor_cpus))
 
 
 def check_room_for_decoding(actors: int, actor_cpus: float, cluster_cpus: float) -> None:
@@ -145,71 +132,92 @@ def check_room_for_decoding(actors: int, actor_cpus: float, cluster_cpus: float)
         )
 
 
-def run_ray_dump(
-    todo: Sequence[FoundImage],
-    *,
-    plan: RayPlan,
-    extractor_options: dict[str, Any],
-    device: str,
-    preprocessing: Preprocessing,
-    save_dir: Path | None,
-    save_dtype: str,
-    run_meta: dict[str, Any],
-    on_outcome: Callable[[Any, Any], None],
-    batch_size: int,
-    stop: Any,
-) -> Any:
-    """Run ``todo`` on Ray; ``on_outcome`` sees each image once its file is written (in finishing order).
+@dataclass(frozen=True)
+class RayEngine:
+    """The dump on a Ray cluster: decoding tasks, and a pool of model actors."""
 
-    Returns the local engine's ``RunSummary``. A stop request or an output error ends the run:
-    files finished by then are complete (written atomically) and reported.
-    """
-    import ray
-    import ray.data
+    address: str | None = None
+    """``None``: join the cluster this machine belongs to, or start a local one."""
+    actors: int | None = None
+    """``None``: one actor per GPU of the cluster when the device may be CUDA, else one."""
+    actor_cpus: float = 1.0
+    """CPUs each actor reserves; on CPU-only actors also its torch threads (rounded up)."""
+    batch_size: int = 32
+    supports_pictures: bool = False
 
-    from .dump import RunSummary
+    def label(self, device: str) -> str:
+        actors = f"{self.actors} actor(s)" if self.actors else "actors: one per GPU, else 1"
+        return f"engine ray ({self.address or 'local cluster'}, {actors}, device {device})"
 
-    summary = RunSummary()
-    _quiet_ray()
-    try:
-        ray.init(address=plan.address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UsageError(f"--ray-address {plan.address}: cannot join the Ray cluster: {error}") from error
-    try:
+    def run(
+        self,
+        config: FeatureConfig,
+        todo: Sequence[FoundImage],
+        store: FeatureStore | None,
+        *,
+        callbacks: RunCallbacks,
+        stop: StopRequest,
+    ) -> RunSummary:
+        """Run ``todo`` on Ray; ``callbacks.on_outcome`` sees each image once it is written (in finishing order).
+
+        A stop request or an output error ends the run: files finished by then are complete
+        (written atomically) and reported.
+        """
+        import ray
+
+        from .extractor import Extractor
+        from .local_engine import model_info
+        from .outcomes import RunTally
+
+        # The driver's copy only checks the weights and options before the cluster starts; the
+        # actors hold the models, on their own devices.
+        checked = Extractor(replace(config, compile=False), device="cpu", keep_features=False)
+        callbacks.on_start(model_info(checked, self.label(config.device)))
+        del checked
+        tally = RunTally()
+        _quiet_ray()
+        try:
+            ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise UsageError(f"--ray-address {self.address}: cannot join the Ray cluster: {error}") from error
+        try:
+            self._stream(config, todo, store, callbacks, stop, tally)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now
+            stop.signal_number = signal.SIGINT
+        finally:
+            ray.shutdown()
+        return tally.summary(stop.signal_number, len(todo))
+
+    def _stream(
+        self, config: FeatureConfig, todo: Sequence[FoundImage], store: FeatureStore | None,
+        callbacks: RunCallbacks, stop: StopRequest, tally: RunTally,
+    ) -> None:
+        for batch in self._dataset(config, todo, store).iter_batches(batch_size=None, batch_format="numpy"):
+            for record in batch["record"]:
+                outcome, result, output_error = pickle.loads(record)
+                tally.add(outcome, output_error)
+                callbacks.on_outcome(outcome, result)
+            if stop() or tally.output_error is not None:
+                break
+
+    def _dataset(self, config: FeatureConfig, todo: Sequence[FoundImage], store: FeatureStore | None) -> Any:
+        import ray
+        import ray.data
+
         cluster = ray.cluster_resources()
-        actors, resources, threads = _actor_resources(plan, device, cluster)
-        check_room_for_decoding(actors, plan.actor_cpus, cluster.get("CPU", 0))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        actors, resources, threads = _actor_resources(self, config.device, cluster)
+        check_room_for_decoding(actors, self.actor_cpus, cluster.get("CPU", 0))
+        ray.data.DataContext.get_current().enable_progress_bars = False
         rows = [{"path": image.path, "read_path": os.path.abspath(image.path), "output": image.output} for image in todo]
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / self.batch_size)))
         dataset = dataset.map_batches(
-            decode_rows, fn_kwargs={"preprocessing": preprocessing}, batch_size=batch_size, num_cpus=DECODE_TASK_CPUS
+            decode_rows, fn_kwargs={"preprocessing": config.preprocessing}, batch_size=self.batch_size, num_cpus=DECODE_TASK_CPUS
         )
-        dataset = dataset.map_batches(
+        return dataset.map_batches(
             FeatureActor,
-            fn_constructor_kwargs={
-                "extractor_options": extractor_options,
-                "device": device,
-                "save_dir": str(save_dir.resolve()) if save_dir is not None else None,
-                "save_dtype": save_dtype,
-                "run_meta": run_meta,
-                "threads": threads,
-            },
-            batch_size=batch_size,
+            fn_constructor_kwargs={"config": config, "store": store, "threads": threads},
+            batch_size=self.batch_size,
             concurrency=actors,
             **resources,
         )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for record in batch["record"]:
-                outcome, result, output_error = pickle.loads(record)
-                summary.add(outcome, output_error)
-                on_outcome(outcome, result)
-            if stop() or summary.output_error is not None:
-                break
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now
-        stop.signal_number = signal.SIGINT
-    finally:
-        ray.shutdown()
-    summary.finish(stop.signal_number, len(todo))
-    return summary
+

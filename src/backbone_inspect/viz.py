@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .output import atomic_write
+from .errors import OutputError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     import torch
 
-    from .pipeline import ImageResult
+    from .extractor import ImageResult
 
 VIRIDIS_ANCHORS: tuple[tuple[int, int, int], ...] = (
     (68, 1, 84), (65, 68, 135), (42, 120, 142), (34, 168, 132), (122, 209, 81), (253, 231, 37),
@@ -150,3 +151,10 @@ def write_visualisations(folder: Path, result: ImageResult, channels: int = 16) 
             save_png(heat_path, heatmap_overlay(stats.name, feature, result.pixels, stride))
             written.append(heat_path)
     return written
+
+
+def write_viz(folder: Path, result: ImageResult, channels: int) -> None:
+    try:
+        write_visualisations(folder, result, channels)
+    except OSError as error:
+        raise OutputError(f"cannot write pictures under {folder}: {error.strerror or error}") from error

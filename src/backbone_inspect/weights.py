@@ -10,15 +10,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from .errors import UsageError, WeightsError
 from .images import Preprocessing
 from .stages import check_arch
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 HEAD_PREFIX = "fc."
 _NAMED_WEIGHTS_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -64,12 +65,10 @@ def _named_weights(arch: str, name: str) -> Any:
 
 
 def _resolve(arch: str, weights: Any) -> tuple[str, Any]:
-    """(``none`` | ``named`` | ``checkpoint``, the enum member or path)."""
-    from torchvision.models import WeightsEnum
-
+    """(``none`` | ``named`` | ``checkpoint``, the enum member or path); torchvision only for named weights."""
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
         return "none", None
-    if isinstance(weights, WeightsEnum):
+    if _is_weights_enum(weights):
         from torchvision import models
 
         if type(weights) is not models.get_model_weights(arch):
@@ -86,7 +85,17 @@ def _resolve(arch: str, weights: Any) -> tuple[str, Any]:
     return "checkpoint", Path(weights)
 
 
+def _is_weights_enum(weights: Any) -> bool:
+    # A torchvision enum member can only come from an imported torchvision: no import needed to rule it out.
+    if "torchvision" not in sys.modules:
+        return False
+    from torchvision.models import WeightsEnum
+
+    return isinstance(weights, WeightsEnum)
+
+
 def _random_model(arch: str, seed: int) -> nn.Module:
+    import torch
     from torchvision import models
 
     # fork_rng keeps the caller's global RNG untouched while making initialisation reproducible.
@@ -96,6 +105,8 @@ def _random_model(arch: str, seed: int) -> nn.Module:
 
 
 def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
+    import torch
+
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(urlparse(member.url).path)
     cached = folder / filename
@@ -144,6 +155,8 @@ def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A flat state_dict from a checkpoint as people have them (wrapped, DDP, detection)."""
+    import torch
+
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
@@ -157,6 +170,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unwrap(loaded: Any) -> dict[str, torch.Tensor] | None:
+    import torch
+
     while isinstance(loaded, Mapping):
         tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         if tensors and all(isinstance(k, str) for k in tensors):
@@ -187,51 +202,42 @@ def _examples(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - _EXAMPLES_SHOWN} more" if len(keys) > _EXAMPLES_SHOWN else "")
 
 
+def _fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps a checkpoint's backbone from loading: missing, unexpected and wrongly shaped keys."""
+    # Frozen batch norm (detection checkpoints) has no num_batches_tracked: not a mismatch.
+    missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in given if k not in expected)
+    wrong_shape = sorted(
+        f"{k} {list(given[k].shape)} vs {list(expected[k].shape)}" for k in given if k in expected and given[k].shape != expected[k].shape
+    )
+    labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong_shape))
+    return [f"{label}: {_examples(keys)}" for label, keys in labelled if keys]
+
+
+def _head_note(head: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str) -> str | None:
+    """Why a checkpoint's classifier head is not loaded; ``None`` when it fits."""
+    if not head:
+        return "classifier head not loaded: the checkpoint has none"
+    expected_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)}
+    if head.keys() == expected_head.keys() and all(head[k].shape == expected_head[k].shape for k in head):
+        return None
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(head.items()))
+    return f"classifier head not loaded: checkpoint has {shapes}, {arch} has {list(expected['fc.weight'].shape)}"
+
+
 def load_checkpoint_into(model: nn.Module, arch: str, path: Path) -> LoadedWeights:
     """Load the backbone of a local checkpoint; the head only when it has the model's shape."""
     state = read_checkpoint(path)
     expected = model.state_dict()
     backbone = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIX)}
     given = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
-    # Frozen batch norm (detection checkpoints) has no num_batches_tracked: not a mismatch.
-    missing = sorted(k for k in backbone if k not in given and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in given if k not in backbone)
-    wrong_shape = sorted(
-        f"{k} {list(given[k].shape)} vs {list(backbone[k].shape)}"
-        for k in given
-        if k in backbone and given[k].shape != backbone[k].shape
-    )
-    problems = [
-        f"{label}: {_examples(keys)}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape (checkpoint vs model)", wrong_shape),
-        )
-        if keys
-    ]
+    problems = _fit_problems(backbone, given)
     if problems:
         raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
-
     head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    expected_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)}
-    head_fits = head.keys() == expected_head.keys() and all(
-        head[k].shape == expected_head[k].shape for k in head
-    )
-    note = None
-    if not head:
-        note = "classifier head not loaded: the checkpoint has none"
-    elif not head_fits:
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(head.items()))
-        note = f"classifier head not loaded: checkpoint has {shapes}, {arch} has {list(expected['fc.weight'].shape)}"
-    model.load_state_dict({**given, **(head if head_fits else {})}, strict=False)
-    return LoadedWeights(
-        label=str(path),
-        kind="checkpoint",
-        preprocessing=Preprocessing(),
-        head_loaded=head_fits,
-        head_note=note,
-    )
+    note = _head_note(head, expected, arch)
+    model.load_state_dict({**given, **(head if note is None else {})}, strict=False)
+    return LoadedWeights(str(path), "checkpoint", Preprocessing(), head_loaded=note is None, head_note=note)
 
 
 def _named_preprocessing(member: Any) -> Preprocessing:
@@ -247,22 +253,32 @@ def _named_preprocessing(member: Any) -> Preprocessing:
 
 @dataclass(frozen=True)
 class WeightsPlan:
-    """What ``--weights`` names, resolved without loading anything."""
+    """What ``--weights`` names, resolved without loading anything; plain values, so it pickles."""
 
+    arch: str
     kind: str
+    """``none``, ``named`` or ``checkpoint``."""
     label: str
+    """``none``, the torchvision weights name or the checkpoint path."""
     preprocessing: Preprocessing
-    source: Any = None
-    """The torchvision weights enum member, or the checkpoint path."""
+    """The preprocessing these weights were trained with (ImageNet defaults otherwise)."""
 
 
 def plan_weights(arch: str, weights: Any = None) -> WeightsPlan:
+    """``weights`` (None, ``"none"``, a weights name or enum member, a path, or a plan) as a plan for ``arch``.
+
+    Imports torchvision only for named weights.
+    """
+    if isinstance(weights, WeightsPlan):
+        if weights.arch != arch:
+            raise UsageError(f"weights planned for {weights.arch} cannot load into {arch}")
+        return weights
     kind, value = _resolve(check_arch(arch), weights)
     if kind == "named":
-        return WeightsPlan(kind, value.name, _named_preprocessing(value), value)
+        return WeightsPlan(arch, kind, value.name, _named_preprocessing(value))
     if kind == "checkpoint":
-        return WeightsPlan(kind, str(value), Preprocessing(), value)
-    return WeightsPlan(kind, "none", Preprocessing())
+        return WeightsPlan(arch, kind, str(value), Preprocessing())
+    return WeightsPlan(arch, kind, "none", Preprocessing())
 
 
 def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
@@ -272,8 +288,8 @@ def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Mo
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
     if plan.kind == "checkpoint":
-        return model, load_checkpoint_into(model, arch, plan.source)
-    member = plan.source
+        return model, load_checkpoint_into(model, arch, Path(plan.label))
+    member = _named_weights(arch, plan.label)
     model.load_state_dict(_hub_state_dict(arch, member))
     return model, LoadedWeights(
         label=plan.label,

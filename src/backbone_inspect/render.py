@@ -1,82 +1,18 @@
-"""Rendering (rich tables, JSON Lines) and writing feature files atomically."""
+"""Rendering for the terminal: rich tables, JSON Lines records, the progress bar and summary lines."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-from .errors import OutputError
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
     from rich.console import Console
 
-    from .dump import DumpSettings, RunSummary
-    from .shards import Shard
     from .backbone import StageDescription
-    from .pipeline import Extractor, ImageResult
+    from .engine import ModelInfo
+    from .extractor import ImageResult
+    from .outcomes import RunSummary
     from .stats import StageSummary
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename.
-
-    Nothing half-written is ever left under ``path``, and no temporary file is left behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the permissions open() would have.
-        os.fchmod(descriptor, 0o666 & ~_current_umask())
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
-    """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written."""
-    import torch
-
-    payload = {"features": dict(features), "meta": dict(meta)}
-    try:
-        atomic_write(path, lambda handle: torch.save(payload, handle))
-        return path.stat().st_size
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}") from error
-
-
-def _write_failure_reason(path: Path, error: OSError) -> str:
-    if isinstance(error, (FileExistsError, NotADirectoryError)):
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            return f"{blocking} is a file, not a folder"
-    return error.strerror or str(error)
-
-
-def run_meta(settings: DumpSettings) -> dict[str, Any]:
-    """What every feature file of a run says about how it was made (``image`` and ``input_size`` added per file).
-
-    The settings, so that resuming can check each file it skips.
-    """
-    from . import __version__
-
-    return {**settings.to_dict(), "version": __version__}
 
 
 class Progress:
@@ -121,11 +57,11 @@ class Progress:
         self._progress.stop()
 
 
-def json_record(extractor: Extractor, result: ImageResult) -> dict[str, Any]:
+def json_record(model: ModelInfo, result: ImageResult) -> dict[str, Any]:
     record = {
         "image": result.image,
-        "arch": extractor.arch,
-        "weights": extractor.weights.label,
+        "arch": model.arch,
+        "weights": model.weights.label,
         "input_size": list(result.input_size),
         "layers": {stats.name: stats.to_dict() for stats in result.stats},
     }
@@ -145,15 +81,6 @@ def stride_warning(input_size: Sequence[int], stage: str, stride: int) -> str:
         f"input {height}×{width} is not divisible by {stage}'s stride {stride}: its feature maps "
         "round up, and the measured stride differs from the nominal one"
     )
-
-
-def write_viz(folder: Path, result: ImageResult, channels: int) -> None:
-    from .viz import write_visualisations
-
-    try:
-        write_visualisations(folder, result, channels)
-    except OSError as error:
-        raise OutputError(f"cannot write pictures under {folder}: {error.strerror or error}") from error
 
 
 def describe_record(arch: str, input_size: Sequence[int], stages: Sequence[StageDescription]) -> dict[str, Any]:
@@ -199,13 +126,14 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
     console.print(table)
 
 
-def render_model_header(console: Console, extractor: Extractor, *, engine: str | None = None) -> None:
-    """``engine``: where the models run, when not in this process (then the device is theirs)."""
-    weights = extractor.weights
+def render_model_header(console: Console, model: ModelInfo) -> None:
+    """``arch … weights … device …`` (or the engine, when the models run elsewhere), and any note on the weights."""
+    weights = model.weights
+    place, _, where = model.where.partition(" ")
     line = (
-        f"[bold]arch[/] {extractor.arch}  [bold]weights[/] {weights.label}"
-        + (f" (seed {extractor.seed})" if weights.kind == "none" else "")
-        + (f"  [bold]engine[/] {engine}" if engine else f"  [bold]device[/] {extractor.device}")
+        f"[bold]arch[/] {model.arch}  [bold]weights[/] {weights.label}"
+        + (f" (seed {model.seed})" if weights.kind == "none" else "")
+        + f"  [bold]{place}[/] {where}"
     )
     console.print(line, highlight=False)
     if weights.head_note:
@@ -285,9 +213,10 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def run_summary_line(summary: RunSummary, shard: Shard | None = None) -> str:
+def run_summary_line(summary: RunSummary) -> str:
     import signal
 
+    shard = summary.shard
     where = f"shard {shard.index}/{shard.count}: " if shard is not None else ""
     line = (
         f"{where}processed {summary.processed}, skipped {summary.skipped}, failed {summary.failed} "

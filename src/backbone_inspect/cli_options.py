@@ -1,0 +1,96 @@
+"""The command's options: names, help and panels (``--help`` groups them by purpose). Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .stages import ARCHS, STAGES
+
+MODEL = "Model"
+INPUTS = "Inputs and preprocessing"
+OUTPUT = "Output"
+DUMP = "Dumps (--save)"
+SPEED = "Speed"
+PICTURES = "Pictures and classes"
+CLUSTER = "Ray cluster (--engine ray)"
+
+
+def _option(*names: str, panel: str, help: str, **extra: object) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, rich_help_panel=panel, **extra)  # type: ignore[arg-type]
+
+
+Images = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF) and folders (searched recursively).",
+        metavar="IMAGE_OR_FOLDER...",
+        show_default=False,
+    ),
+]
+Layers = Annotated[str, _option("--layers", "-l", panel=MODEL, metavar="LIST", help=(
+    f"Stages, comma-separated: {', '.join(f'{i}={n}' for i, n in enumerate(STAGES))}, "
+    "or aliases C2-C5, res2-res5, stage1-stage4."))]
+Arch = Annotated[str, _option("--arch", "-a", panel=MODEL, metavar="NAME", help=f"One of: {', '.join(ARCHS)}.")]
+Weights = Annotated[str, _option("--weights", "-w", panel=MODEL, metavar="WEIGHTS", help=(
+    "none (random, from --seed), a torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2) "
+    "or a checkpoint path."))]
+Seed = Annotated[int, _option("--seed", panel=MODEL, metavar="INT", help="Seed of the random initialisation (--weights none).")]
+Describe = Annotated[bool, _option("--describe", panel=MODEL, metavar="", help=(
+    "Describe every stage of --arch for --input-size, without images or weights."))]
+InputSize = Annotated[str, _option("--input-size", panel=MODEL, metavar="N|HxW", help="Input size for --describe: N or HxW.")]
+
+FromList = Annotated[Path | None, _option("--from-list", panel=INPUTS, metavar="FILE", show_default=False, help=(
+    "Also read inputs from FILE, one path per line (blank lines and # comments ignored)."))]
+Resize = Annotated[str | None, _option("--resize", panel=INPUTS, metavar="N|none", show_default=False, help=(
+    "Resize the shorter side to N px, or 'none'. \\[default: 256, or the weights' own]"))]
+Crop = Annotated[str | None, _option("--crop", panel=INPUTS, metavar="N|none", show_default=False, help=(
+    "Centre-crop N×N px, or 'none'. \\[default: 224, or the weights' own]"))]
+
+JsonLines = Annotated[bool, _option("--json", panel=OUTPUT, metavar="", help="Print one JSON object per image, nothing else.")]
+Summary = Annotated[bool, _option("--summary", panel=OUTPUT, metavar="", help=(
+    "One table per stage over all images, even for a few image files."))]
+Save = Annotated[Path | None, _option("--save", panel=OUTPUT, metavar="DIR", file_okay=False, show_default=False, help=(
+    "Save a .pt per image under DIR (mirroring folder inputs), with DIR/manifest.jsonl."))]
+SaveDtype = Annotated[str, _option("--save-dtype", panel=OUTPUT, metavar="DTYPE", help=(
+    "dtype of the saved tensors: float32, float16 or bfloat16."))]
+
+Overwrite = Annotated[bool, _option("--overwrite", panel=DUMP, metavar="", help=(
+    "Recompute images whose .pt exists, and accept a folder made with other settings."))]
+ShardOption = Annotated[str | None, _option("--shard", panel=DUMP, metavar="K/N", show_default=False, help=(
+    "Process only slice K of N (0-based) of the sorted inputs. \\[default: from torchrun or Slurm]"))]
+DryRun = Annotated[bool, _option("--dry-run", panel=DUMP, metavar="", help=(
+    "Count what would be done and skipped, estimate the disk size; run nothing."))]
+
+Device = Annotated[str, _option("--device", panel=SPEED, metavar="DEVICE", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, _option("--dtype", panel=SPEED, metavar="DTYPE", help=(
+    "Compute dtype: float32, bfloat16 (fast on CPUs with AVX-512 BF16/AMX) or float16 (CUDA)."))]
+ChannelsLast = Annotated[bool | None, _option("--channels-last/--no-channels-last", panel=SPEED, metavar="", show_default=False, help=(
+    "Run in channels_last memory format. \\[default: on for cpu and cuda, where it is faster]"))]
+Compile = Annotated[bool, _option("--compile", panel=SPEED, metavar="", help=(
+    "torch.compile the extractor (slow start, faster steady state)."))]
+BatchSize = Annotated[int, _option("--batch-size", panel=SPEED, metavar="N", help=(
+    "Images per forward pass (on a CPU each stage runs them in cache-sized slices)."))]
+Workers = Annotated[int | None, _option("--workers", panel=SPEED, metavar="N", show_default=False, help=(
+    "Processes decoding images beside the forward pass; 0: in-process. \\[default: CPU count - 1, at most 8]"))]
+
+Viz = Annotated[Path | None, _option("--viz", panel=PICTURES, metavar="DIR", file_okay=False, show_default=False, help=(
+    "Draw PNGs per image and stage under DIR: the most active channels, and a heatmap over the input."))]
+VizChannels = Annotated[int, _option("--viz-channels", panel=PICTURES, metavar="K", help="Channels in each --viz grid.")]
+Topk = Annotated[int | None, _option("--topk", panel=PICTURES, metavar="K", show_default=False, help=(
+    "Also show the K most probable classes (named weights, or --categories)."))]
+Categories = Annotated[str | None, _option("--categories", panel=PICTURES, metavar="FILE", show_default=False, help=(
+    "Class names for --topk, one per line in the classifier's order."))]
+
+Engine = Annotated[str, _option("--engine", panel=CLUSTER, metavar="NAME", help=(
+    "local, or ray: the dump on a Ray cluster (pip install 'backbone-inspect\\[ray]')."))]
+RayAddress = Annotated[str | None, _option("--ray-address", panel=CLUSTER, metavar="ADDRESS", show_default=False, help=(
+    "The cluster to join (e.g. auto, or HOST:6379). \\[default: this machine's, or a new local one]"))]
+RayActors = Annotated[int | None, _option("--ray-actors", panel=CLUSTER, metavar="N", show_default=False, help=(
+    "Models run in parallel. \\[default: one per GPU of the cluster, else 1]"))]
+RayActorCpus = Annotated[float, _option("--ray-actor-cpus", panel=CLUSTER, metavar="CPUS", help=(
+    "CPUs each model reserves (on CPUs: its threads, rounded up)."))]
+
+Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks of unexpected errors.")]

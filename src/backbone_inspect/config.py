@@ -1,0 +1,115 @@
+"""The run configuration: everything that decides the features, resolved once from the options.
+
+``feature_config(...)`` checks every option and plans the weights and the preprocessing
+without loading anything (torchvision is imported only for named weights). The result is
+frozen and picklable: both engines and the output store are handed the same object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import UsageError
+from .images import Preprocessing
+from .options import check_device_spec, check_dtype, parse_size, read_categories
+from .stages import DEFAULT_LAYERS, check_arch, parse_layers
+from .weights import WeightsPlan, plan_weights
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What makes features: the model, the stages, the preprocessing and the numbers' dtypes."""
+
+    arch: str
+    stages: tuple[str, ...]
+    """Canonical stage names, shallow to deep."""
+    weights: WeightsPlan
+    seed: int
+    """Seed of the random initialisation (it decides the numbers only with ``weights`` none)."""
+    preprocessing: Preprocessing
+    """The weights' own preprocessing with ``resize``/``crop`` applied."""
+    dtype: str = "float32"
+    """The compute dtype; statistics are computed in float32 whatever it is."""
+    save_dtype: str = "float32"
+    channels_last: bool | None = None
+    """``None``: where it is faster (cpu, cuda)."""
+    compile: bool = False
+    topk: int = 0
+    categories: tuple[str, ...] | None = None
+    """Class names for ``topk``; ``None``: the named weights' own."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: resolved where the model runs."""
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two dumps comparable: resuming into a folder needs the same settings.
+
+        Recorded in the folder's settings file and in every feature file's ``meta``.
+        """
+        return {
+            "arch": self.arch,
+            "weights": self.weights.label,
+            "seed": self.seed if self.weights.kind == "none" else None,
+            "layers": list(self.stages),
+            "preprocessing": self.preprocessing.to_dict(),
+            "dtype": self.dtype,
+            "save_dtype": self.save_dtype,
+        }
+
+
+def feature_config(
+    *, arch: str = "resnet50", layers: Iterable[int | str] | str | int = DEFAULT_LAYERS, weights: Any = None,
+    seed: int = 0, resize: int | str | None = None, crop: int | str | None = None, dtype: str = "float32",
+    save_dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, topk: int = 0,
+    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto",
+) -> FeatureConfig:
+    """Check the options and resolve them into one ``FeatureConfig`` (``UsageError`` on bad values).
+
+    ``weights``: ``None``/``"none"`` (random, from ``seed``), a torchvision weights name
+    (``"DEFAULT"``, ``"IMAGENET1K_V2"``) or enum member, or a checkpoint path.
+    ``resize``/``crop``: pixels, ``"none"`` to skip the step, ``None`` for the weights' own.
+    ``categories``: class names, or the path of a file with one per line.
+    """
+    arch = check_arch(arch)
+    stages = parse_layers(layers)
+    dtype, save_dtype = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype)
+    device = check_device_spec(device)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+        raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
+    plan = plan_weights(arch, weights)
+    return FeatureConfig(
+        arch=arch,
+        stages=stages,
+        weights=plan,
+        seed=int(seed),
+        preprocessing=_preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)),
+        dtype=dtype,
+        save_dtype=save_dtype,
+        channels_last=channels_last,
+        compile=bool(compile),
+        topk=topk,
+        categories=_category_names(categories),
+        device=device,
+    )
+
+
+def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str | None) -> Preprocessing:
+    """The weights' preprocessing with the overrides applied: ``None`` keeps a value, ``"none"`` skips the step."""
+    overrides = {key: (None if value == "none" else value) for key, value in (("resize", resize), ("crop", crop)) if value is not None}
+    preprocessing = replace(own, **overrides)
+    if preprocessing.resize is not None and preprocessing.crop is not None and preprocessing.crop > preprocessing.resize:
+        raise UsageError(
+            f"--crop {preprocessing.crop} is larger than --resize {preprocessing.resize}: every image "
+            "would be smaller than its crop"
+        )
+    return preprocessing
+
+
+def _category_names(categories: Sequence[str] | str | os.PathLike[str] | None) -> tuple[str, ...] | None:
+    if categories is None:
+        return None
+    if isinstance(categories, (str, os.PathLike)):
+        return tuple(read_categories(os.fspath(categories)))
+    return tuple(str(name) for name in categories)

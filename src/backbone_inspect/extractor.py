@@ -1,0 +1,205 @@
+"""The per-batch work: a Backbone on its device, normalisation, statistics and top-k classes.
+
+Built from a ``FeatureConfig``; both engines drive the same ``forward_group``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone
+from .config import FeatureConfig
+from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
+from .errors import UsageError, WeightsError
+from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
+from .stats import StageStats, batch_stage_stats
+from .weights import LoadedWeights
+
+
+TORCH_DTYPES: dict[str, torch.dtype] = {  # the names are options.DTYPE_NAMES
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def own_copy(feature: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy with storage of its own: saving it never drags a batch's storage along."""
+    return feature.to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image through the backbone: its CPU features [C, H, W] (none when the Extractor keeps
+    no features) and their statistics."""
+
+    image: str
+    input_size: tuple[int, int]
+    features: OrderedDict[str, torch.Tensor]
+    stats: tuple[StageStats, ...]
+    seconds: float
+    """Time of the forward pass of the group this image ran in."""
+    group_size: int = 1
+    top: tuple[ClassScore, ...] | None = None
+    """The most probable classes, with ``topk``."""
+    pixels: torch.Tensor | None = None
+    """The preprocessed input, uint8 [3, H, W] on the CPU (what the model saw, before normalising)."""
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    probability: float
+
+
+class Extractor:
+    """A Backbone in eval mode on a device, with the preprocessing that feeds it.
+
+    ``Extractor(feature_config(arch="resnet18", layers=(1, 4)), device="cpu")``. ``device``:
+    a ``torch.device`` or spec; ``None`` resolves ``config.device`` (``auto``: cuda, then mps,
+    then cpu). ``keep_features=False``: results carry statistics only (``features`` empty),
+    sparing a copy of every feature map when nothing is saved or drawn.
+    """
+
+    def __init__(
+        self, config: FeatureConfig, *, device: torch.device | str | None = None, keep_features: bool = True
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device) if device is None else torch.device(device)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
+        self.requested: tuple[str, ...] = config.stages
+        run_layers = self.requested + (("layer4",) if config.topk and "layer4" not in self.requested else ())
+        backbone = Backbone(config.arch, run_layers, config.weights, seed=config.seed, head=config.topk > 0)
+        self.backbone = backbone.eval().to(self.device, dtype=self.dtype)
+        if self.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self._run = torch.compile(self.backbone) if config.compile else self.backbone
+        # On a CPU each stage runs in slices sized to the cache (see cache_chunk_sizes); a
+        # compiled graph and a GPU's own memory hierarchy take the whole batch.
+        self._cache_bytes = last_level_cache_bytes() if self.device.type == "cpu" and not config.compile else None
+        self._chunk_plans: dict[tuple[int, int], dict[str, int]] = {}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        loaded = self.backbone.weights_info
+        assert loaded is not None
+        self.weights: LoadedWeights = loaded
+        self.seed = config.seed
+        self.topk = config.topk
+        self.keep_features = keep_features
+        self.categories = self._check_categories(config.categories) if config.topk else None
+        self.preprocessing: Preprocessing = config.preprocessing
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.preprocessing.mean, device=self.device).view(shape)
+        self._std = torch.tensor(self.preprocessing.std, device=self.device).view(shape)
+
+    def _check_categories(self, categories: Sequence[str] | None) -> tuple[str, ...]:
+        names = tuple(categories) if categories is not None else self.weights.categories
+        if names is None:
+            raise UsageError(
+                "--topk needs class names: use torchvision's named weights, or give --categories FILE"
+            )
+        if self.weights.kind == "checkpoint" and not self.weights.head_loaded:
+            raise WeightsError(f"--topk: {self.weights.head_note}; the checkpoint's classes are unknown here")
+        classes = self.backbone.fc.out_features
+        if len(names) != classes:
+            raise UsageError(f"--categories has {len(names)} names, but the classifier of {self.arch} has {classes} classes")
+        if not 0 < self.topk <= classes:
+            raise UsageError(f"--topk {self.topk}: expected 1..{classes}")
+        return names
+
+    @property
+    def arch(self) -> str:
+        return self.backbone.arch
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages asked for (with ``topk``, layer4 also runs, for the classifier)."""
+        return self.requested
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""
+        return load_image_tensor(path, self.preprocessing)
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Features of a uint8 [N, 3, H, W] batch, on the device."""
+        with torch.inference_mode():
+            # uint8 travels to the device (4x less than float32) and is normalised there.
+            batch = images.to(self.device, non_blocking=True).float().div_(255)
+            batch = batch.sub_(self._mean).div_(self._std).to(self.dtype)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self._cache_bytes is None or len(batch) == 1:
+                return self._run(batch)
+            return self.backbone.forward_in_chunks(batch, self._chunk_sizes(batch))
+
+    def _chunk_sizes(self, batch: torch.Tensor) -> dict[str, int]:
+        assert self._cache_bytes is not None
+        height, width = batch.shape[-2:]
+        if (height, width) not in self._chunk_plans:
+            self._chunk_plans[(height, width)] = cache_chunk_sizes(
+                self.backbone, height, width, element_size=batch.element_size(), cache_bytes=self._cache_bytes
+            )
+        # Capped at the batch: stages that all take the whole batch then run as one, unsliced.
+        return {name: min(size, len(batch)) for name, size in self._chunk_plans[(height, width)].items()}
+
+    def timed_forward(self, images: torch.Tensor) -> tuple[OrderedDict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        features = self.forward(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return features, time.perf_counter() - start
+
+    def extract(self, images: Sequence[tuple[str, torch.Tensor]]) -> list[ImageResult]:
+        """Features and statistics of (name, uint8 [3, H, W]) images, in order.
+
+        Images of equal size run as one batch; different sizes run as separate batches, so
+        nothing is ever padded. Features come back as CPU tensors with storage of their own.
+        """
+        batch = collate_batch([LoadedImage(index, pixels) for index, (_, pixels) in enumerate(images)])
+        results: dict[int, ImageResult] = {}
+        for group in batch.groups:
+            names = [images[position][0] for position in group.positions]
+            results.update(zip(group.positions, self.forward_group(names, group)))
+        return [results[position] for position in range(len(images))]
+
+    def forward_group(self, names: Sequence[str], group: SizeGroup) -> list[ImageResult]:
+        """One forward pass over images of one size; statistics computed batched, on the device."""
+        features, seconds = self.timed_forward(group.pixels)
+        top = self._top_classes(features["layer4"]) if self.topk else [None] * len(names)
+        features = OrderedDict((name, features[name]) for name in self.requested)
+        stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
+        return [
+            ImageResult(
+                image,
+                group.input_size,
+                OrderedDict((name, own_copy(value[row])) for name, value in features.items() if self.keep_features),
+                tuple(stats[name][row] for name in features),
+                seconds,
+                len(names),
+                top[row],
+                group.pixels[row].to("cpu"),
+            )
+            for row, image in enumerate(names)
+        ]
+
+    def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
+        assert self.categories is not None
+        with torch.inference_mode():
+            probabilities = self.backbone.classify(layer4).float().softmax(dim=1)
+            values, indices = probabilities.topk(self.topk, dim=1)
+        return [
+            tuple(ClassScore(i, self.categories[i], p) for i, p in zip(row_indices, row_values))
+            for row_indices, row_values in zip(indices.tolist(), values.tolist())
+        ]
+
+    def inspect(self, path: str | Path) -> ImageResult:
+        """One image: decode, preprocess, forward, statistics."""
+        return self.extract([(str(path), self.load(path))])[0]

@@ -1,0 +1,188 @@
+"""The local engine: decoding in DataLoader workers, the model in this process, writes in a thread.
+
+``process_batch`` is the unit of work, decoded images in, stored features and outcomes out;
+the Ray engine's actors call the same function.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .config import FeatureConfig
+from .device import keep_freed_memory, resolve_device
+from .engine import ModelInfo, RunCallbacks
+from .errors import OutputError
+from .extractor import Extractor, ImageResult
+from .images import DecodedBatch, ImageDataset, collate_batch
+from .inputs import FoundImage
+from .outcomes import Outcome, RunSummary, RunTally
+from .shards import local_rank_from_env, shard_from_env
+from .signals import StopRequest
+from .store import FeatureStore
+
+
+def extract_batch(
+    extractor: Extractor,
+    images: Sequence[FoundImage],
+    batch: DecodedBatch,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[tuple[FoundImage, ImageResult | str]]:
+    """Forward one decoded batch: per image, in order, its result or why it failed.
+
+    Returns nothing more once ``should_stop()`` is true before a forward pass.
+    """
+    done: dict[int, ImageResult | str] = dict(batch.errors)
+    for group in batch.groups:
+        if should_stop():
+            return []
+        names = [images[position].path for position in group.positions]
+        done.update(zip(group.positions, extractor.forward_group(names, group)))
+    return [(images[position], done[position]) for position in range(len(images))]
+
+
+FinishedImage = tuple[Outcome, ImageResult | None, str | None]
+"""An image's manifest line, its result (when it has one) and the output error that should end the run."""
+
+
+def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureStore | None) -> FinishedImage:
+    """Store one image's features and describe it as a manifest line.
+
+    A write that fails is this image's error, and is also returned as the output error: an
+    output that cannot be written ends the run.
+    """
+    if isinstance(result, str):
+        return Outcome(image.path, image.output, "error", error=result), None, None
+    try:
+        written = store.write(image, result) if store is not None else 0
+    except OutputError as error:
+        return Outcome(image.path, image.output, "error", error=str(error)), None, str(error)
+    shapes = {stats.name: list(stats.shape) for stats in result.stats}
+    return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result, None
+
+
+def process_batch(
+    extractor: Extractor, images: Sequence[FoundImage], batch: DecodedBatch, store: FeatureStore | None
+) -> list[FinishedImage]:
+    """The whole unit of work, synchronously: one decoded batch in, stored features and outcomes out."""
+    return [finish_image(image, result, store) for image, result in extract_batch(extractor, images, batch)]
+
+
+def _ignore_sigint(_: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides when to stop and
+    # shuts the workers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decoded_batches(
+    images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int
+) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
+    """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward."""
+    dataset = ImageDataset([image.path for image in images], extractor.preprocessing)
+    if workers == 0:
+        for start in range(0, len(images), batch_size):
+            indices = range(start, min(start + batch_size, len(images)))
+            yield [images[i] for i in indices], collate_batch([dataset[i] for i in indices])
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_batch,
+        worker_init_fn=_ignore_sigint,
+        pin_memory=extractor.device.type == "cuda",
+        prefetch_factor=2,
+    )
+    for batch in loader:
+        yield [images[index] for index in batch.indices], batch
+
+
+def model_info(extractor: Extractor, where: str) -> ModelInfo:
+    return ModelInfo(
+        extractor.arch, extractor.weights, extractor.seed, where,
+        {name: extractor.backbone.strides[name] for name in extractor.stage_names},
+    )
+
+
+@dataclass(frozen=True)
+class LocalEngine:
+    """Runs in this process: ``workers`` decoding processes (0: decode in-process), batches of ``batch_size``."""
+
+    batch_size: int = 32
+    workers: int = 0
+    supports_pictures: bool = True
+
+    def run(
+        self,
+        config: FeatureConfig,
+        todo: Sequence[FoundImage],
+        store: FeatureStore | None,
+        *,
+        callbacks: RunCallbacks,
+        stop: StopRequest,
+    ) -> RunSummary:
+        """Run every image of ``todo``; ``callbacks.on_outcome`` sees each, in order, once it is written.
+
+        Files are written by a background thread while the next batch computes; at most about
+        two batches of features are held at once, so memory stays flat. A stop request, a
+        second Ctrl-C or an output error ends the run, and every file written by then is reported.
+        """
+        keep_freed_memory()
+        # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
+        local_rank = local_rank_from_env() if shard_from_env() else None
+        keep = store is not None or callbacks.keep_features
+        extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep)
+        callbacks.on_start(model_info(extractor, f"device {extractor.device}"))
+        workers = self.workers if len(todo) > self.batch_size else 0
+        batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
+        return _drive(extractor, batches, store, callbacks.on_outcome, stop, self.batch_size, len(todo))
+
+
+def _drive(
+    extractor: Extractor,
+    batches: Iterator[tuple[list[FoundImage], DecodedBatch]],
+    store: FeatureStore | None,
+    on_outcome: Callable[[Outcome, ImageResult | None], None],
+    stop: StopRequest,
+    batch_size: int,
+    total: int,
+) -> RunSummary:
+    tally = RunTally()
+    pending: collections.deque[Future[FinishedImage]] = collections.deque()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
+    report = functools.partial(_report, tally=tally, on_outcome=on_outcome)
+    try:
+        for images, batch in batches:
+            for image, result in extract_batch(extractor, images, batch, stop):
+                pending.append(executor.submit(finish_image, image, result, store))
+            while pending and (pending[0].done() or len(pending) > batch_size):
+                report(pending.popleft())
+            if stop() or tally.output_error is not None:
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, report what is written
+        stop.signal_number = signal.SIGINT
+        for future in pending:
+            future.cancel()
+    finally:
+        getattr(batches, "close", lambda: None)()
+    while pending:
+        future = pending.popleft()
+        if not future.cancelled():
+            report(future)
+    executor.shutdown(wait=True)
+    return tally.summary(stop.signal_number, total)
+
+
+def _report(future: Future[FinishedImage], *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
+    outcome, result, output_error = future.result()
+    tally.add(outcome, output_error)
+    try:
+        on_outcome(outcome, result)
+    except OutputError as error:  # e.g. a picture that cannot be written
+        tally.output_error = tally.output_error or str(error)

@@ -1,0 +1,144 @@
+"""One run, in the order its data flows: inputs → store (what is done) → engine → outcomes.
+
+``plan_run`` claims the store and splits the selected images into what to do and what to skip;
+``execute_run`` opens the store, records the skipped images, runs the engine, records each
+outcome, draws pictures, pools the statistics and returns the ``RunSummary``. The CLI and
+``dump_features``/``inspect_images`` are both built on these two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .engine import Engine, RunCallbacks
+from .errors import UsageError
+from .outcomes import Outcome, RunSummary
+from .signals import StopRequest, stop_on_signals
+from .stats import SummaryAccumulator
+
+if TYPE_CHECKING:
+    from .config import FeatureConfig
+    from .extractor import ImageResult
+    from .inputs import FoundImage, InputPlan
+    from .store import FeatureStore
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """``--viz``: PNGs per image and stage under ``folder``, ``channels`` channels in each grid."""
+
+    folder: Path
+    channels: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise UsageError(f"--viz-channels {self.channels!r}: expected a positive number of channels")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, decided before any image is computed."""
+
+    config: FeatureConfig
+    inputs: InputPlan
+    engine: Engine
+    store: FeatureStore | None
+    pictures: Pictures | None
+    todo: tuple[FoundImage, ...]
+    skipped: tuple[FoundImage, ...]
+    redo: tuple[FoundImage, ...]
+    """Part of ``todo``: stored already, but unreadable or made with other settings."""
+
+
+def plan_run(
+    config: FeatureConfig,
+    inputs: InputPlan,
+    engine: Engine,
+    store: FeatureStore | None = None,
+    *,
+    pictures: Pictures | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> RunPlan:
+    """Claim the store (``UsageError`` if it holds other settings) and split what is done from what is not.
+
+    A dry run only compares the settings: it creates and writes nothing.
+    """
+    if pictures is not None and not engine.supports_pictures:
+        raise UsageError("--viz works with the local engine only: draw pictures of a few images without --engine ray")
+    if store is None:
+        return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
+    store.claim(overwrite=overwrite, record=not dry_run)
+    split = store.split_done(inputs.selected, overwrite=overwrite)
+    return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
+
+
+@dataclass(frozen=True)
+class DumpEstimate:
+    """A dry run: the counts, and the bytes the store will take."""
+
+    to_do: int
+    to_skip: int
+    unreadable: int
+    """Images to do whose header cannot be read: they will fail."""
+    estimated_bytes: int
+
+
+def estimate_run(plan: RunPlan) -> DumpEstimate:
+    """Count and size a plan from the images' headers and the stage shapes; computes nothing."""
+    from .inputs import planned_input_size
+
+    sizes = [planned_input_size(image.path, plan.config.preprocessing) for image in plan.todo]
+    readable = [size for size in sizes if size is not None]
+    estimate = plan.store.estimate_bytes(readable) if plan.store is not None else 0
+    return DumpEstimate(len(plan.todo), len(plan.skipped), len(sizes) - len(readable), estimate)
+
+
+def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop: StopRequest | None = None) -> RunSummary:
+    """Run the plan on its engine; every outcome is recorded in the store before ``callbacks`` see it.
+
+    ``stop``: a request the caller sets (e.g. from its own signal handlers); without one,
+    SIGINT and SIGTERM stop the run cleanly while it lasts. The summary says whether it stopped.
+    """
+    store, engine = plan.store, plan.engine
+    accumulator = SummaryAccumulator()
+    recorded = _recording(store, accumulator, plan.pictures, callbacks)
+    if store is not None:
+        store.open()
+    try:
+        for image in plan.skipped:
+            store.record(Outcome(image.path, image.output, "skipped"))  # type: ignore[union-attr]
+        if stop is not None:
+            summary = engine.run(plan.config, plan.todo, store, callbacks=recorded, stop=stop)
+        else:
+            with stop_on_signals() as own_stop:
+                summary = engine.run(plan.config, plan.todo, store, callbacks=recorded, stop=own_stop)
+    finally:
+        if store is not None:
+            store.close()
+    return dataclasses.replace(
+        summary, skipped=len(plan.skipped), stages=tuple(accumulator.summaries()), shard=plan.inputs.shard
+    )
+
+
+def _recording(
+    store: FeatureStore | None, accumulator: SummaryAccumulator, pictures: Pictures | None, callbacks: RunCallbacks
+) -> RunCallbacks:
+    """The caller's callbacks, behind the run's own work on each outcome: record, draw, pool."""
+
+    def on_outcome(outcome: Outcome, result: ImageResult | None) -> None:
+        if store is not None:
+            store.record(outcome)
+        if result is not None:
+            if pictures is not None:
+                from .viz import write_viz
+
+                write_viz(pictures.folder / Path(str(outcome.output)).with_suffix(""), result, pictures.channels)
+            for stats in result.stats:
+                accumulator.add(stats)
+        callbacks.on_outcome(outcome, result)
+
+    return RunCallbacks(callbacks.on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)

@@ -1,0 +1,120 @@
+"""What the command shows while a run goes: the header, per-image tables or JSON lines, warnings,
+errors, the progress bar, and the summary at the end. Rendering only: the run does the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .engine import RunCallbacks
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .engine import ModelInfo
+    from .extractor import ImageResult
+    from .outcomes import Outcome, RunSummary
+
+
+def warning_line(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def error_line(message: str) -> None:
+    """Every error reaches the user as one line on stderr."""
+    text = " ".join(str(message).split())
+    print(f"Error: {text}", file=sys.stderr, flush=True)
+
+
+def stdout_console() -> Console:
+    from rich.console import Console
+
+    # Piped output gets a fixed width wide enough for every table, rather than rich's 80.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+@dataclass(frozen=True)
+class View:
+    """How results are shown: JSON Lines, a table per image, or per-stage summaries at the end."""
+
+    json_lines: bool
+    per_image_tables: bool
+
+
+class Screen:
+    """Renders one run from its callbacks; ``finish`` prints the summaries once it is over."""
+
+    def __init__(self, view: View, total: int) -> None:
+        from .render import Progress
+
+        self.view = view
+        self.console = stdout_console()
+        self.model: ModelInfo | None = None
+        self._stride_warned = False
+        self._progress = Progress(total) if sys.stderr.isatty() and not view.per_image_tables else None
+
+    def callbacks(self) -> RunCallbacks:
+        return RunCallbacks(on_start=self.on_start, on_outcome=self.on_outcome)
+
+    def on_start(self, model: ModelInfo) -> None:
+        from .render import render_model_header
+
+        self.model = model
+        if not self.view.json_lines:
+            render_model_header(self.console, model)
+
+    def on_outcome(self, outcome: Outcome, result: ImageResult | None) -> None:
+        if outcome.status == "error":
+            (self._progress.error_line if self._progress is not None else error_line)(str(outcome.error))
+        if result is not None:
+            self._show(result)
+        if self._progress is not None:
+            self._progress.advance(outcome.status == "error")
+
+    def _show(self, result: ImageResult) -> None:
+        from .render import json_record, render_image_table, stride_warning
+
+        assert self.model is not None
+        deepest = result.stats[-1].name
+        stride = self.model.strides[deepest]
+        if not self._stride_warned and any(size % stride for size in result.input_size):
+            self._stride_warned = True
+            warning_line(stride_warning(result.input_size, deepest, stride))
+        if self.view.json_lines:
+            sys.stdout.write(json.dumps(json_record(self.model, result)) + "\n")
+            sys.stdout.flush()
+        elif self.view.per_image_tables:
+            render_image_table(self.console, result)
+
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def finish(self, summary: RunSummary, *, summary_line: bool) -> None:
+        """The per-stage tables (unless shown per image), the run's summary line, and its output error."""
+        from .render import render_stage_summaries, run_summary_line
+
+        if not self.view.json_lines and not self.view.per_image_tables:
+            render_stage_summaries(self.console, summary.stages)
+        if summary_line or summary.stopped_by is not None:
+            print(run_summary_line(summary), file=sys.stderr, flush=True)
+        if summary.output_error is not None and not summary.output_error_shown:
+            error_line(summary.output_error)
+
+
+def show_estimate(estimate: Any, *, json_lines: bool, location: str | None, save_dtype: str) -> None:
+    """A dry run's counts and size, as a sentence or one JSON line."""
+    from .render import human_bytes
+
+    if json_lines:
+        print(json.dumps({"to_do": estimate.to_do, "to_skip": estimate.to_skip, "unreadable": estimate.unreadable,
+                          "estimated_bytes": estimate.estimated_bytes}))
+        return
+    where = f" in {location}" if location else ""
+    stdout_console().print(
+        f"dry run: {estimate.to_do} images to do ({estimate.unreadable} of them unreadable from their "
+        f"header, so they will fail), {estimate.to_skip} to skip (already{where}); "
+        f"about {human_bytes(estimate.estimated_bytes)} to write as {save_dtype}",
+    )

@@ -1,0 +1,46 @@
+"""Stopping a run cleanly on SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or by hand): the run finishes the files it has in hand and stops."""
+
+    signal_number: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal_number is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(*, ignore_after_stop: bool = False) -> Iterator[StopRequest]:
+    """The first SIGINT or SIGTERM asks for a clean stop; a second SIGINT interrupts at once.
+
+    On leaving, the previous handlers come back; with ``ignore_after_stop`` (a process that only
+    reports and exits after a stop) signals are ignored from then on instead, once one came.
+    Outside the main thread, where signals cannot be handled, the request only stops by hand.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(number: int, _frame: object) -> None:
+        if request.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.signal_number = number
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            stopped = request.signal_number is not None
+            signal.signal(number, signal.SIG_IGN if stopped and ignore_after_stop else handler)
