@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--early-stop-only", action="store_true", help="only the early-stop check (resnet50, float32)")
     args = parser.parse_args()
 
-    from backbone_inspect.pipeline import keep_freed_memory
+    from backbone_inspect.device import keep_freed_memory
 
     keep_freed_memory()  # as the command does: every variant gets the same allocator
     try:

@@ -1,0 +1,126 @@
+"""Planning a run without running it: the configuration, the inputs and their shards, the engine."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from backbone_inspect.config import feature_config
+from backbone_inspect.engine import make_engine
+from backbone_inspect.errors import UsageError
+from backbone_inspect.inputs import plan_inputs
+from backbone_inspect.shards import Shard
+
+from conftest import SMALL_OPTIONS, noise_image
+
+
+def test_the_configuration_is_resolved_once_frozen_and_picklable(tmp_path: Path) -> None:
+    categories = tmp_path / "classes.txt"
+    categories.write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
+    config = feature_config(arch="resnet18", layers="C5,1,layer1", resize="none", crop=64, topk=3,
+                            categories=categories, dtype="bfloat16", device="CPU")
+    assert config.stages == ("layer1", "layer4")
+    assert (config.preprocessing.resize, config.preprocessing.crop) == (None, 64)
+    assert config.weights.kind == "none" and config.device == "cpu" and len(config.categories) == 1000
+    assert pickle.loads(pickle.dumps(config)) == config
+    with pytest.raises(AttributeError):
+        config.arch = "resnet50"  # type: ignore[misc]
+    assert config.settings()["seed"] == 0
+    assert feature_config(**SMALL_OPTIONS, weights=tmp_path / "any.pth").settings()["seed"] is None
+
+
+def test_named_weights_are_planned_as_plain_values_with_their_own_preprocessing() -> None:
+    config = feature_config(arch="resnet50", weights="DEFAULT")
+    assert (config.weights.kind, config.weights.label) == ("named", "IMAGENET1K_V2")
+    assert config.preprocessing.resize == 232 and config.preprocessing.crop == 224
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"arch": "vgg16"}, "unknown arch 'vgg16'"),
+        ({"layers": "5"}, "invalid stage 5"),
+        ({"resize": 0}, "invalid --resize 0"),
+        ({"resize": 32, "crop": 64}, "--crop 64 is larger than --resize 32"),
+        ({"dtype": "int8"}, "invalid --dtype 'int8'"),
+        ({"device": "tpu"}, "invalid --device 'tpu'"),
+        ({"topk": -1}, "--topk -1"),
+        ({"weights": "IMAGENET1K_V9"}, "--weights 'IMAGENET1K_V9' does not exist for resnet50"),
+    ],
+)
+def test_bad_options_are_usage_errors_naming_the_option(options: dict, message: str) -> None:
+    with pytest.raises(UsageError) as error:
+        feature_config(**options)
+    assert message in str(error.value)
+
+
+def test_inputs_are_found_sorted_and_sharded_into_disjoint_slices(tmp_path: Path, photos: Path) -> None:
+    whole = plan_inputs(photos, shard_from_environment=False)
+    assert [image.output for image in whole.found] == ["a/cat.pt", "b/cat.pt", "b/deep/dog.pt", "top.pt"]
+    assert whole.selected == whole.found and whole.shard is None and not whole.named_files
+    slices = [plan_inputs([photos], shard=f"{k}/3").selected for k in range(3)]
+    assert sorted(image.path for part in slices for image in part) == sorted(image.path for image in whole.found)
+    assert sum(len(part) for part in slices) == len(whole.found)
+    assert plan_inputs(photos, shard=Shard(1, 3)).selected == slices[1]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2"}, Shard(1, 2)),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}, Shard(2, 3)),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, None),
+    ],
+)
+def test_torchrun_and_slurm_give_the_shard_unless_told_otherwise(photos: Path, monkeypatch, env: dict, expected) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert plan_inputs(photos).shard == expected
+    assert plan_inputs(photos, shard="0/4").shard == Shard(0, 4), "an explicit shard wins"
+    assert plan_inputs(photos, shard_from_environment=False).shard is None
+
+
+def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: Path, photos: Path) -> None:
+    with pytest.raises(UsageError, match=r"inputs would overwrite each other's output: .*a/cat.jpg, .*b/cat.PNG -> cat.pt"):
+        plan_inputs([photos / "a" / "cat.jpg", photos / "b" / "cat.PNG"])
+    named = plan_inputs([photos / "a" / "cat.jpg", photos / "b" / "cat.PNG"], check_collisions=False)
+    assert named.named_files and len(named.found) == 2
+    with pytest.raises(UsageError, match="no such file or directory"):
+        plan_inputs([tmp_path / "missing.jpg"])
+    with pytest.raises(UsageError, match="no inputs"):
+        plan_inputs([])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no images found in"):
+        plan_inputs(tmp_path / "empty")
+
+
+def test_a_list_file_adds_inputs_and_the_same_file_is_taken_once(tmp_path: Path, photos: Path) -> None:
+    extra = noise_image(tmp_path / "extra.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# comment\n\n{extra}\n{photos / 'top.png'}\n")
+    plan = plan_inputs(photos / "top.png", from_list=listing)
+    assert [image.path for image in plan.found] == sorted([str(extra), str(photos / "top.png")])
+    assert not plan.named_files
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"name": "spark"}, "--engine spark: expected one of local, ray"),
+        ({"ray_address": "auto"}, "--ray-address needs --engine ray"),
+        ({"batch_size": 0}, "--batch-size 0"),
+        ({"workers": -1}, "--workers -1"),
+    ],
+)
+def test_engine_options_are_checked_when_the_engine_is_made(options: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        make_engine(**options)
+
+
+def test_the_local_engine_keeps_its_options() -> None:
+    engine = make_engine("local", batch_size=4, workers=0)
+    assert (engine.batch_size, engine.workers, engine.supports_pictures) == (4, 0, True)
+    assert make_engine().workers >= 1
