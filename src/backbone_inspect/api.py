@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import RunCallbacks, make_engine
 from .errors import OutputError, RunStopped
-from .run import Pictures, execute_run, plan_run
+from .run import Pictures, execute_run, plan_run, redo_warning
 from .stages import DEFAULT_LAYERS
 
 if TYPE_CHECKING:
@@ -115,13 +115,6 @@ def inspect_images(
 
 def _pictures(viz: PathLike | None, channels: int) -> Pictures | None:
     return Pictures(Path(viz), channels) if viz is not None else None
-
-
-def redo_warning(redo: Sequence[Any]) -> str:
-    return (
-        f"{len(redo)} existing feature file(s) are unreadable or were made with other settings "
-        f"(e.g. {redo[0].output}); they are computed again"
-    )
 
 
 def raise_if_ended_early(summary: RunSummary) -> RunSummary:

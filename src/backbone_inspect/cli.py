@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperCommand
@@ -22,6 +22,13 @@ from .cli_options import (
 )
 from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
 from .screen import error_line, warning_line
+
+if TYPE_CHECKING:
+    from .config import FeatureConfig
+    from .engine import Engine as EngineType
+    from .inputs import InputPlan
+    from .outcomes import RunSummary
+    from .run import Pictures
 
 PROG_NAME = "backbone-inspect"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
@@ -117,10 +124,9 @@ def inspect(
         return EXIT_FAILURE
 
 
-def _run(config: Any, inputs: Any, runner: Any, *, save: Path | None, overwrite: bool, dry_run: bool,
-         pictures: Any, json_lines: bool, tables: bool) -> int:
-    from .api import redo_warning
-    from .run import execute_run, plan_run
+def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, save: Path | None, overwrite: bool,
+         dry_run: bool, pictures: Pictures | None, json_lines: bool, tables: bool) -> int:
+    from .run import estimate_run, execute_run, plan_run, redo_warning
     from .screen import Screen, View, show_estimate
     from .shards import RankGroup, launched_by_torchrun
     from .signals import stop_on_signals
@@ -132,8 +138,6 @@ def _run(config: Any, inputs: Any, runner: Any, *, save: Path | None, overwrite:
     if plan.redo:
         warning_line(redo_warning(plan.redo))
     if dry_run:
-        from .run import estimate_run
-
         show_estimate(estimate_run(plan), json_lines=json_lines, location=store and store.location, save_dtype=config.save_dtype)
         return EXIT_OK
     screen = Screen(View(json_lines=json_lines, per_image_tables=tables), total=len(plan.todo))
@@ -147,7 +151,7 @@ def _run(config: Any, inputs: Any, runner: Any, *, save: Path | None, overwrite:
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
 
 
-def _exit_code(summary: Any) -> int:
+def _exit_code(summary: RunSummary) -> int:
     if summary.stopped_by is not None:
         return 128 + int(summary.stopped_by)
     return EXIT_FAILURE if summary.failed or summary.output_error else EXIT_OK

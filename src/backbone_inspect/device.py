@@ -99,7 +99,8 @@ def keep_freed_memory() -> bool:
     and unmaps them every time, and the page faults cost about 15% of a CPU run (measured:
     resnet50 at 224 px, 28.7 -> 33.4 images/s). With a 32 MiB mmap threshold and a 256 MiB
     trim threshold they are reused: memory stays flat, at the size of a batch's activations.
-    A process-wide setting, so the CLI calls it, not the library. False where not glibc.
+    A process-wide setting; the engines make it as their run starts (and each Ray actor in its
+    process). False where not glibc.
     """
     import ctypes
     import ctypes.util

@@ -32,8 +32,10 @@ class ModelInfo:
     arch: str
     weights: LoadedWeights
     seed: int
-    where: str
-    """``device cpu``, ``device cuda:0``, or the engine and its cluster."""
+    device: str
+    """Where the model runs (``cpu``, ``cuda:0``); with a cluster engine, the device each actor resolves."""
+    engine: str | None
+    """The engine and its cluster, when the models run outside this process."""
     strides: dict[str, int]
     """Nominal stride of each requested stage."""
 

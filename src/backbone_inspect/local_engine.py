@@ -103,11 +103,9 @@ def decoded_batches(
         yield [images[index] for index in batch.indices], batch
 
 
-def model_info(extractor: Extractor, where: str) -> ModelInfo:
-    return ModelInfo(
-        extractor.arch, extractor.weights, extractor.seed, where,
-        {name: extractor.backbone.strides[name] for name in extractor.stage_names},
-    )
+def model_info(extractor: Extractor, *, device: str, engine: str | None = None) -> ModelInfo:
+    strides = {name: extractor.backbone.strides[name] for name in extractor.stage_names}
+    return ModelInfo(extractor.arch, extractor.weights, extractor.seed, device, engine, strides)
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ class LocalEngine:
         local_rank = local_rank_from_env() if shard_from_env() else None
         keep = store is not None or callbacks.keep_features
         extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep)
-        callbacks.on_start(model_info(extractor, f"device {extractor.device}"))
+        callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
         return _drive(extractor, batches, store, callbacks.on_outcome, stop, self.batch_size, len(todo))

@@ -147,7 +147,7 @@ class RayEngine:
 
     def label(self, device: str) -> str:
         actors = f"{self.actors} actor(s)" if self.actors else "actors: one per GPU, else 1"
-        return f"engine ray ({self.address or 'local cluster'}, {actors}, device {device})"
+        return f"ray ({self.address or 'local cluster'}, {actors}, device {device})"
 
     def run(
         self,
@@ -172,7 +172,7 @@ class RayEngine:
         # The driver's copy only checks the weights and options before the cluster starts; the
         # actors hold the models, on their own devices.
         checked = Extractor(replace(config, compile=False), device="cpu", keep_features=False)
-        callbacks.on_start(model_info(checked, self.label(config.device)))
+        callbacks.on_start(model_info(checked, device=config.device, engine=self.label(config.device)))
         del checked
         tally = RunTally()
         _quiet_ray()

@@ -129,11 +129,10 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
 def render_model_header(console: Console, model: ModelInfo) -> None:
     """``arch … weights … device …`` (or the engine, when the models run elsewhere), and any note on the weights."""
     weights = model.weights
-    place, _, where = model.where.partition(" ")
     line = (
         f"[bold]arch[/] {model.arch}  [bold]weights[/] {weights.label}"
         + (f" (seed {model.seed})" if weights.kind == "none" else "")
-        + f"  [bold]{place}[/] {where}"
+        + (f"  [bold]engine[/] {model.engine}" if model.engine else f"  [bold]device[/] {model.device}")
     )
     console.print(line, highlight=False)
     if weights.head_note:

@@ -9,6 +9,7 @@ outcome, draws pictures, pools the statistics and returns the ``RunSummary``. Th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +75,14 @@ def plan_run(
     store.claim(overwrite=overwrite, record=not dry_run)
     split = store.split_done(inputs.selected, overwrite=overwrite)
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
+
+
+def redo_warning(redo: Sequence[FoundImage]) -> str:
+    """What a run says when it computes stored files again."""
+    return (
+        f"{len(redo)} existing feature file(s) are unreadable or were made with other settings "
+        f"(e.g. {redo[0].output}); they are computed again"
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .engine import RunCallbacks
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .engine import ModelInfo
     from .extractor import ImageResult
     from .outcomes import Outcome, RunSummary
+    from .run import DumpEstimate
 
 
 def warning_line(message: str) -> None:
@@ -104,7 +105,7 @@ class Screen:
             error_line(summary.output_error)
 
 
-def show_estimate(estimate: Any, *, json_lines: bool, location: str | None, save_dtype: str) -> None:
+def show_estimate(estimate: DumpEstimate, *, json_lines: bool, location: str | None, save_dtype: str) -> None:
     """A dry run's counts and size, as a sentence or one JSON line."""
     from .render import human_bytes
 

@@ -1,0 +1,31 @@
+"""The README's Python example runs as written, and prints what its comments say."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+from conftest import REPO, SAMPLES
+
+
+def readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_python_api_example_runs_and_prints_what_it_says(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "sample_images").symlink_to(SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(readme_block("### Dump features from Python"), "README.md", "exec"), {})
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == "5 0 0" and re.fullmatch(r"\d+\.\d MB in \d+\.\d s", lines[1])
+    assert lines[2] == "0 5"
+    assert lines[3] == "sample_images/chelsea.jpg (512, 7, 7) " + lines[3].split(") ")[1]
+    assert lines[4].startswith("sample_images/rocket.jpg (512, 7, 7) ") and lines[4].endswith("% zeros")
+    assert lines[5] == "['layer3', 'layer4']"
+    assert len(list((tmp_path / "feats").glob("*.pt"))) == 5
