@@ -15,7 +15,7 @@ from torchvision.transforms._presets import ImageClassification
 import backbone_inspect
 from backbone_inspect import FeatureStore, RunCallbacks, dump_features, execute_run, inspect_images, plan_run
 from backbone_inspect.config import feature_config
-from backbone_inspect.engine import make_engine
+from backbone_inspect.run import make_engine
 from backbone_inspect.errors import RunStopped, UsageError
 from backbone_inspect.images import load_rgb
 from backbone_inspect.inputs import plan_inputs

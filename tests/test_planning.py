@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from backbone_inspect.config import feature_config
-from backbone_inspect.engine import make_engine
+from backbone_inspect.run import make_engine
 from backbone_inspect.errors import UsageError
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.shards import Shard

@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "plan_inputs": "inputs",
     "FeatureStore": "store",
     "PtFileStore": "store",
-    "make_engine": "engine",
+    "make_engine": "run",
     "RunCallbacks": "engine",
     "plan_run": "run",
     "execute_run": "run",
@@ -46,11 +46,11 @@ if TYPE_CHECKING:
     from .api import Inspection, dump_features, inspect_images
     from .backbone import Backbone, StageInfo, feature_info
     from .config import FeatureConfig, feature_config
-    from .engine import RunCallbacks, make_engine
+    from .engine import RunCallbacks
     from .errors import InspectError, OutputError, RunStopped, UsageError, WeightsError
     from .inputs import plan_inputs
     from .outcomes import Outcome, RunSummary
-    from .run import execute_run, plan_run
+    from .run import execute_run, make_engine, plan_run
     from .store import FeatureStore, PtFileStore
 
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import RunCallbacks, make_engine
+from .engine import RunCallbacks
 from .errors import OutputError, RunStopped
-from .run import Pictures, execute_run, plan_run, redo_warning
+from .run import Pictures, execute_run, make_engine, plan_run, redo_warning
 from .stages import DEFAULT_LAYERS
 
 if TYPE_CHECKING:

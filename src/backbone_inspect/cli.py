@@ -94,7 +94,7 @@ def inspect(
                 raise UsageError("--describe takes no images: it describes --arch for --input-size")
             return _describe(arch, input_size, json_lines)
         from .config import feature_config
-        from .engine import make_engine
+        from .run import make_engine
         from .inputs import plan_inputs
         from .run import Pictures
 

@@ -4,6 +4,7 @@
 ``callbacks.on_start`` once they are ready, computes each image of ``todo``, writes it to
 ``store`` (when there is one) and calls ``callbacks.on_outcome`` for each, then returns the
 ``RunSummary``. The local engine runs in this process; the Ray engine on a Ray cluster.
+``run.make_engine`` picks one by name.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import UsageError
-from .options import check_engine, default_workers
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -68,39 +67,3 @@ class Engine(Protocol):
         callbacks: RunCallbacks,
         stop: StopRequest,
     ) -> RunSummary: ...
-
-
-def make_engine(
-    name: str = "local",
-    *,
-    batch_size: int = 32,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    ray_actors: int | None = None,
-    ray_actor_cpus: float = 1.0,
-) -> Engine:
-    """The engine ``name`` (``local`` or ``ray``) with its options, checked (``UsageError``)."""
-    check_engine(name)
-    _check_positive("--batch-size", batch_size)
-    if name == "local":
-        given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors)) if value is not None]
-        if given:
-            raise UsageError(f"{given[0]} needs --engine ray")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-            raise UsageError(f"--workers {workers!r}: expected 0 or more processes")
-        from .local_engine import LocalEngine
-
-        return LocalEngine(batch_size=batch_size, workers=default_workers() if workers is None else workers)
-    from .ray_engine import RayEngine, check_ray_installed
-
-    check_ray_installed()
-    if ray_actors is not None:
-        _check_positive("--ray-actors", ray_actors)
-    if not ray_actor_cpus > 0:
-        raise UsageError(f"--ray-actor-cpus {ray_actor_cpus!r}: expected a positive number of CPUs")
-    return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(ray_actor_cpus), batch_size=batch_size)
-
-
-def _check_positive(option: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{option} {value!r}: expected a positive whole number")

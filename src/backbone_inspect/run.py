@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .engine import Engine, RunCallbacks
 from .errors import UsageError
+from .options import check_engine, default_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
 from .stats import SummaryAccumulator
@@ -151,3 +152,39 @@ def _recording(
         callbacks.on_outcome(outcome, result)
 
     return RunCallbacks(callbacks.on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
+
+
+def make_engine(
+    name: str = "local",
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    ray_actor_cpus: float = 1.0,
+) -> Engine:
+    """The engine ``name`` (``local`` or ``ray``) with its options, checked (``UsageError``)."""
+    check_engine(name)
+    _check_positive("--batch-size", batch_size)
+    if name == "local":
+        given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --engine ray")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise UsageError(f"--workers {workers!r}: expected 0 or more processes")
+        from .local_engine import LocalEngine
+
+        return LocalEngine(batch_size=batch_size, workers=default_workers() if workers is None else workers)
+    from .ray_engine import RayEngine, check_ray_installed
+
+    check_ray_installed()
+    if ray_actors is not None:
+        _check_positive("--ray-actors", ray_actors)
+    if not ray_actor_cpus > 0:
+        raise UsageError(f"--ray-actor-cpus {ray_actor_cpus!r}: expected a positive number of CPUs")
+    return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(ray_actor_cpus), batch_size=batch_size)
+
+
+def _check_positive(option: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} {value!r}: expected a positive whole number")
