@@ -126,17 +126,24 @@ def test_saved_file_size_is_about_its_own_tensors(tmp_path: Path, chelsea: Path)
 def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path: Path, chelsea: Path, monkeypatch) -> None:
     (tmp_path / "chelsea.pt").write_bytes(b"previous complete file")
 
-    def failing_save(obj, handle) -> None:
-        handle.write(b"half a tensor")
-        raise OSError(28, "No space left on device")
+    import os
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    real_fsync = os.fsync
+
+    def disk_full_at_the_feature_file(descriptor: int) -> None:
+        if os.fstat(descriptor).st_size > 4096:  # the .pt being written, half on disk
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_feature_file)
     result = invoke(chelsea, "--save", tmp_path, "--overwrite", *SMALL)
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: cannot write {tmp_path / 'chelsea.pt'}: No space left on device"]
     assert (tmp_path / "chelsea.pt").read_bytes() == b"previous complete file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone-inspect.json", "chelsea.pt", "manifest.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".manifest.jsonl.lock", "backbone-inspect.json", "chelsea.pt", "manifest.jsonl"
+    ]
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(tmp_path: Path, chelsea: Path) -> None:

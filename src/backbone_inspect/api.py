@@ -8,11 +8,11 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engine import RunCallbacks
 from .errors import OutputError, RunStopped
+from .options import output_folder
 from .run import Pictures, execute_run, make_engine, plan_run, redo_warning
 from .stages import DEFAULT_LAYERS
 
@@ -50,11 +50,11 @@ def dump_features(
 
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
                             dtype=dtype, save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device)
-    found = plan_inputs(inputs, from_list=from_list, shard=shard)
+    folder, pictures = output_folder("--save", save), _pictures(viz, viz_channels)
+    found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder))
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                          ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
-    store = PtFileStore(save, config, shard=found.shard)
-    plan = plan_run(config, found, runner, store, pictures=_pictures(viz, viz_channels), overwrite=overwrite)
+    plan = plan_run(config, found, runner, PtFileStore(folder, config, shard=found.shard), pictures=pictures, overwrite=overwrite)
     if plan.redo:
         warnings.warn(redo_warning(plan.redo), stacklevel=2)
     callbacks = RunCallbacks() if on_outcome is None else RunCallbacks(on_outcome=lambda outcome, _: on_outcome(outcome))
@@ -95,7 +95,9 @@ def inspect_images(
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
                             dtype=dtype, channels_last=channels_last, compile=compile, topk=topk,
                             categories=categories, device=device)
-    found = plan_inputs(inputs, from_list=from_list, shard_from_environment=False, check_collisions=viz is not None)
+    pictures = _pictures(viz, viz_channels)
+    found = plan_inputs(inputs, from_list=from_list, shard_from_environment=False, check_collisions=viz is not None,
+                        outputs=(pictures and pictures.folder,))
     runner = make_engine("local", batch_size=batch_size, workers=workers)
     results: list[ImageResult] = []
     failures: list[Outcome] = []
@@ -108,13 +110,13 @@ def inspect_images(
             results.append(result if features else replace(result, features=OrderedDict(), pixels=None))
 
     callbacks = RunCallbacks(models.append, collect, keep_features=features)
-    summary = execute_run(plan_run(config, found, runner, pictures=_pictures(viz, viz_channels)), callbacks=callbacks)
+    summary = execute_run(plan_run(config, found, runner, pictures=pictures), callbacks=callbacks)
     raise_if_ended_early(summary)
     return Inspection(tuple(results), tuple(failures), summary, models[0] if models else None)
 
 
 def _pictures(viz: PathLike | None, channels: int) -> Pictures | None:
-    return Pictures(Path(viz), channels) if viz is not None else None
+    return Pictures(output_folder("--viz", viz), channels) if viz is not None else None
 
 
 def raise_if_ended_early(summary: RunSummary) -> RunSummary:

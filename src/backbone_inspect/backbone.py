@@ -121,7 +121,8 @@ def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescrip
     from .stages import STAGE_ALIASES
 
     with torch.device("meta"):
-        model = models.get_model(check_arch(arch), weights=None)
+        # Eval mode, as the command runs: batch norm in training mode refuses a 1×1 map of one image.
+        model = models.get_model(check_arch(arch), weights=None).eval()
         features = Backbone(arch, STAGES, model=model)(torch.empty(1, 3, *input_size))
     return [
         StageDescription(

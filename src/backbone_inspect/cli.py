@@ -96,6 +96,7 @@ def inspect(
         from .config import feature_config
         from .run import make_engine
         from .inputs import plan_inputs
+        from .options import output_folder
         from .run import Pictures
 
         config = feature_config(
@@ -103,12 +104,14 @@ def inspect(
             save_dtype=save_dtype, channels_last=channels_last, compile=compile_model, topk=topk or 0,
             categories=categories, device=device,
         )
-        inputs = plan_inputs(images or [], from_list=from_list, shard=shard, check_collisions=save is not None or viz is not None)
+        save_folder = output_folder("--save", save) if save is not None else None
+        pictures = Pictures(output_folder("--viz", viz), viz_channels) if viz is not None else None
+        inputs = plan_inputs(images or [], from_list=from_list, shard=shard, check_collisions=save is not None or viz is not None,
+                             outputs=(save_folder, pictures and pictures.folder))
         runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
         tables = inputs.named_files and save is None and not summary and not json_lines
-        pictures = Pictures(viz, viz_channels) if viz is not None else None
-        return _run(config, inputs, runner, save=save, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
+        return _run(config, inputs, runner, save=save_folder, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
                     json_lines=json_lines, tables=tables)
     except InspectError as error:
         error_line(str(error))

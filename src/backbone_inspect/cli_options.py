@@ -52,7 +52,7 @@ Crop = Annotated[str | None, _option("--crop", panel=INPUTS, metavar="N|none", s
 JsonLines = Annotated[bool, _option("--json", panel=OUTPUT, metavar="", help="Print one JSON object per image, nothing else.")]
 Summary = Annotated[bool, _option("--summary", panel=OUTPUT, metavar="", help=(
     "One table per stage over all images, even for a few image files."))]
-Save = Annotated[Path | None, _option("--save", panel=OUTPUT, metavar="DIR", file_okay=False, show_default=False, help=(
+Save = Annotated[str | None, _option("--save", panel=OUTPUT, metavar="DIR", show_default=False, help=(
     "Save a .pt per image under DIR (mirroring folder inputs), with DIR/manifest.jsonl."))]
 SaveDtype = Annotated[str, _option("--save-dtype", panel=OUTPUT, metavar="DTYPE", help=(
     "dtype of the saved tensors: float32, float16 or bfloat16."))]
@@ -76,7 +76,7 @@ BatchSize = Annotated[int, _option("--batch-size", panel=SPEED, metavar="N", hel
 Workers = Annotated[int | None, _option("--workers", panel=SPEED, metavar="N", show_default=False, help=(
     "Processes decoding images beside the forward pass; 0: in-process. \\[default: CPU count - 1, at most 8]"))]
 
-Viz = Annotated[Path | None, _option("--viz", panel=PICTURES, metavar="DIR", file_okay=False, show_default=False, help=(
+Viz = Annotated[str | None, _option("--viz", panel=PICTURES, metavar="DIR", show_default=False, help=(
     "Draw PNGs per image and stage under DIR: the most active channels, and a heatmap over the input."))]
 VizChannels = Annotated[int, _option("--viz-channels", panel=PICTURES, metavar="K", help="Channels in each --viz grid.")]
 Topk = Annotated[int | None, _option("--topk", panel=PICTURES, metavar="K", show_default=False, help=(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 EXIT_OK = 0
@@ -43,3 +44,12 @@ class RunStopped(InspectError):
         self.exit_code = 128 + signal_number
         self.signal_number = signal_number
         self.summary = summary
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, without terminal colours; its type when it has none."""
+    text = _ANSI_ESCAPE.sub("", str(getattr(error, "reason", None) or error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -43,12 +43,19 @@ def _current_umask() -> int:
 
 
 def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
-    """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written."""
+    """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written.
+
+    Serialised in memory first, then written: a full disk is then the operating system's own
+    error (``No space left on device``), not torch's writer failing on a short write.
+    """
+    import io
+
     import torch
 
-    payload = {"features": dict(features), "meta": dict(meta)}
+    buffer = io.BytesIO()
+    torch.save({"features": dict(features), "meta": dict(meta)}, buffer)
     try:
-        atomic_write(path, lambda handle: torch.save(payload, handle))
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
         return path.stat().st_size
     except OSError as error:
         raise OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}") from error
@@ -60,3 +67,39 @@ def _write_failure_reason(path: Path, error: OSError) -> str:
         if blocking is not None:
             return f"{blocking} is a file, not a folder"
     return error.strerror or str(error)
+
+
+class FolderLock:
+    """An advisory lock on a file (``flock``): held while the process holds it open, released by
+    the kernel when the process ends however it ends, so a killed run never blocks the next."""
+
+    def __init__(self, path: Path, handle: IO[str]) -> None:
+        self.path = path
+        self._handle = handle
+
+    @classmethod
+    def take(cls, path: Path) -> FolderLock:
+        """The lock, or ``UsageError`` naming the process that holds it."""
+        import fcntl
+        import socket
+        import time
+
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(
+                f"{path.parent} is being written by another run ({holder}): wait for it to end, "
+                "or give this run another --save folder or --shard"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        return cls(path, handle)
+
+    def release(self) -> None:
+        self._handle.close()  # closing the descriptor releases the flock

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,23 +80,72 @@ def load_rgb(path: str | Path) -> Image.Image:
     """
     from PIL import Image, ImageOps
 
+    _check_regular_file(path)
+    said: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.seek(0)
-                opened.load()
+                with _c_library_messages(said) if opened.format == "TIFF" else contextlib.nullcontext():
+                    opened.load()
                 image = ImageOps.exif_transpose(opened)
                 return to_rgb(image)
-    except Image.DecompressionBombWarning as error:
-        raise ImageError(f"{path}: image too large ({error})") from error
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{path}: image too large ({error})") from error
-    except Image.UnidentifiedImageError as error:
-        reason = "empty file" if _is_empty(path) else "not an image Pillow can read"
-        raise ImageError(f"{path}: {reason}") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: cannot decode image ({error})") from error
+    except Exception as error:  # whatever a decoder raises, one bad file is that file's error
+        if said and not isinstance(error, Image.UnidentifiedImageError):
+            raise ImageError(f"{path}: cannot decode image ({error}: {'; '.join(said)})") from error
+        raise _decode_error(path, error) from error
+
+
+def _decode_error(path: str | Path, error: Exception) -> ImageError:
+    from PIL import Image
+
+    try:
+        raise error
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return ImageError(f"{path}: image too large ({error})")
+    except Image.UnidentifiedImageError:
+        return ImageError(f"{path}: {'empty file' if _is_empty(path) else 'not an image Pillow can read'}")
+    except Exception:
+        return ImageError(f"{path}: cannot decode image ({error})")
+
+
+@contextlib.contextmanager
+def _c_library_messages(said: list[str]) -> Iterator[None]:
+    """Keep what a C library (libtiff) prints on stderr off the terminal, into ``said``: a
+    corrupt file is then one ``Error:`` line that carries those words."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace").replace("tempfile.tif: ", "")
+            said.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+_NOT_REGULAR: tuple[tuple[Any, str], ...] = (
+    (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_regular_file(path: str | Path) -> None:
+    """Only regular files are images: a named pipe would block, a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read it ({error.strerror or error})") from error
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+        raise ImageError(f"{path}: {kind}, not an image file")
 
 
 def _is_empty(path: str | Path) -> bool:

@@ -32,38 +32,57 @@ def is_image_name(name: str) -> bool:
 
 
 def read_path_list(list_file: Path) -> list[str]:
-    """Paths from ``--from-list``: one per line; blank lines and ``#`` comments ignored."""
+    """Paths from ``--from-list``: one per line; blank lines and ``#`` comments ignored.
+
+    A byte-order mark and Windows line endings are allowed; a NUL byte means it is no text file.
+    """
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--from-list {list_file}: cannot read it ({error})") from error
+        raise UsageError(f"--from-list {list_file}: cannot read it ({_reason(error)})") from error
+    if "\0" in text:
+        raise UsageError(f"--from-list {list_file}: holds NUL bytes, so it is not a text file of paths, one per line")
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def _walk_images(directory: str) -> list[FoundImage]:
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start}"
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _walk_images(directory: str, excluded: frozenset[str]) -> list[FoundImage]:
+    """Images below ``directory``: regular files (or links to them) with an image extension,
+    outside hidden folders and the ``excluded`` folders (real paths: the run's own outputs)."""
     found = []
     for root, folders, files in os.walk(directory):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [
+            name for name in folders
+            if not name.startswith(".") and os.path.realpath(os.path.join(root, name)) not in excluded
+        ]
         for name in files:
-            if is_image_name(name):
-                relative = Path(root, name).relative_to(directory)
-                found.append(FoundImage(os.path.join(root, name), relative.with_suffix(".pt").as_posix()))
+            path = os.path.join(root, name)
+            # A FIFO, socket or device with an image name would block or never end: not an input.
+            if is_image_name(name) and os.path.isfile(path):
+                found.append(FoundImage(path, Path(root, name).relative_to(directory).with_suffix(".pt").as_posix()))
     return found
 
 
-def find_images(inputs: list[str]) -> list[FoundImage]:
+def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> list[FoundImage]:
     """Every image under the inputs (files as given, directories searched recursively), sorted.
 
-    Hidden files and folders and files without an image extension are skipped inside
-    directories; a file named explicitly is always taken. A path that does not exist is a
-    usage error, and so is finding no image at all.
+    Hidden files and folders, files without an image extension and anything that is not a
+    regular file are skipped inside directories, and so are the ``exclude`` folders found
+    below them (the run's own ``--save`` and ``--viz`` folders). A file named explicitly is
+    always taken. A path that does not exist is a usage error, and so is finding no image at all.
     """
+    excluded = frozenset(os.path.realpath(folder) for folder in exclude)
     found: dict[str, FoundImage] = {}
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            images = _walk_images(given)
+            images = _walk_images(given, excluded)
         elif path.exists():
             images = [FoundImage(given, f"{path.stem}.pt")]
         else:
@@ -89,6 +108,8 @@ def planned_input_size(path: str, preprocessing: Preprocessing) -> tuple[int, in
     """The [H, W] an image will have after preprocessing, from its header alone; None if unreadable."""
     from PIL import Image
 
+    if not os.path.isfile(path):  # opening a named pipe would wait for a writer
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -129,12 +150,14 @@ def plan_inputs(
     shard: Shard | str | None = None,
     shard_from_environment: bool = True,
     check_collisions: bool = True,
+    outputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> InputPlan:
     """Find the images (``UsageError`` for a missing path or no image) and take this process's shard.
 
     ``shard``: ``"K/N"`` or a ``Shard``; ``None`` takes it from torchrun or Slurm when started by
     them (unless ``shard_from_environment`` is false). ``check_collisions``: inputs that would
-    write the same output are a ``UsageError``.
+    write the same output are a ``UsageError``. ``outputs``: the run's own output folders, never
+    searched for inputs (pictures drawn by an earlier run are not images to inspect).
     """
     chosen = parse_shard(shard) if isinstance(shard, str) else shard
     if chosen is None and shard_from_environment:
@@ -143,7 +166,7 @@ def plan_inputs(
     listed = read_path_list(Path(from_list)) if from_list is not None else []
     if not given and not listed:
         raise UsageError("no inputs: give image files or folders, or --from-list FILE")
-    found = find_images(given + listed)
+    found = find_images(given + listed, exclude=[folder for folder in outputs if folder is not None])
     if check_collisions:
         check_output_collisions(found)
     named_files = from_list is None and not any(Path(path).is_dir() for path in given)

@@ -74,10 +74,11 @@ def process_batch(
     return [finish_image(image, result, store) for image, result in extract_batch(extractor, images, batch)]
 
 
-def _ignore_sigint(_: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process decides when to stop and
-    # shuts the workers down itself.
+def _ignore_stop_signals(_: int) -> None:
+    # Ctrl-C, and a scheduler's SIGTERM to the whole process group (Slurm, systemd, Kubernetes),
+    # reach the workers too; the main process decides when to stop and shuts them down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def decoded_batches(
@@ -95,7 +96,7 @@ def decoded_batches(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_batch,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_ignore_stop_signals,
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=2,
     )
@@ -133,7 +134,7 @@ class LocalEngine:
         """
         keep_freed_memory()
         # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
-        local_rank = local_rank_from_env() if shard_from_env() else None
+        local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
         keep = store is not None or callbacks.keep_features
         extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
@@ -168,12 +169,13 @@ def _drive(
         for future in pending:
             future.cancel()
     finally:
+        # Whatever ends the run, every file written is reported (and so recorded) first.
         getattr(batches, "close", lambda: None)()
-    while pending:
-        future = pending.popleft()
-        if not future.cancelled():
-            report(future)
-    executor.shutdown(wait=True)
+        while pending:
+            future = pending.popleft()
+            if not future.cancelled():
+                report(future)
+        executor.shutdown(wait=True)
     return tally.summary(stop.signal_number, total)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def parse_input_size(text: str) -> tuple[int, int]:
         height, width = (int(parts[0]), int(parts[-1]))
         return (height, width)
     raise UsageError(f"invalid --input-size {text!r}: expected N or HxW in pixels, e.g. 224 or 480x640")
+
+
+def output_folder(option: str, value: str | os.PathLike[str]) -> Path:
+    """``--save``/``--viz``: a folder to write into, existing or not; never empty, never a file."""
+    text = os.fspath(value)
+    if not text.strip():
+        raise UsageError(f"{option} is empty: give a folder to write into")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise UsageError(f"{option} {text}: a file, not a folder")
+    return Path(text)
 
 
 def read_categories(path: str) -> list[str]:

@@ -40,13 +40,24 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def shard_from_env(env: Mapping[str, str] | None = None) -> Shard | None:
-    """The shard of a torchrun rank (RANK/WORLD_SIZE) or Slurm task (SLURM_PROCID/SLURM_NTASKS)."""
+def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True) -> Shard | None:
+    """The shard of a torchrun rank (RANK/WORLD_SIZE) or Slurm task (SLURM_PROCID/SLURM_NTASKS).
+
+    Variables that are set but disagree (``RANK=5 WORLD_SIZE=2``, a rank that is not a number)
+    are a ``UsageError`` with ``strict``: every rank would otherwise take the whole input.
+    """
     env = os.environ if env is None else env
     for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if not env.get(rank_name, "").strip() or not env.get(size_name, "").strip():
+            continue
         rank, size = _env_int(env, rank_name), _env_int(env, size_name)
-        if rank is not None and size is not None and size > 1 and 0 <= rank < size:
-            return Shard(rank, size)
+        if rank is not None and size is not None and 0 <= rank < size:
+            return Shard(rank, size) if size > 1 else None
+        if strict:
+            raise UsageError(
+                f"{rank_name}={env[rank_name]!r} and {size_name}={env[size_name]!r} do not name a rank below the "
+                f"number of ranks: fix the launcher's variables, unset them, or give --shard K/N"
+            )
     return None
 
 

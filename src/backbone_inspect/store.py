@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
-from .files import atomic_write, save_features
+from .files import FolderLock, atomic_write, save_features
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -122,17 +122,20 @@ class PtFileStore(FeatureStore):
         """What every file says about how it was made (``image`` and ``input_size`` added per file)."""
         self.manifest_path = self.folder / (shard.manifest_name if shard is not None else UNSHARDED_MANIFEST)
         self._manifest: IO[str] | None = None
+        self._lock: FolderLock | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Another process (a Ray actor) gets no open manifest, and a folder that does not
-        # depend on its working directory.
-        return {**self.__dict__, "folder": self.folder.resolve(), "_manifest": None}
+        # Another process (a Ray actor) gets no open manifest or lock, and a folder that does
+        # not depend on its working directory.
+        return {**self.__dict__, "folder": self.folder.resolve(), "_manifest": None, "_lock": None}
 
     def claim(self, *, overwrite: bool, record: bool = True) -> None:
         path = self.folder / SETTINGS_FILE
         try:
             if record:
                 self.folder.mkdir(parents=True, exist_ok=True)
+                # One run per folder and shard at a time; held until close() or the process ends.
+                self._lock = self._lock or FolderLock.take(self.folder / f".{self.manifest_path.name}.lock")
             if path.exists() and not overwrite:
                 self._check_settings(path)
             elif record:
@@ -145,8 +148,13 @@ class PtFileStore(FeatureStore):
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
-            saved = {}
-        differences = settings_differences(saved if isinstance(saved, dict) else {}, self.settings)
+            saved = None
+        if not isinstance(saved, dict):
+            raise UsageError(
+                f"{path} is not a settings file of backbone-inspect (not a JSON object): "
+                "use --overwrite to replace it, or another --save folder"
+            )
+        differences = settings_differences(saved, self.settings)
         if differences:
             raise UsageError(
                 f"{self.folder} holds features made with other settings: {', '.join(differences)}; "
@@ -190,6 +198,9 @@ class PtFileStore(FeatureStore):
         if self._manifest is not None:
             self._manifest.close()
             self._manifest = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         import torch

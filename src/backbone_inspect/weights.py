@@ -7,13 +7,12 @@ import io
 import os
 import re
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .errors import UsageError, WeightsError
+from .errors import UsageError, WeightsError, first_line
 from .images import Preprocessing
 from .stages import check_arch
 
@@ -21,11 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-HEAD_PREFIX = "fc."
 _NAMED_WEIGHTS_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-_EXAMPLES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -125,119 +120,13 @@ def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
     except Exception as error:
         if cached.is_file():
             raise WeightsError(
-                f"cannot read cached weights {cached} for {arch} {member.name}: {_first_line(error)}; "
+                f"cannot read cached weights {cached} for {arch} {member.name}: {first_line(error)}; "
                 "delete it to download it again"
             ) from error
         raise WeightsError(
             f"{arch} weights {member.name} are not cached and cannot be downloaded "
-            f"({_first_line(error)}); put {filename} (from {member.url}) into {folder}"
+            f"({first_line(error)}); put {filename} (from {member.url}) into {folder}"
         ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = _ANSI_ESCAPE.sub("", str(getattr(error, "reason", None) or error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
-    found = _UNSUPPORTED_GLOBAL.search(str(error))
-    if found:
-        reason = (
-            f"it holds pickled Python objects ({found.group(1)}), not only tensors; "
-            "save model.state_dict() instead"
-        )
-    elif "Weights only load failed" in str(error):
-        reason = "not a PyTorch checkpoint (it cannot be unpickled)"
-    else:
-        reason = f"not a PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})"
-    return WeightsError(f"cannot read checkpoint {path}: {reason}")
-
-
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state_dict from a checkpoint as people have them (wrapped, DDP, detection)."""
-    import torch
-
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise _checkpoint_read_error(path, error) from error
-    state = _unwrap(loaded)
-    if state is None:
-        raise WeightsError(f"checkpoint {path} holds no state_dict of tensors")
-    return _strip_prefixes(state)
-
-
-def _unwrap(loaded: Any) -> dict[str, torch.Tensor] | None:
-    import torch
-
-    while isinstance(loaded, Mapping):
-        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-        if tensors and all(isinstance(k, str) for k in tensors):
-            return tensors
-        inner = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), Mapping)), None)
-        if inner is None:
-            return None
-        loaded = inner
-    return None
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    def strip_module(key: str) -> str:
-        while key.startswith("module."):
-            key = key[len("module.") :]
-        return key
-
-    state = {strip_module(k): v for k, v in state.items()}
-    body = "backbone.body."
-    if any(k.startswith(body) for k in state):
-        # A detection checkpoint: keep the ResNet body, drop FPN, RPN and heads.
-        state = {k[len(body) :]: v for k, v in state.items() if k.startswith(body)}
-    return state
-
-
-def _examples(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_EXAMPLES_SHOWN])
-    return shown + (f" and {len(keys) - _EXAMPLES_SHOWN} more" if len(keys) > _EXAMPLES_SHOWN else "")
-
-
-def _fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
-    """What keeps a checkpoint's backbone from loading: missing, unexpected and wrongly shaped keys."""
-    # Frozen batch norm (detection checkpoints) has no num_batches_tracked: not a mismatch.
-    missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in given if k not in expected)
-    wrong_shape = sorted(
-        f"{k} {list(given[k].shape)} vs {list(expected[k].shape)}" for k in given if k in expected and given[k].shape != expected[k].shape
-    )
-    labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong_shape))
-    return [f"{label}: {_examples(keys)}" for label, keys in labelled if keys]
-
-
-def _head_note(head: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str) -> str | None:
-    """Why a checkpoint's classifier head is not loaded; ``None`` when it fits."""
-    if not head:
-        return "classifier head not loaded: the checkpoint has none"
-    expected_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)}
-    if head.keys() == expected_head.keys() and all(head[k].shape == expected_head[k].shape for k in head):
-        return None
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(head.items()))
-    return f"classifier head not loaded: checkpoint has {shapes}, {arch} has {list(expected['fc.weight'].shape)}"
-
-
-def load_checkpoint_into(model: nn.Module, arch: str, path: Path) -> LoadedWeights:
-    """Load the backbone of a local checkpoint; the head only when it has the model's shape."""
-    state = read_checkpoint(path)
-    expected = model.state_dict()
-    backbone = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIX)}
-    given = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
-    problems = _fit_problems(backbone, given)
-    if problems:
-        raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
-    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    note = _head_note(head, expected, arch)
-    model.load_state_dict({**given, **(head if note is None else {})}, strict=False)
-    return LoadedWeights(str(path), "checkpoint", Preprocessing(), head_loaded=note is None, head_note=note)
 
 
 def _named_preprocessing(member: Any) -> Preprocessing:
@@ -288,7 +177,10 @@ def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Mo
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
     if plan.kind == "checkpoint":
-        return model, load_checkpoint_into(model, arch, Path(plan.label))
+        from .checkpoints import load_checkpoint_into
+
+        note = load_checkpoint_into(model, arch, Path(plan.label))
+        return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
     member = _named_weights(arch, plan.label)
     model.load_state_dict(_hub_state_dict(arch, member))
     return model, LoadedWeights(

@@ -1,0 +1,124 @@
+"""Local checkpoints: reading them as people have them (wrapped, DDP, detection) and loading their backbone."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import WeightsError, first_line
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+HEAD_PREFIX = "fc."
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_EXAMPLES_SHOWN = 5
+
+
+def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
+    text, found = str(error), _UNSUPPORTED_GLOBAL.search(str(error))
+    if found:
+        reason = f"it holds pickled Python objects ({found.group(1)}), not only tensors; save model.state_dict() instead"
+    elif "PytorchStreamReader failed" in text:
+        reason = "truncated or corrupt: its zip archive is incomplete (copy or save it again)"
+    elif "Weights only load failed" in text:
+        reason = "not a PyTorch checkpoint (it cannot be unpickled)"
+    else:
+        reason = f"not a PyTorch checkpoint ({type(error).__name__}: {first_line(error)})"
+    return WeightsError(f"cannot read checkpoint {path}: {reason}")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state_dict from a checkpoint as people have them (wrapped, DDP, detection)."""
+    import torch
+
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise _checkpoint_read_error(path, error) from error
+    state = _unwrap(loaded)
+    if state is None:
+        raise WeightsError(f"checkpoint {path} holds no state_dict of tensors")
+    return _strip_prefixes(state)
+
+
+def _unwrap(loaded: Any) -> dict[str, torch.Tensor] | None:
+    import torch
+
+    while isinstance(loaded, Mapping):
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        if tensors and all(isinstance(k, str) for k in tensors):
+            return tensors
+        inner = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), Mapping)), None)
+        if inner is None:
+            return None
+        loaded = inner
+    return None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def strip_module(key: str) -> str:
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        return key
+
+    state = {strip_module(k): v for k, v in state.items()}
+    body = "backbone.body."
+    if any(k.startswith(body) for k in state):
+        # A detection checkpoint: keep the ResNet body, drop FPN, RPN and heads.
+        state = {k[len(body) :]: v for k, v in state.items() if k.startswith(body)}
+    return state
+
+
+def _examples(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_EXAMPLES_SHOWN])
+    return shown + (f" and {len(keys) - _EXAMPLES_SHOWN} more" if len(keys) > _EXAMPLES_SHOWN else "")
+
+
+def _fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps a checkpoint's backbone from loading: missing, unexpected and wrongly shaped keys."""
+    # Frozen batch norm (detection checkpoints) has no num_batches_tracked: not a mismatch.
+    missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in given if k not in expected)
+    wrong_shape = sorted(
+        f"{k} {list(given[k].shape)} vs {list(expected[k].shape)}" for k in given if k in expected and given[k].shape != expected[k].shape
+    )
+    labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong_shape))
+    return [f"{label}: {_examples(keys)}" for label, keys in labelled if keys]
+
+
+def _head_note(head: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str) -> str | None:
+    """Why a checkpoint's classifier head is not loaded; ``None`` when it fits."""
+    if not head:
+        return "classifier head not loaded: the checkpoint has none"
+    expected_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)}
+    if head.keys() == expected_head.keys() and all(head[k].shape == expected_head[k].shape for k in head):
+        return None
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(head.items()))
+    return f"classifier head not loaded: checkpoint has {shapes}, {arch} has {list(expected['fc.weight'].shape)}"
+
+
+def load_checkpoint_into(model: nn.Module, arch: str, path: Path) -> str | None:
+    """Load the backbone of a local checkpoint; the head only when it has the model's shape.
+
+    Returns why the head was not loaded, or ``None`` when it was.
+    """
+    state = read_checkpoint(path)
+    expected = model.state_dict()
+    backbone = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIX)}
+    given = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    problems = _fit_problems(backbone, given)
+    if problems:
+        raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
+    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    note = _head_note(head, expected, arch)
+    model.load_state_dict({**given, **(head if note is None else {})}, strict=False)
+    return note
