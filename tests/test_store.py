@@ -35,9 +35,21 @@ def store_for(folder: Path, shard: Shard | None = None, **options: object) -> Pt
     return PtFileStore(folder, feature_config(**{**SMALL_OPTIONS, "layers": "2,4", **options}), shard=shard)
 
 
+def opened(store: PtFileStore, *, overwrite: bool = False) -> PtFileStore:
+    """Claimed, opened and closed: what a run does with its store around the images."""
+    store.claim(overwrite=overwrite)
+    store.open()
+    store.close()
+    return store
+
+
 def test_claim_records_the_settings_and_refuses_a_folder_of_other_settings(tmp_path: Path) -> None:
     folder = tmp_path / "feats"
-    store_for(folder).claim(overwrite=False)
+    claimed = store_for(folder)
+    claimed.claim(overwrite=False)
+    assert not (folder / SETTINGS_FILE).exists(), "settings are recorded once the run has its model"
+    claimed.open()
+    claimed.close()
     saved = json.loads((folder / SETTINGS_FILE).read_text())
     assert saved == feature_config(**SMALL_OPTIONS, layers="2,4").settings()
     assert saved["layers"] == ["layer2", "layer4"] and saved["preprocessing"]["crop"] == 64
@@ -46,7 +58,7 @@ def test_claim_records_the_settings_and_refuses_a_folder_of_other_settings(tmp_p
         store_for(folder, crop=48).claim(overwrite=False)
     with pytest.raises(UsageError, match=r'save_dtype "float32" \(now "float16"\)'):
         store_for(folder, save_dtype="float16").claim(overwrite=False)
-    store_for(folder, crop=48).claim(overwrite=True)
+    opened(store_for(folder, crop=48), overwrite=True)
     assert json.loads((folder / SETTINGS_FILE).read_text())["preprocessing"]["crop"] == 48
 
 

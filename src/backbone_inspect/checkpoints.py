@@ -37,7 +37,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
+        raise WeightsError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the error says it all
             warnings.simplefilter("ignore")

@@ -21,7 +21,7 @@ from .cli_options import (
     Save, SaveDtype, Seed, ShardOption, Summary, Topk, Viz, VizChannels, Weights, Workers,
 )
 from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
-from .screen import error_line, warning_line
+from .screen import error_line, warning_line, warnings_as_lines
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -46,9 +46,10 @@ class OneLineErrorCommand(TyperCommand):
         **extra: Any,
     ) -> Any:
         try:
-            code = super().main(
-                args=args, prog_name=prog_name or PROG_NAME, complete_var=complete_var, standalone_mode=False, **extra
-            )
+            with warnings_as_lines():
+                code = super().main(
+                    args=args, prog_name=prog_name or PROG_NAME, complete_var=complete_var, standalone_mode=False, **extra
+                )
         except typer.TyperException as error:  # Click's usage errors (exit 2) and file errors
             error_line(error.format_message())
             code = error.exit_code

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UsageError
-from .images import Preprocessing
-from .options import check_device_spec, check_dtype, parse_size, read_categories
+from .images import MAX_SIDE, Preprocessing
+from .options import check_device_spec, check_dtype, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
 
@@ -83,7 +83,7 @@ def feature_config(
         arch=arch,
         stages=stages,
         weights=plan,
-        seed=int(seed),
+        seed=check_seed(seed),
         preprocessing=_preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)),
         dtype=dtype,
         save_dtype=save_dtype,
@@ -97,12 +97,19 @@ def feature_config(
 
 def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str | None) -> Preprocessing:
     """The weights' preprocessing with the overrides applied: ``None`` keeps a value, ``"none"`` skips the step."""
-    overrides = {key: (None if value == "none" else value) for key, value in (("resize", resize), ("crop", crop)) if value is not None}
-    preprocessing = replace(own, **overrides)
+    given = {key: value for key, value in (("resize", resize), ("crop", crop)) if value is not None}
+    preprocessing = replace(own, **{key: (None if value == "none" else value) for key, value in given.items()})
+    for option in ("resize", "crop"):
+        side = getattr(preprocessing, option)
+        if side is not None and side > MAX_SIDE:
+            raise UsageError(f"--{option} {side}: at most {MAX_SIDE} px (a larger input does not fit in memory)")
     if preprocessing.resize is not None and preprocessing.crop is not None and preprocessing.crop > preprocessing.resize:
+        def told(option: str) -> str:
+            return "" if option in given else " (the weights' own; give --" + option + " none to skip it)"
+
         raise UsageError(
-            f"--crop {preprocessing.crop} is larger than --resize {preprocessing.resize}: every image "
-            "would be smaller than its crop"
+            f"--crop {preprocessing.crop}{told('crop')} is larger than --resize {preprocessing.resize}{told('resize')}: "
+            "every image would be smaller than its crop"
         )
     return preprocessing
 

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+MAX_SIDE = 4096
+"""The largest ``--resize``/``--crop``: resnet50's first stages take about 1 GB an image at 4096×4096."""
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+"""The most pixels an image may have after preprocessing (``--resize none --crop none`` keeps the native size)."""
+
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """Transparent pixels are composited onto white before the model sees them."""
 
@@ -163,6 +168,12 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
+    height, width = size_after_resize(image.height, image.width, preprocessing.resize)
+    if preprocessing.crop is None and height * width > MAX_PIXELS:
+        raise ImageError(
+            f"image is {height}×{width} (H×W) after preprocessing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
+            f"({MAX_SIDE}×{MAX_SIDE}); use --resize or --crop"
+        )
     if preprocessing.resize is not None:
         image = F.resize(
             image,
@@ -180,6 +191,15 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
             )
         image = F.center_crop(image, [preprocessing.crop])
     return F.pil_to_tensor(image)
+
+
+def size_after_resize(height: int, width: int, resize: int | None) -> tuple[int, int]:
+    """[H, W] once the shorter side is ``resize`` (torchvision truncates the longer side)."""
+    if resize is None:
+        return height, width
+    short, long = sorted((height, width))
+    resized_long = int(resize * long / short)
+    return (resize, resized_long) if height <= width else (resized_long, resize)
 
 
 def load_image_tensor(path: str | Path, preprocessing: Preprocessing) -> torch.Tensor:

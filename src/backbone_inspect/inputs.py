@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .images import Preprocessing
+from .images import Preprocessing, size_after_resize
 from .shards import Shard, parse_shard, shard_from_env
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -56,7 +56,11 @@ def _walk_images(directory: str, excluded: frozenset[str]) -> list[FoundImage]:
     """Images below ``directory``: regular files (or links to them) with an image extension,
     outside hidden folders and the ``excluded`` folders (real paths: the run's own outputs)."""
     found = []
-    for root, folders, files in os.walk(directory):
+
+    def unreadable(error: OSError) -> None:
+        warnings.warn(f"cannot read folder {error.filename} ({error.strerror}): its images are left out", stacklevel=2)
+
+    for root, folders, files in os.walk(directory, onerror=unreadable):
         folders[:] = [
             name for name in folders
             if not name.startswith(".") and os.path.realpath(os.path.join(root, name)) not in excluded
@@ -81,9 +85,13 @@ def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]]
     found: dict[str, FoundImage] = {}
     for given in inputs:
         path = Path(given)
-        if path.is_dir():
+        try:
+            kind = "folder" if path.is_dir() else "file" if path.exists() else None
+        except OSError as error:  # a file below a folder this user may not search
+            raise UsageError(f"{given}: cannot read it ({error.strerror or error})") from error
+        if kind == "folder":
             images = _walk_images(given, excluded)
-        elif path.exists():
+        elif kind == "file":
             images = [FoundImage(given, f"{path.stem}.pt")]
         else:
             raise UsageError(f"{given}: no such file or directory")
@@ -122,12 +130,18 @@ def planned_input_size(path: str, preprocessing: Preprocessing) -> tuple[int, in
         return None
     if preprocessing.crop is not None:
         return (preprocessing.crop, preprocessing.crop)
-    if preprocessing.resize is None:
-        return (height, width)
-    short, long = sorted((height, width))
-    # torchvision's rule for resizing the shorter side: the longer one is truncated.
-    resized_long = int(preprocessing.resize * long / short)
-    return (preprocessing.resize, resized_long) if height <= width else (resized_long, preprocessing.resize)
+    return size_after_resize(height, width, preprocessing.resize)
+
+
+def _paths(inputs: object) -> list[str]:
+    """The inputs as a list of path strings: one path, or any iterable of them."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, Iterable) and not isinstance(inputs, bytes):
+        items = list(inputs)
+        if all(isinstance(item, (str, os.PathLike)) for item in items):
+            return [os.fspath(item) for item in items]
+    raise UsageError(f"inputs {inputs!r}: expected a path, or a list of paths, of image files or folders")
 
 
 @dataclass(frozen=True)
@@ -160,12 +174,17 @@ def plan_inputs(
     searched for inputs (pictures drawn by an earlier run are not images to inspect).
     """
     chosen = parse_shard(shard) if isinstance(shard, str) else shard
+    if chosen is not None and not isinstance(chosen, Shard):
+        raise UsageError(f"invalid --shard {shard!r}: expected 'K/N' (e.g. '0/4') or a Shard")
     if chosen is None and shard_from_environment:
         chosen = shard_from_env()
-    given = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(item) for item in inputs]
+    given = _paths(inputs)
     listed = read_path_list(Path(from_list)) if from_list is not None else []
     if not given and not listed:
         raise UsageError("no inputs: give image files or folders, or --from-list FILE")
+    for number, path in enumerate(listed, start=1):
+        if not os.path.lexists(path):
+            raise UsageError(f"{path}: no such file or directory (path {number} of --from-list {from_list})")
     found = find_images(given + listed, exclude=[folder for folder in outputs if folder is not None])
     if check_collisions:
         check_output_collisions(found)

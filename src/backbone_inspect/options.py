@@ -53,12 +53,24 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 def output_folder(option: str, value: str | os.PathLike[str]) -> Path:
     """``--save``/``--viz``: a folder to write into, existing or not; never empty, never a file."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{option} {value!r}: expected the path of a folder")
     text = os.fspath(value)
     if not text.strip():
         raise UsageError(f"{option} is empty: give a folder to write into")
     if os.path.exists(text) and not os.path.isdir(text):
         raise UsageError(f"{option} {text}: a file, not a folder")
     return Path(text)
+
+
+SEED_RANGE = range(-(2**63), 2**64)
+"""What ``torch.manual_seed`` takes."""
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEED_RANGE:
+        raise UsageError(f"invalid --seed {seed!r}: expected a whole number from -2**63 to 2**64 - 1")
+    return seed
 
 
 def read_categories(path: str) -> list[str]:
@@ -81,6 +93,9 @@ def check_engine(name: str) -> str:
 
 def default_workers() -> int:
     """Processes decoding images beside the forward pass: CPU count - 1, at least 1, at most 8."""
-    import os
-
     return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def max_workers() -> int:
+    """The most decoding processes a run may start: 4 per CPU (decoding waits on disks too)."""
+    return 4 * (os.cpu_count() or 1)

@@ -9,14 +9,15 @@ outcome, draws pictures, pools the statistics and returns the ``RunSummary``. Th
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .engine import Engine, RunCallbacks
+from .engine import Engine, ModelInfo, RunCallbacks
 from .errors import UsageError
-from .options import check_engine, default_workers
+from .options import check_engine, default_workers, max_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
 from .stats import SummaryAccumulator
@@ -110,34 +111,39 @@ def estimate_run(plan: RunPlan) -> DumpEstimate:
 def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop: StopRequest | None = None) -> RunSummary:
     """Run the plan on its engine; every outcome is recorded in the store before ``callbacks`` see it.
 
-    ``stop``: a request the caller sets (e.g. from its own signal handlers); without one,
-    SIGINT and SIGTERM stop the run cleanly while it lasts. The summary says whether it stopped.
+    The store is opened (its settings written) only once the engine has its model: weights that
+    cannot load or a device this machine lacks leave no settings behind. ``stop``: a request the
+    caller sets (e.g. from its own signal handlers); without one, SIGINT and SIGTERM stop the
+    run cleanly while it lasts. The summary says whether it stopped.
     """
-    store, engine = plan.store, plan.engine
     accumulator = SummaryAccumulator()
-    recorded = _recording(store, accumulator, plan.pictures, callbacks)
-    if store is not None:
-        store.open()
+    recorded = _recording(plan, accumulator, callbacks)
     try:
-        for image in plan.skipped:
-            store.record(Outcome(image.path, image.output, "skipped"))  # type: ignore[union-attr]
         if stop is not None:
-            summary = engine.run(plan.config, plan.todo, store, callbacks=recorded, stop=stop)
+            summary = plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=stop)
         else:
             with stop_on_signals() as own_stop:
-                summary = engine.run(plan.config, plan.todo, store, callbacks=recorded, stop=own_stop)
+                summary = plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=own_stop)
     finally:
-        if store is not None:
-            store.close()
+        if plan.store is not None:
+            plan.store.close()
     return dataclasses.replace(
         summary, skipped=len(plan.skipped), stages=tuple(accumulator.summaries()), shard=plan.inputs.shard
     )
 
 
-def _recording(
-    store: FeatureStore | None, accumulator: SummaryAccumulator, pictures: Pictures | None, callbacks: RunCallbacks
-) -> RunCallbacks:
-    """The caller's callbacks, behind the run's own work on each outcome: record, draw, pool."""
+def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCallbacks) -> RunCallbacks:
+    """The caller's callbacks, behind the run's own work: open the store, then per outcome record,
+    draw, pool. A callback that fails (stdout closed by its reader) ends the run once; the
+    images already in hand are still recorded."""
+    store, pictures, failed = plan.store, plan.pictures, []
+
+    def on_start(info: ModelInfo) -> None:
+        if store is not None:
+            store.open()
+            for image in plan.skipped:
+                store.record(Outcome(image.path, image.output, "skipped"))
+        callbacks.on_start(info)
 
     def on_outcome(outcome: Outcome, result: ImageResult | None) -> None:
         if store is not None:
@@ -149,9 +155,14 @@ def _recording(
                 write_viz(pictures.folder / Path(str(outcome.output)).with_suffix(""), result, pictures.channels)
             for stats in result.stats:
                 accumulator.add(stats)
-        callbacks.on_outcome(outcome, result)
+        if not failed:
+            try:
+                callbacks.on_outcome(outcome, result)
+            except BaseException:
+                failed.append(True)
+                raise
 
-    return RunCallbacks(callbacks.on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
+    return RunCallbacks(on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
 
 
 def make_engine(
@@ -172,6 +183,11 @@ def make_engine(
             raise UsageError(f"{given[0]} needs --engine ray")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise UsageError(f"--workers {workers!r}: expected 0 or more processes")
+        if workers is not None and workers > max_workers():
+            raise UsageError(
+                f"--workers {workers}: at most {max_workers()} on this machine of {os.cpu_count() or 1} CPUs "
+                "(4 per CPU: each is a process holding decoded images)"
+            )
         from .local_engine import LocalEngine
 
         return LocalEngine(batch_size=batch_size, workers=default_workers() if workers is None else workers)

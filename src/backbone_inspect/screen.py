@@ -3,8 +3,11 @@ errors, the progress bar, and the summary at the end. Rendering only: the run do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,15 @@ def error_line(message: str) -> None:
     """Every error reaches the user as one line on stderr."""
     text = " ".join(str(message).split())
     print(f"Error: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Python warnings (the library's own, and torch's or Pillow's) as one ``Warning:`` line each, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *_, **__: warning_line(str(message))
+        yield
 
 
 def stdout_console() -> Console:
@@ -114,8 +126,10 @@ def show_estimate(estimate: DumpEstimate, *, json_lines: bool, location: str | N
                           "estimated_bytes": estimate.estimated_bytes}))
         return
     where = f" in {location}" if location else ""
+    images = f"{estimate.to_do} image{'' if estimate.to_do == 1 else 's'}"
     stdout_console().print(
-        f"dry run: {estimate.to_do} images to do ({estimate.unreadable} of them unreadable from their "
+        f"dry run: {images} to do ({estimate.unreadable} of them unreadable from their "
         f"header, so they will fail), {estimate.to_skip} to skip (already{where}); "
         f"about {human_bytes(estimate.estimated_bytes)} to write as {save_dtype}",
+        soft_wrap=True,
     )

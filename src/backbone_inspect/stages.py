@@ -52,6 +52,8 @@ def stage_name(token: int | str) -> str:
         if 0 <= token < len(STAGES):
             return STAGES[token]
         raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
+    if not isinstance(token, str):
+        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
     text = token.strip()
     if text.isdigit():
         return stage_name(int(text))
@@ -67,6 +69,8 @@ def parse_layers(layers: int | str | Iterable[int | str]) -> tuple[str, ...]:
 
     Accepts ``"2,3,4"``, ``"layer2,layer4"``, ``"stem,1"`` or an iterable of indices and names.
     """
+    if not isinstance(layers, (int, str, Iterable)) or isinstance(layers, bytes):
+        raise UsageError(f"invalid --layers {layers!r}: expected stages by index or name, e.g. '2,3,4'")
     if isinstance(layers, int):
         layers = (layers,)
     if isinstance(layers, str):

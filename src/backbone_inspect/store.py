@@ -52,8 +52,8 @@ class FeatureStore(ABC):
     @abstractmethod
     def claim(self, *, overwrite: bool, record: bool = True) -> None:
         """Take the store for this run's settings: ``UsageError`` if it holds features made with
-        other settings (unless ``overwrite``), ``OutputError`` if it cannot be written.
-        ``record=False`` (a dry run) only compares."""
+        other settings (unless ``overwrite``) or another run holds it, ``OutputError`` if it
+        cannot be written. ``record=False`` (a dry run) only compares."""
 
     @abstractmethod
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
@@ -61,7 +61,7 @@ class FeatureStore(ABC):
 
     @abstractmethod
     def open(self) -> None:
-        """Start recording outcomes."""
+        """Record the settings and start recording outcomes (the model is loaded by then)."""
 
     @abstractmethod
     def write(self, image: FoundImage, result: ImageResult) -> int:
@@ -138,9 +138,6 @@ class PtFileStore(FeatureStore):
                 self._lock = self._lock or FolderLock.take(self.folder / f".{self.manifest_path.name}.lock")
             if path.exists() and not overwrite:
                 self._check_settings(path)
-            elif record:
-                text = json.dumps(self.settings, indent=2) + "\n"
-                atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
         except OSError as error:
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
 
@@ -176,6 +173,12 @@ class PtFileStore(FeatureStore):
         return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
 
     def open(self) -> None:
+        """Record the settings in the folder and open the manifest: the run has its model."""
+        text = json.dumps(self.settings, indent=2) + "\n"
+        try:
+            atomic_write(self.folder / SETTINGS_FILE, lambda handle: handle.write(text.encode("utf-8")))
+        except OSError as error:
+            raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
         try:
             self._manifest = open(self.manifest_path, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as error:

@@ -44,7 +44,7 @@ def named_weights_choices(arch: str) -> list[str]:
     return ["DEFAULT", *(member.name for member in models.get_model_weights(arch))]
 
 
-def _named_weights(arch: str, name: str) -> Any:
+def _named_weights(arch: str, name: str, given: str | None = None) -> Any:
     from torchvision import models
 
     enum = models.get_model_weights(arch)
@@ -54,7 +54,7 @@ def _named_weights(arch: str, name: str) -> Any:
         return enum[name]
     except KeyError:
         raise UsageError(
-            f"--weights {name!r} does not exist for {arch}; valid: none, "
+            f"--weights {given or name!r} does not exist for {arch}; valid: none, "
             f"{', '.join(named_weights_choices(arch))}, or a checkpoint path"
         ) from None
 
@@ -76,7 +76,7 @@ def _resolve(arch: str, weights: Any) -> tuple[str, Any]:
     if not weights.strip():
         raise UsageError("--weights is empty: give none, a torchvision weights name or a checkpoint path")
     if _NAMED_WEIGHTS_PATTERN.match(weights.upper()) and not Path(weights).exists():
-        return "named", _named_weights(arch, weights.upper())
+        return "named", _named_weights(arch, weights.upper(), given=weights)
     return "checkpoint", Path(weights)
 
 
