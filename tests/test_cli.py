@@ -66,7 +66,8 @@ def test_json_lines_hold_the_documented_record_and_nothing_else(chelsea: Path) -
         expected = reference_features(image, ["layer1", "layer3"])
         for name, feature in expected.items():
             stats = record["layers"][name]
-            assert set(stats) == {"shape", "stride", "dtype", "mean", "std", "min", "max", "zeros"}
+            assert set(stats) == {"shape", "stride", "dtype", "mean", "std", "min", "max", "zeros", "nonfinite"}
+            assert stats["nonfinite"] == 0
             assert stats["shape"] == list(feature.shape)
             assert stats["stride"] == {"layer1": 4, "layer3": 16}[name]
             assert stats["dtype"] == "float32"

@@ -5,6 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .stats import finite_or_none
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """One line safe for a terminal: whitespace runs become one space, other control characters
+    (escape sequences in a hostile file name) are shown as ``\\xNN`` instead of acting."""
+    return " ".join(str(text).split()).translate(_CONTROL)
+
+
+def markup_safe(text: str) -> str:
+    """``printable``, with rich's markup brackets escaped: a file may be named ``[red]x.jpg``."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -50,8 +67,7 @@ class Progress:
 
     def error_line(self, message: str) -> None:
         """An ``Error:`` line above the bar, never wrapped (logs stay greppable)."""
-        text = " ".join(str(message).split())
-        self._progress.console.print(f"Error: {text}", markup=False, highlight=False, soft_wrap=True)
+        self._progress.console.print(f"Error: {printable(message)}", markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self._progress.stop()
@@ -66,7 +82,7 @@ def json_record(model: ModelInfo, result: ImageResult) -> dict[str, Any]:
         "layers": {stats.name: stats.to_dict() for stats in result.stats},
     }
     if result.top is not None:
-        record["top"] = [{"index": c.index, "label": c.label, "probability": c.probability} for c in result.top]
+        record["top"] = [{"index": c.index, "label": c.label, "probability": finite_or_none(c.probability)} for c in result.top]
     return record
 
 
@@ -110,7 +126,7 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
     height, width = input_size
     table = Table(title=f"{arch}  input {height}×{width}  (meta device: no weights, no compute)", title_justify="left")
     for column in ("stage", "aliases", "channels", "stride", "output H×W", "receptive field", "parameters", "float32/image", "float16/image"):
-        table.add_column(column, justify="left" if column in ("stage", "aliases") else "right", no_wrap=column == "aliases")
+        table.add_column(column, justify="left" if column in ("stage", "aliases") else "right", overflow="fold")
     for stage in stages:
         table.add_row(
             stage.name,
@@ -130,13 +146,13 @@ def render_model_header(console: Console, model: ModelInfo) -> None:
     """``arch … weights … device …`` (or the engine, when the models run elsewhere), and any note on the weights."""
     weights = model.weights
     line = (
-        f"[bold]arch[/] {model.arch}  [bold]weights[/] {weights.label}"
+        f"[bold]arch[/] {model.arch}  [bold]weights[/] {markup_safe(weights.label)}"
         + (f" (seed {model.seed})" if weights.kind == "none" else "")
         + (f"  [bold]engine[/] {model.engine}" if model.engine else f"  [bold]device[/] {model.device}")
     )
     console.print(line, highlight=False)
     if weights.head_note:
-        console.print(f"[yellow]{weights.head_note}[/]", highlight=False)
+        console.print(f"[yellow]{markup_safe(weights.head_note)}[/]", highlight=False)
 
 
 def render_image_table(console: Console, result: ImageResult) -> None:
@@ -147,12 +163,13 @@ def render_image_table(console: Console, result: ImageResult) -> None:
     height, width = result.input_size
     batch = f" (batch of {result.group_size})" if result.group_size > 1 else ""
     table = Table(
-        title=f"{result.image}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms{batch}",
+        title=f"{markup_safe(result.image)}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms{batch}",
         title_justify="left",
     )
-    table.add_column("stage")
+    table.add_column("stage", overflow="fold")
     for column in ("shape C×H×W", "stride", "dtype", "mean", "std", "min", "max", "zeros"):
-        table.add_column(column, justify="right" if column != "dtype" else "left")
+        # A narrow terminal wraps a number onto two lines rather than cut it to "…".
+        table.add_column(column, justify="right" if column != "dtype" else "left", overflow="fold")
     for stats in result.stats:
         table.add_row(
             stats.name,
@@ -182,9 +199,9 @@ def render_stage_summaries(console: Console, summaries: Sequence[StageSummary]) 
         return
     count = summaries[0].images
     table = Table(title=f"{count} image{'s' if count != 1 else ''}, every element pooled", title_justify="left")
-    table.add_column("stage")
+    table.add_column("stage", overflow="fold")
     for column in ("images", "shape C×H×W", "mean", "std", "min", "max", "zeros"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for summary in summaries:
         shapes = shape_text(summary.shapes[0]) + (
             f" (+{len(summary.shapes) - 1} other shape{'s' if len(summary.shapes) > 2 else ''})"

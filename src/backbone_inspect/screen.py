@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .engine import RunCallbacks
+from .render import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -23,13 +24,12 @@ if TYPE_CHECKING:
 
 
 def warning_line(message: str) -> None:
-    print(f"Warning: {message}", file=sys.stderr, flush=True)
+    print(f"Warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def error_line(message: str) -> None:
-    """Every error reaches the user as one line on stderr."""
-    text = " ".join(str(message).split())
-    print(f"Error: {text}", file=sys.stderr, flush=True)
+    """Every error reaches the user as one line on stderr, safe for a terminal."""
+    print(f"Error: {printable(message)}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -66,6 +66,7 @@ class Screen:
         self.console = stdout_console()
         self.model: ModelInfo | None = None
         self._stride_warned = False
+        self._nonfinite_warned = False
         self._progress = Progress(total) if sys.stderr.isatty() and not view.per_image_tables else None
 
     def callbacks(self) -> RunCallbacks:
@@ -95,8 +96,15 @@ class Screen:
         if not self._stride_warned and any(size % stride for size in result.input_size):
             self._stride_warned = True
             warning_line(stride_warning(result.input_size, deepest, stride))
+        broken = [stats for stats in result.stats if stats.nonfinite]
+        if broken and not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warning_line(
+                f"{result.image}: {broken[0].name} has {broken[0].nonfinite} NaN or infinite values (broken weights?); "
+                "their statistics are NaN here and null in JSON"
+            )
         if self.view.json_lines:
-            sys.stdout.write(json.dumps(json_record(self.model, result)) + "\n")
+            sys.stdout.write(json.dumps(json_record(self.model, result), allow_nan=False) + "\n")
             sys.stdout.flush()
         elif self.view.per_image_tables:
             render_image_table(self.console, result)

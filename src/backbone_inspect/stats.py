@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,18 +48,26 @@ class StageStats:
     max: float
     zeros: float
     """Fraction of exactly-zero elements."""
+    nonfinite: int = 0
+    """Elements that are NaN or infinite (broken weights): the other statistics are then NaN or inf."""
 
     def to_dict(self) -> dict[str, Any]:
+        """For JSON: strict, so a statistic that is not finite is ``null`` (``nonfinite`` says why)."""
         return {
             "shape": list(self.shape),
             "stride": stride_value(self.stride),
             "dtype": self.dtype,
-            "mean": self.mean,
-            "std": self.std,
-            "min": self.min,
-            "max": self.max,
+            "mean": finite_or_none(self.mean),
+            "std": finite_or_none(self.std),
+            "min": finite_or_none(self.min),
+            "max": finite_or_none(self.max),
             "zeros": self.zeros,
+            "nonfinite": self.nonfinite,
         }
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def stage_stats(name: str, feature: torch.Tensor, input_size: tuple[int, int]) -> StageStats:
@@ -94,8 +103,10 @@ def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, 
         StageStats(
             name, (channels, height, width), stride, dtype,
             total / count, _unbiased_std(total, norm, count), low, high, (count - nonzero) / count,
+            # NaN and inf reach the sum: only then are the elements counted, one image at a time.
+            0 if math.isfinite(total) else int((~torch.isfinite(values[row])).sum()),
         )
-        for total, norm, low, high, nonzero in columns
+        for row, (total, norm, low, high, nonzero) in enumerate(columns)
     ]
 
 
@@ -133,6 +144,8 @@ class StageSummary:
     min: float
     max: float
     zeros: float
+    nonfinite: int = 0
+    """NaN or infinite elements over every image."""
 
 
 class SummaryAccumulator:
@@ -146,7 +159,7 @@ class SummaryAccumulator:
         entry = self._stages.setdefault(
             stats.name,
             {"images": 0, "shapes": {}, "count": 0, "sum": 0.0, "squares": 0.0,
-             "min": float("inf"), "max": float("-inf"), "zeros": 0.0},
+             "min": float("inf"), "max": float("-inf"), "zeros": 0.0, "nonfinite": 0},
         )
         entry["images"] += 1
         entry["shapes"][stats.shape] = entry["shapes"].get(stats.shape, 0) + 1
@@ -157,6 +170,7 @@ class SummaryAccumulator:
         entry["min"] = min(entry["min"], stats.min)
         entry["max"] = max(entry["max"], stats.max)
         entry["zeros"] += stats.zeros * count
+        entry["nonfinite"] += stats.nonfinite
 
     def summaries(self) -> list[StageSummary]:
         result = []
@@ -175,6 +189,7 @@ class SummaryAccumulator:
                     min=entry["min"],
                     max=entry["max"],
                     zeros=entry["zeros"] / count,
+                    nonfinite=entry["nonfinite"],
                 )
             )
         return result
