@@ -101,3 +101,86 @@ def test_torchrun_with_two_processes_splits_the_work_and_finishes_despite_bad_im
     assert len(list(out.glob("*.pt"))) == 8
 
 
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "backbone_inspect", *map(str, args)]
+
+
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+
+
+def assert_manifest_is_the_files(out: Path) -> list[dict]:
+    lines = manifest(out)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt"))
+    assert sorted(line["output"] for line in lines if line["status"] == "ok") == written
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    return lines
+
+
+def test_sigterm_to_the_whole_process_group_stops_cleanly_like_a_scheduler_wants(tmp_path: Path) -> None:
+    root = many_images(tmp_path / "many", 80)
+    out = tmp_path / "out"
+    args = command(root, "--save", out, "--batch-size", "2", "--workers", "2", *SMALL, "--layers", "1,4")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    wait_for_lines(out / "manifest.jsonl", 6, process)
+    os.killpg(process.pid, signal.SIGTERM)  # what Slurm's scancel, systemd and Kubernetes do
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and "; stopped by SIGTERM" in stderr
+    assert 6 <= len(assert_manifest_is_the_files(out)) < 80
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0 and len(list(out.glob("*.pt"))) == 80
+
+
+def test_a_named_pipe_among_the_images_never_hangs_the_run(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    many_images(folder, 2)
+    os.mkfifo(folder / "pipe.jpg")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
+    walked = subprocess.run(command(folder, "--save", tmp_path / "a", *SMALL), capture_output=True, text=True, env=env, timeout=120)
+    assert walked.returncode == 0, walked.stderr
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.pt")) == ["img000.pt", "img001.pt"], "a pipe in a folder is no input"
+    named = subprocess.run(command(folder / "pipe.jpg", folder / "img000.png", "--save", tmp_path / "b", *SMALL),
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert named.returncode == 1
+    assert f"Error: {folder / 'pipe.jpg'}: a named pipe, not an image file" in named.stderr.splitlines()
+    assert (tmp_path / "b" / "img000.pt").is_file()
+
+
+def test_a_full_disk_is_each_images_error_and_a_clean_end(tmp_path: Path) -> None:
+    import resource
+
+    root = many_images(tmp_path / "in", 6)
+    out = tmp_path / "out"
+
+    def small_files_only() -> None:  # every write past 40 KB fails with EFBIG, as a full disk fails with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    args = command(root, "--save", out, "--batch-size", "2", "--workers", "0", *SMALL, "--layers", "1")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=small_files_only,
+                            env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors and all(line.endswith("File too large") and "cannot write" in line for line in errors), errors
+    assert "processed 0, skipped 0, failed" in result.stderr and "Traceback" not in result.stderr
+    lines = assert_manifest_is_the_files(out)
+    assert lines and all(line["status"] == "error" and line["error"].endswith("File too large") for line in lines)
+
+
+def test_a_reader_that_goes_away_leaves_a_whole_manifest(tmp_path: Path) -> None:
+    root = many_images(tmp_path / "in", 40)
+    out = tmp_path / "out"
+    process = subprocess.Popen(command(root, "--save", out, "--json", "--batch-size", "4", "--workers", "1", *SMALL),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})
+    assert process.stdout.readline().startswith(b"{")
+    process.stdout.close()  # `| head -1`
+    process.wait(timeout=120)
+    assert process.returncode == 141
+    assert len(assert_manifest_is_the_files(out)) >= 1

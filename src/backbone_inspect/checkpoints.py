@@ -23,13 +23,22 @@ def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
     text, found = str(error), _UNSUPPORTED_GLOBAL.search(str(error))
     if found:
         reason = f"it holds pickled Python objects ({found.group(1)}), not only tensors; save model.state_dict() instead"
-    elif "PytorchStreamReader failed" in text:
+    elif "PytorchStreamReader failed" in text or _starts_like_a_zip(path):
         reason = "truncated or corrupt: its zip archive is incomplete (copy or save it again)"
     elif "Weights only load failed" in text:
         reason = "not a PyTorch checkpoint (it cannot be unpickled)"
     else:
         reason = f"not a PyTorch checkpoint ({type(error).__name__}: {first_line(error)})"
     return WeightsError(f"cannot read checkpoint {path}: {reason}")
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    """torch.save writes a zip archive: one that will not load is cut short or damaged."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ def warnings_as_lines() -> Iterator[None]:
     """Python warnings (the library's own, and torch's or Pillow's) as one ``Warning:`` line each, once."""
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        warnings.simplefilter("ignore", ResourceWarning)  # for developers, not users
         warnings.showwarning = lambda message, *_, **__: warning_line(str(message))
         yield
 

@@ -138,6 +138,9 @@ class PtFileStore(FeatureStore):
                 self._lock = self._lock or FolderLock.take(self.folder / f".{self.manifest_path.name}.lock")
             if path.exists() and not overwrite:
                 self._check_settings(path)
+        except UsageError:
+            self.close()  # a refused run lets go of the folder at once
+            raise
         except OSError as error:
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
 
