@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -127,8 +128,6 @@ def test_saved_file_size_is_about_its_own_tensors(tmp_path: Path, chelsea: Path)
 def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path: Path, chelsea: Path, monkeypatch) -> None:
     (tmp_path / "chelsea.pt").write_bytes(b"previous complete file")
 
-    import os
-
     real_fsync = os.fsync
 
     def disk_full_at_the_feature_file(descriptor: int) -> None:
@@ -142,9 +141,7 @@ def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path: Path, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: cannot write {tmp_path / 'chelsea.pt'}: No space left on device"]
     assert (tmp_path / "chelsea.pt").read_bytes() == b"previous complete file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".manifest.jsonl.lock", "backbone-inspect.json", "chelsea.pt", "manifest.jsonl"
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.jsonl.lock", "backbone-inspect.json", "chelsea.pt", "manifest.jsonl"]
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(tmp_path: Path, chelsea: Path) -> None:

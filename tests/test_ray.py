@@ -46,6 +46,19 @@ def feature_files(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*.pt"))
 
 
+def assert_same_outputs(local: Path, on_ray: Path) -> None:
+    assert feature_files(on_ray) == feature_files(local)
+    assert len(feature_files(on_ray)) == 7
+    for name in feature_files(local):
+        here = torch.load(local / name, weights_only=True)
+        there = torch.load(on_ray / name, weights_only=True)
+        assert here["meta"] == there["meta"]
+        assert here["features"].keys() == there["features"].keys() == {"layer1", "layer4"}
+        for stage, tensor in here["features"].items():
+            assert_close_scaled(there["features"][stage], tensor)
+    assert statuses(on_ray) == statuses(local)
+
+
 @pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Path, mixed: Path) -> None:
     pytest.importorskip("ray", reason=RAY_MISSING)
@@ -58,16 +71,7 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Pa
     assert "engine ray" in on_ray.stdout and "engine" not in local.stdout
     assert "processed 7, skipped 0, failed 3" in on_ray.stderr
 
-    assert feature_files(tmp_path / "ray") == feature_files(tmp_path / "local")
-    assert len(feature_files(tmp_path / "ray")) == 7
-    for name in feature_files(tmp_path / "local"):
-        here = torch.load(tmp_path / "local" / name, weights_only=True)
-        there = torch.load(tmp_path / "ray" / name, weights_only=True)
-        assert here["meta"] == there["meta"]
-        assert here["features"].keys() == there["features"].keys() == {"layer1", "layer4"}
-        for stage, tensor in here["features"].items():
-            assert_close_scaled(there["features"][stage], tensor)
-    assert statuses(tmp_path / "ray") == statuses(tmp_path / "local")
+    assert_same_outputs(tmp_path / "local", tmp_path / "ray")
     errors = {line["image"]: line["error"] for line in manifest(tmp_path / "ray") if line["status"] == "error"}
     assert sorted(Path(image).name for image in errors) == ["corrupt.jpg", "empty.png", "truncated.png"]
     assert json.loads((tmp_path / "ray" / "backbone-inspect.json").read_text()) == json.loads(
