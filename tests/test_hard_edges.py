@@ -163,14 +163,20 @@ def test_requests_that_cannot_be_right_are_usage_errors(tmp_path: Path, chelsea:
     assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
-def test_an_image_too_large_after_preprocessing_is_that_images_error(tmp_path: Path) -> None:
-    Image.new("RGB", (5000, 3500), (90, 120, 150)).save(tmp_path / "huge.png")
+@pytest.mark.parametrize(
+    ("size", "options", "after"),
+    [((5000, 3500), ["--resize", "none", "--crop", "none"], "3500×5000"),
+     ((20000, 1), ["--resize", "64", "--crop", "64"], "64×1280000")],  # a 141-byte strip, resized to gigabytes
+    ids=["native", "strip"],
+)
+def test_an_image_too_large_after_resizing_is_that_images_error(tmp_path: Path, size, options, after) -> None:
+    Image.new("RGB", size, (90, 120, 150)).save(tmp_path / "huge.png")
     noise_image(tmp_path / "small.png")
-    result = invoke(tmp_path / "huge.png", tmp_path / "small.png", "--resize", "none", "--crop", "none", "--json", "--arch", "resnet18")
+    result = invoke(tmp_path / "huge.png", tmp_path / "small.png", *options, "--json", "--arch", "resnet18")
     assert result.exit_code == 1
     assert error_lines(result) == [
-        f"Error: {tmp_path / 'huge.png'}: image is 3500×5000 (H×W) after preprocessing, over the 16.8 Mpixel limit "
-        "(4096×4096); use --resize or --crop"
+        f"Error: {tmp_path / 'huge.png'}: image is {after} (H×W) after resizing, over the 16.8 Mpixel limit "
+        "(4096×4096); use a smaller --resize"
     ]
     assert json.loads(result.stdout)["image"] == str(tmp_path / "small.png")
 
@@ -198,3 +204,46 @@ def test_scheduler_variables_that_disagree_are_a_usage_error(chelsea: Path, monk
     result = invoke(chelsea, *SMALL)
     assert result.exit_code == 2 and result.stderr.startswith(f"Error: {names} do not name a rank below the number of ranks")
     assert invoke(chelsea, "--shard", "0/1", *SMALL).exit_code == 0, "an explicit --shard needs no variables"
+
+
+@pytest.mark.parametrize("args", [["--resize", "²"], ["--shard", "²/3"], ["--layers", "²"], ["--input-size", "²", "--describe"]])
+def test_digits_of_other_scripts_are_usage_errors(chelsea: Path, args: list[str]) -> None:
+    result = invoke(*([] if "--describe" in args else [chelsea]), *args, "--arch", "resnet18")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: invalid") and "ValueError" not in result.stderr
+
+
+def test_special_files_where_the_run_reads_or_writes_are_one_line(tmp_path: Path, chelsea: Path) -> None:
+    result = invoke("--from-list", "/dev/zero", *SMALL)
+    assert (result.exit_code, result.stderr) == (2, "Error: --from-list /dev/zero: not a regular file\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "manifest.jsonl")  # opened for writing, a pipe would wait for a reader for ever
+    result = invoke(chelsea, "--save", out, *SMALL)
+    assert (result.exit_code, result.stderr) == (1, f"Error: cannot write manifest {out / 'manifest.jsonl'}: not a regular file\n")
+    (tmp_path / "precious").write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / ".manifest.jsonl.lock").symlink_to(tmp_path / "precious")
+    result = invoke(chelsea, "--save", tmp_path / "linked", *SMALL)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: cannot lock ")
+    assert (tmp_path / "precious").read_text() == "keep me"
+
+
+def test_a_name_too_long_for_a_temporary_file_or_a_folder_in_the_way_fails_that_image_only(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    noise_image(folder / ("n" * 250 + ".png"))
+    noise_image(folder / "cat.png")
+    noise_image(folder / "dog.png")
+    (tmp_path / "out" / "cat.pt").mkdir(parents=True)
+    result = invoke(folder, "--save", tmp_path / "out", "--batch-size", "1", *SMALL)
+    assert result.exit_code == 1
+    statuses = {line["output"]: line["status"] for line in manifest(tmp_path / "out")}
+    assert statuses == {"n" * 250 + ".pt": "ok", "cat.pt": "error", "dog.pt": "ok"}
+
+
+def test_api_flags_are_booleans(tmp_path: Path, chelsea: Path) -> None:
+    from backbone_inspect import dump_features
+    from backbone_inspect.errors import UsageError
+
+    for options in ({"overwrite": "no"}, {"compile": "no"}, {"channels_last": 1}):
+        with pytest.raises(UsageError, match="expected True or False"):
+            dump_features(chelsea, tmp_path / "out", arch="resnet18", **options)

@@ -184,3 +184,30 @@ def test_a_reader_that_goes_away_leaves_a_whole_manifest(tmp_path: Path) -> None
     process.wait(timeout=120)
     assert process.returncode == 141
     assert len(assert_manifest_is_the_files(out)) >= 1
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "tables"])
+def test_a_reader_gone_during_the_last_batch_still_leaves_every_file_recorded(tmp_path: Path, json_lines: bool) -> None:
+    root = many_images(tmp_path / "in", 5)  # one batch: the files are recorded in the final flush
+    out = tmp_path / "out"
+    args = command(root, "--save", out, *(["--json"] if json_lines else ["--summary"]), *SMALL)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141, stderr
+    recorded = assert_manifest_is_the_files(out)
+    # JSON lines fail at the first image, after the batch is written; tables fail at the header, before any.
+    assert len(recorded) == (5 if json_lines else 0)
+
+
+def test_a_closed_terminal_stops_the_run_cleanly(tmp_path: Path) -> None:
+    root = many_images(tmp_path / "in", 60)
+    out = tmp_path / "out"
+    args = command(root, "--save", out, "--batch-size", "2", "--workers", "1", *SMALL, "--layers", "1,4")
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TORCH_HOME": str(tmp_path / "th")}, start_new_session=True)
+    wait_for_lines(out / "manifest.jsonl", 4, process)
+    os.killpg(process.pid, signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 129 and "; stopped by SIGHUP" in stderr, stderr
+    assert 4 <= len(assert_manifest_is_the_files(out)) < 60

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import RunCallbacks
 from .errors import OutputError, RunStopped
-from .options import output_folder
+from .options import check_flag, output_folder
 from .run import Pictures, execute_run, make_engine, plan_run, redo_warning
 from .stages import DEFAULT_LAYERS
 
@@ -54,7 +54,8 @@ def dump_features(
     found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder))
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                          ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
-    plan = plan_run(config, found, runner, PtFileStore(folder, config, shard=found.shard), pictures=pictures, overwrite=overwrite)
+    store = PtFileStore(folder, config, shard=found.shard)
+    plan = plan_run(config, found, runner, store, pictures=pictures, overwrite=bool(check_flag("--overwrite", overwrite)))
     if plan.redo:
         warnings.warn(redo_warning(plan.redo), stacklevel=2)
     callbacks = RunCallbacks() if on_outcome is None else RunCallbacks(on_outcome=lambda outcome, _: on_outcome(outcome))
@@ -92,6 +93,7 @@ def inspect_images(
     from .config import feature_config
     from .inputs import plan_inputs
 
+    check_flag("features", features)
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
                             dtype=dtype, channels_last=channels_last, compile=compile, topk=topk,
                             categories=categories, device=device)

@@ -46,7 +46,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if not path.is_file():
-        raise WeightsError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+        kind = "is a folder, not a file" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise WeightsError(f"checkpoint {path} {kind}")
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the error says it all
             warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .images import MAX_SIDE, Preprocessing
-from .options import check_device_spec, check_dtype, check_seed, parse_size, read_categories
+from .options import check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
 
@@ -87,8 +87,8 @@ def feature_config(
         preprocessing=_preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)),
         dtype=dtype,
         save_dtype=save_dtype,
-        channels_last=channels_last,
-        compile=bool(compile),
+        channels_last=check_flag("--channels-last", channels_last, optional=True),
+        compile=bool(check_flag("--compile", compile)),
         topk=topk,
         categories=_category_names(categories),
         device=device,
@@ -117,6 +117,6 @@ def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str
 def _category_names(categories: Sequence[str] | str | os.PathLike[str] | None) -> tuple[str, ...] | None:
     if categories is None:
         return None
-    if isinstance(categories, (str, os.PathLike)):
-        return tuple(read_categories(os.fspath(categories)))
+    if isinstance(categories, (str, os.PathLike)) or not isinstance(categories, Sequence):
+        return tuple(read_categories(categories))  # type: ignore[arg-type]
     return tuple(str(name) for name in categories)

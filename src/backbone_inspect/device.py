@@ -60,7 +60,7 @@ def last_level_cache_bytes() -> int:
         units = {"K": 1024, "M": 1024**2, "G": 1024**3}
         multiplier = units.get(text[-1:], 1)
         digits = text[:-1] if text[-1:] in units else text
-        if digits.isdigit():
+        if digits.isascii() and digits.isdigit():
             sizes[level] = int(digits) * multiplier
     return sizes[max(sizes)] if sizes else DEFAULT_CACHE_BYTES
 

@@ -35,6 +35,9 @@ class ImageError(InspectError):
 class OutputError(InspectError):
     """An output that cannot be written (exit 1)."""
 
+    ends_run: bool = True
+    """False when only this file cannot be written (its name is too long, a folder is in its way)."""
+
 
 class RunStopped(InspectError):
     """A run stopped by SIGINT or SIGTERM (exit 128 + the signal's number); its ``summary`` says what is left."""

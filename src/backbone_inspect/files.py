@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -21,7 +22,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     Nothing half-written is ever left under ``path``, and no temporary file is left behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
+    stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the permissions open() would have.
         os.fchmod(descriptor, 0o666 & ~_current_umask())
@@ -58,7 +61,11 @@ def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mappin
         atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
         return path.stat().st_size
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}") from error
+        failure = OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}")
+        # A name too long, or a folder or file in the way, is this file's problem; a full or
+        # read-only disk is every file's, and ends the run.
+        failure.ends_run = error.errno not in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+        raise failure from error
 
 
 def _write_failure_reason(path: Path, error: OSError) -> str:
@@ -84,7 +91,10 @@ class FolderLock:
         import socket
         import time
 
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:  # never through a symbolic link: the lock must not write over whatever it points to
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+", encoding="utf-8")
+        except OSError as error:
+            raise OutputError(f"cannot lock {path}: {error.strerror or error}") from error
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -169,10 +169,10 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     from torchvision.transforms import functional as F
 
     height, width = size_after_resize(image.height, image.width, preprocessing.resize)
-    if preprocessing.crop is None and height * width > MAX_PIXELS:
+    if height * width > MAX_PIXELS:  # checked before resizing: a 20000×1 strip would resize to gigabytes
         raise ImageError(
-            f"image is {height}×{width} (H×W) after preprocessing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
-            f"({MAX_SIDE}×{MAX_SIDE}); use --resize or --crop"
+            f"image is {height}×{width} (H×W) after resizing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
+            f"({MAX_SIDE}×{MAX_SIDE}); use a smaller --resize"
         )
     if preprocessing.resize is not None:
         image = F.resize(

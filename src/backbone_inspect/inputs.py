@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .options import read_text_file
 from .images import Preprocessing, size_after_resize
 from .shards import Shard, parse_shard, shard_from_env
 
@@ -36,14 +37,18 @@ def read_path_list(list_file: Path) -> list[str]:
 
     A byte-order mark and Windows line endings are allowed; a NUL byte means it is no text file.
     """
+    if not isinstance(list_file, (str, os.PathLike)):
+        raise UsageError(f"--from-list {list_file!r}: expected the path of a text file")
     try:
-        text = list_file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--from-list {list_file}: cannot read it ({_reason(error)})") from error
+        text = read_text_file("--from-list", list_file)
+    except UsageError as error:
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise UsageError(f"--from-list {list_file}: cannot read it ({_reason(error.__cause__)})") from error
+        raise
     if "\0" in text:
         raise UsageError(f"--from-list {list_file}: holds NUL bytes, so it is not a text file of paths, one per line")
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    # Only the line endings go: a name may end in a space, and must stay the file it names.
+    return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def _reason(error: Exception) -> str:
@@ -179,7 +184,7 @@ def plan_inputs(
     if chosen is None and shard_from_environment:
         chosen = shard_from_env()
     given = _paths(inputs)
-    listed = read_path_list(Path(from_list)) if from_list is not None else []
+    listed = read_path_list(from_list) if from_list is not None else []
     if not given and not listed:
         raise UsageError("no inputs: give image files or folders, or --from-list FILE")
     for number, path in enumerate(listed, start=1):

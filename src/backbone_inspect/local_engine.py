@@ -62,7 +62,7 @@ def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureSto
     try:
         written = store.write(image, result) if store is not None else 0
     except OutputError as error:
-        return Outcome(image.path, image.output, "error", error=str(error)), None, str(error)
+        return Outcome(image.path, image.output, "error", error=str(error)), None, str(error) if error.ends_run else None
     shapes = {stats.name: list(stats.shape) for stats in result.stats}
     return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result, None
 
@@ -77,8 +77,8 @@ def process_batch(
 def _ignore_stop_signals(_: int) -> None:
     # Ctrl-C, and a scheduler's SIGTERM to the whole process group (Slurm, systemd, Kubernetes),
     # reach the workers too; the main process decides when to stop and shuts them down itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def decoded_batches(
@@ -170,13 +170,26 @@ def _drive(
             future.cancel()
     finally:
         # Whatever ends the run, every file written is reported (and so recorded) first.
+        stop.finishing = True
         getattr(batches, "close", lambda: None)()
-        while pending:
-            future = pending.popleft()
+        failure = _report_all(pending, report)
+        executor.shutdown(wait=True)
+    if failure is not None:
+        raise failure
+    return tally.summary(stop.signal_number, total)
+
+
+def _report_all(pending: collections.deque[Future[FinishedImage]], report: Callable[[Future[FinishedImage]], None]) -> BaseException | None:
+    """Report every finished image, even after one report fails (stdout closed); the first failure."""
+    failure = None
+    while pending:
+        future = pending.popleft()
+        try:
             if not future.cancelled():
                 report(future)
-        executor.shutdown(wait=True)
-    return tally.summary(stop.signal_number, total)
+        except BaseException as error:  # noqa: BLE001 - raised again by the caller once all are recorded
+            failure = failure or error
+    return failure
 
 
 def _report(future: Future[FinishedImage], *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:

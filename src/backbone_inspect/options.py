@@ -20,7 +20,7 @@ def parse_size(option: str, value: int | str | None) -> int | None | str:
     text = str(value).strip().lower()
     if text == "none":
         return "none"
-    if text.isdigit() and int(text) > 0:
+    if text.isascii() and text.isdigit() and int(text) > 0:
         return int(text)
     raise UsageError(f"invalid {option} {value!r}: expected a positive number of pixels or 'none'")
 
@@ -45,7 +45,7 @@ def check_dtype(option: str, name: str) -> str:
 def parse_input_size(text: str) -> tuple[int, int]:
     """``--input-size``: ``N`` (square) or ``HxW``."""
     parts = text.lower().replace("×", "x").split("x")
-    if 1 <= len(parts) <= 2 and all(part.strip().isdigit() and int(part) > 0 for part in parts):
+    if 1 <= len(parts) <= 2 and all(part.strip().isascii() and part.strip().isdigit() and int(part) > 0 for part in parts):
         height, width = (int(parts[0]), int(parts[-1]))
         return (height, width)
     raise UsageError(f"invalid --input-size {text!r}: expected N or HxW in pixels, e.g. 224 or 480x640")
@@ -73,12 +73,28 @@ def check_seed(seed: object) -> int:
     return seed
 
 
+TEXT_FILE_LIMIT = 64 * 1024 * 1024
+"""The largest list or names file read: a device such as /dev/zero never ends."""
+
+
+def read_text_file(option: str, path: str | os.PathLike[str]) -> str:
+    """A small regular text file (``UsageError`` otherwise): ``--from-list``, ``--categories``."""
+    try:
+        if not os.path.isfile(path) and os.path.exists(path):
+            raise UsageError(f"{option} {os.fspath(path)}: not a regular file")
+        if os.path.getsize(path) > TEXT_FILE_LIMIT:
+            raise UsageError(f"{option} {os.fspath(path)}: over {TEXT_FILE_LIMIT // 2**20} MiB, not a list")
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise UsageError(f"{option} {os.fspath(path)}: cannot read it ({reason})") from error
+
+
 def read_categories(path: str) -> list[str]:
     """``--categories``: one class name per line, in the classifier's order; blank lines ignored."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--categories {path}: cannot read it ({error})") from error
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"--categories {path!r}: expected class names, or the path of a file of them")
+    lines = read_text_file("--categories", path).splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -99,3 +115,10 @@ def default_workers() -> int:
 def max_workers() -> int:
     """The most decoding processes a run may start: 4 per CPU (decoding waits on disks too)."""
     return 4 * (os.cpu_count() or 1)
+
+
+def check_flag(option: str, value: object, *, optional: bool = False) -> bool | None:
+    """A yes/no option: ``True`` or ``False`` (``None`` too when ``optional``), never a truthy string."""
+    if isinstance(value, bool) or (optional and value is None):
+        return value  # type: ignore[return-value]
+    raise UsageError(f"{option} {value!r}: expected True or False")

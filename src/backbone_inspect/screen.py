@@ -45,8 +45,12 @@ def warnings_as_lines() -> Iterator[None]:
 def stdout_console() -> Console:
     from rich.console import Console
 
+    class PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError  # rich would exit 1 on its own; the command stops as SIGPIPE would (141)
+
     # Piped output gets a fixed width wide enough for every table, rather than rich's 80.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    return PipeAwareConsole(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class Shard:
 
 def parse_shard(text: str) -> Shard:
     parts = text.split("/")
-    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+    if len(parts) == 2 and all(part.strip().isascii() and part.strip().isdigit() for part in parts):
         index, count = (int(part) for part in parts)
         if 0 <= index < count:
             return Shard(index, count)
@@ -37,7 +37,7 @@ def parse_shard(text: str) -> Shard:
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name, "").strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True) -> Shard | None:

@@ -9,11 +9,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, a scheduler's or service manager's stop, a closed terminal: each stops a run cleanly."""
+
+
 @dataclass
 class StopRequest:
     """Set by SIGINT/SIGTERM (or by hand): the run finishes the files it has in hand and stops."""
 
     signal_number: int | None = None
+    finishing: bool = False
+    """Set once the run only finishes what it has in hand: a second Ctrl-C then has nothing to cut short."""
 
     def __call__(self) -> bool:
         return self.signal_number is not None
@@ -21,7 +27,7 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals(*, ignore_after_stop: bool = False) -> Iterator[StopRequest]:
-    """The first SIGINT or SIGTERM asks for a clean stop; a second SIGINT interrupts at once.
+    """The first SIGINT, SIGTERM or SIGHUP asks for a clean stop; a second SIGINT interrupts at once.
 
     On leaving, the previous handlers come back; with ``ignore_after_stop`` (a process that only
     reports and exits after a stop) signals are ignored from then on instead, once one came.
@@ -33,11 +39,12 @@ def stop_on_signals(*, ignore_after_stop: bool = False) -> Iterator[StopRequest]
         return
 
     def handle(number: int, _frame: object) -> None:
-        if request.signal_number is not None and number == signal.SIGINT:
+        if request.signal_number is not None and number == signal.SIGINT and not request.finishing:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not cut the clean-up short
             raise KeyboardInterrupt
         request.signal_number = number
 
-    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, handle) for number in STOP_SIGNALS}
     try:
         yield request
     finally:

@@ -55,7 +55,7 @@ def stage_name(token: int | str) -> str:
     if not isinstance(token, str):
         raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
     text = token.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return stage_name(int(text))
     if text.lower() in STAGES:
         return text.lower()

@@ -6,7 +6,9 @@ image, a manifest and a settings file) is its first implementation.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,8 +147,8 @@ class PtFileStore(FeatureStore):
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
 
     def _check_settings(self, path: Path) -> None:
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
+        try:  # a named pipe or a device there would block or never end: only a small file is read
+            saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 2**20 else None
         except (ValueError, UnicodeDecodeError):
             saved = None
         if not isinstance(saved, dict):
@@ -183,6 +185,8 @@ class PtFileStore(FeatureStore):
         except OSError as error:
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
         try:
+            if self.manifest_path.exists() and not self.manifest_path.is_file():
+                raise OSError(0, "not a regular file")
             self._manifest = open(self.manifest_path, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as error:
             raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
@@ -196,9 +200,16 @@ class PtFileStore(FeatureStore):
         return save_features(self.folder / image.output, features, meta)
 
     def record(self, outcome: Outcome) -> None:
+        """One whole line, or none: a line cut short by a full disk is taken back."""
         assert self._manifest is not None, "open() the store first"
-        self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
-        self._manifest.flush()
+        size = self._manifest.tell()
+        try:
+            self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
+            self._manifest.flush()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.truncate(self.manifest_path, size)
+            raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
 
     def close(self) -> None:
         if self._manifest is not None:
