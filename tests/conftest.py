@@ -61,9 +61,10 @@ def chelsea() -> Path:
     return SAMPLES / "chelsea.jpg"
 
 
-SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64"]
-"""Options that keep a CLI test fast: the smallest arch on 64×64 inputs."""
-SMALL_OPTIONS = {"arch": "resnet18", "resize": 64, "crop": 64}
+SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64", "--device", "cpu"]
+"""Options that keep a CLI test fast: the smallest arch on 64×64 inputs, on the CPU, where the
+references (create_feature_extractor, the model's own forward) run: on CUDA, float32 is not CPU float32."""
+SMALL_OPTIONS = {"arch": "resnet18", "resize": 64, "crop": 64, "device": "cpu"}
 """The same, as keywords of the Python API."""
 
 

@@ -39,22 +39,11 @@ def read_path_list(list_file: Path) -> list[str]:
     """
     if not isinstance(list_file, (str, os.PathLike)):
         raise UsageError(f"--from-list {list_file!r}: expected the path of a text file")
-    try:
-        text = read_text_file("--from-list", list_file)
-    except UsageError as error:
-        if isinstance(error.__cause__, UnicodeDecodeError):
-            raise UsageError(f"--from-list {list_file}: cannot read it ({_reason(error.__cause__)})") from error
-        raise
+    text = read_text_file("--from-list", list_file)
     if "\0" in text:
         raise UsageError(f"--from-list {list_file}: holds NUL bytes, so it is not a text file of paths, one per line")
     # Only the line endings go: a name may end in a space, and must stay the file it names.
     return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, UnicodeDecodeError):
-        return f"not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start}"
-    return getattr(error, "strerror", None) or str(error)
 
 
 def _walk_images(directory: str, excluded: frozenset[str]) -> list[FoundImage]:

@@ -86,8 +86,13 @@ def read_text_file(option: str, path: str | os.PathLike[str]) -> str:
             raise UsageError(f"{option} {os.fspath(path)}: over {TEXT_FILE_LIMIT // 2**20} MiB, not a list")
         return Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise UsageError(f"{option} {os.fspath(path)}: cannot read it ({reason})") from error
+        raise UsageError(f"{option} {os.fspath(path)}: cannot read it ({_read_failure(error)})") from error
+
+
+def _read_failure(error: OSError | UnicodeDecodeError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start}"
+    return error.strerror or str(error)
 
 
 def read_categories(path: str) -> list[str]:
