@@ -19,7 +19,7 @@ from backbone_inspect.run import make_engine
 from backbone_inspect.errors import RunStopped, UsageError
 from backbone_inspect.images import load_rgb
 from backbone_inspect.inputs import plan_inputs
-from backbone_inspect.store import ResumeSplit
+from backbone_inspect.store import ResumeSplit, Stored
 
 from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, features, invoke, manifest, many_images, seeded_resnet
 
@@ -121,9 +121,9 @@ class MemoryStore(FeatureStore):
     def open(self) -> None:
         self.events.append("open")
 
-    def write(self, image, result) -> int:
+    def write(self, image, result) -> Stored:
         self.features[image.output] = {name: value.clone() for name, value in result.features.items()}
-        return 0
+        return Stored(0)
 
     def record(self, outcome) -> None:
         self.records.append(f"{outcome.output} {outcome.status}")

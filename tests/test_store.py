@@ -51,7 +51,7 @@ def test_claim_records_the_settings_and_refuses_a_folder_of_other_settings(tmp_p
     claimed.open()
     claimed.close()
     saved = json.loads((folder / SETTINGS_FILE).read_text())
-    assert saved == feature_config(**SMALL_OPTIONS, layers="2,4").settings()
+    assert saved == {**feature_config(**SMALL_OPTIONS, layers="2,4").settings(), "format": "pt"}
     assert saved["layers"] == ["layer2", "layer4"] and saved["preprocessing"]["crop"] == 64
     store_for(folder).claim(overwrite=False)  # the same settings: resuming is fine
     with pytest.raises(UsageError, match=r"holds features made with other settings: preprocessing\.crop 64 \(now 48\)"):
@@ -75,7 +75,7 @@ def test_written_files_hold_the_features_in_the_save_dtype_and_the_settings(tmp_
     result = fake_result("photos/a/cat.jpg")
     written = store.write(FoundImage("photos/a/cat.jpg", "a/cat.pt"), result)
     path = tmp_path / "a" / "cat.pt"
-    assert written == path.stat().st_size
+    assert written.bytes_written == path.stat().st_size and written.shard is None
     saved = torch.load(path, weights_only=True)
     assert list(saved["features"]) == ["layer2", "layer4"]
     for name, tensor in saved["features"].items():
@@ -150,7 +150,7 @@ def test_estimated_bytes_match_the_files_written(tmp_path: Path) -> None:
     store = store_for(tmp_path)
     result = fake_result("cat.jpg")
     written = store.write(FoundImage("cat.jpg", "cat.pt"), _real_shapes(result))
-    assert store.estimate_bytes([(64, 64)]) == pytest.approx(written, rel=0.1)
+    assert store.estimate_bytes([(64, 64)]) == pytest.approx(written.bytes_written, rel=0.1)
     assert store.estimate_bytes([(64, 64)] * 3) == 3 * store.estimate_bytes([(64, 64)])
 
 

@@ -3,9 +3,10 @@
 The API, by what people do with it:
 
 - ``dump_features(inputs, save, ...)``: what ``backbone-inspect INPUTS --save DIR`` does.
+- ``open_features(DIR)``: a dump read back (either format), as a torch ``Dataset``.
 - ``inspect_images(inputs, ...)``: per-stage statistics (and features when asked), nothing saved.
 - ``Backbone``, ``feature_info``: the replay itself, as an ``nn.Module`` (FPN, detection).
-- ``feature_config``, ``plan_inputs``, ``PtFileStore``, ``make_engine``, ``plan_run``,
+- ``feature_config``, ``plan_inputs``, ``make_store``, ``PtFileStore``, ``make_engine``, ``plan_run``,
   ``execute_run``: the pieces those are built from, for pipelines of your own.
 """
 
@@ -21,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "StageInfo": "backbone",
     "feature_info": "backbone",
     "dump_features": "api",
+    "open_features": "reader",
+    "StoredFeatures": "reader",
     "inspect_images": "api",
     "Inspection": "api",
     "FeatureConfig": "config",
@@ -28,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "plan_inputs": "inputs",
     "FeatureStore": "store",
     "PtFileStore": "store",
+    "make_store": "run",
     "make_engine": "run",
     "RunCallbacks": "engine",
     "plan_run": "run",
@@ -50,7 +54,8 @@ if TYPE_CHECKING:
     from .errors import InspectError, OutputError, RunStopped, UsageError, WeightsError
     from .inputs import plan_inputs
     from .outcomes import Outcome, RunSummary
-    from .run import execute_run, make_engine, plan_run
+    from .reader import StoredFeatures, open_features
+    from .run import execute_run, make_engine, make_store, plan_run
     from .store import FeatureStore, PtFileStore
 
 

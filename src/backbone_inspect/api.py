@@ -29,15 +29,16 @@ def dump_features(
     inputs: PathLike | Sequence[PathLike], save: PathLike, *, from_list: PathLike | None = None,
     arch: str = "resnet50", layers: Iterable[int | str] | str = DEFAULT_LAYERS, weights: Any = None, seed: int = 0,
     resize: int | str | None = None, crop: int | str | None = None, device: str = "auto",
-    save_dtype: str = "float32", dtype: str = "float32", channels_last: bool | None = None, compile: bool = False,
-    batch_size: int = 32, workers: int | None = None, overwrite: bool = False, shard: str | Shard | None = None,
+    save_dtype: str = "float32", format: str = "pt", shard_size: int | str | None = None, pool: str = "none",
+    dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32, workers: int | None = None, overwrite: bool = False, shard: str | Shard | None = None,
     engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None, ray_actor_cpus: float = 1.0,
     viz: PathLike | None = None, viz_channels: int = 16, on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RunSummary:
     """Exactly what ``backbone-inspect INPUTS --save SAVE`` does; the keywords are its long options.
 
-    Writes ``SAVE/<output>.pt`` per image, ``SAVE/manifest*.jsonl`` and the settings file;
-    resumes (images already saved with the same settings are skipped) unless ``overwrite``.
+    Writes ``SAVE/<output>.pt`` per image (``format="shards"``: safetensors shards of
+    ``shard_size`` images), ``SAVE/manifest*.jsonl`` and the settings file; ``open_features(SAVE)``
+    reads either back. Resumes (images already saved with the same settings are skipped) unless ``overwrite``.
     Bad images are recorded and counted in ``failed``; the others are still saved. Raises
     ``UsageError`` for bad options or inputs and a folder of other settings (nothing computed),
     ``WeightsError``, ``OutputError`` when the folder cannot be written (with ``.summary`` once
@@ -46,15 +47,15 @@ def dump_features(
     """
     from .config import feature_config
     from .inputs import plan_inputs
-    from .store import PtFileStore
+    from .run import make_store
 
-    config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
-                            dtype=dtype, save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device)
+    config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
+                            save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool)
     folder, pictures = output_folder("--save", save), _pictures(viz, viz_channels)
     found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder))
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                          ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
-    store = PtFileStore(folder, config, shard=found.shard)
+    store = make_store(folder, config, format=format, shard=found.shard, shard_size=shard_size)
     plan = plan_run(config, found, runner, store, pictures=pictures, overwrite=bool(check_flag("--overwrite", overwrite)))
     if plan.redo:
         warnings.warn(redo_warning(plan.redo), stacklevel=2)
@@ -82,12 +83,12 @@ def inspect_images(
     resize: int | str | None = None, crop: int | str | None = None, device: str = "auto",
     dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32,
     workers: int | None = None, topk: int = 0, categories: Sequence[str] | PathLike | None = None,
-    viz: PathLike | None = None, viz_channels: int = 16,
+    viz: PathLike | None = None, viz_channels: int = 16, pool: str = "none",
 ) -> Inspection:
     """What ``backbone-inspect INPUTS`` shows, as objects: nothing is saved (``viz`` draws pictures).
 
-    ``features=True`` keeps every image's feature maps (CPU tensors [C, H, W], in memory: mind
-    the size for many images) and its preprocessed input (``pixels``). Bad images are in
+    ``features=True`` keeps every image's feature maps (CPU tensors [C, H, W], or [C] with
+    ``pool`` ``avg``/``max``; in memory: mind the size for many images) and its preprocessed input (``pixels``). Bad images are in
     ``failures``; the others are still inspected. Raises as ``dump_features`` does.
     """
     from .config import feature_config
@@ -96,7 +97,7 @@ def inspect_images(
     check_flag("features", features)
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
                             dtype=dtype, channels_last=channels_last, compile=compile, topk=topk,
-                            categories=categories, device=device)
+                            categories=categories, device=device, pool=pool)
     pictures = _pictures(viz, viz_channels)
     found = plan_inputs(inputs, from_list=from_list, shard_from_environment=False, check_collisions=viz is not None,
                         outputs=(pictures and pictures.folder,))

@@ -18,7 +18,7 @@ from . import __version__
 from .cli_options import (
     Arch, BatchSize, Categories, ChannelsLast, Compile, Crop, Debug, Describe, Device, DryRun, Dtype, Engine,
     FromList, Images, InputSize, JsonLines, Layers, Overwrite, RayActorCpus, RayActors, RayAddress, Resize,
-    Save, SaveDtype, Seed, ShardOption, Summary, Topk, Viz, VizChannels, Weights, Workers,
+    Format, Pool, Save, SaveDtype, Seed, ShardSize, ShardOption, Summary, Topk, Viz, VizChannels, Weights, Workers,
 )
 from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
 from .screen import error_line, warning_line, warnings_as_lines
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .inputs import InputPlan
     from .outcomes import RunSummary
     from .run import Pictures
+    from .store import FeatureStore
 
 PROG_NAME = "backbone-inspect"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
@@ -81,7 +82,8 @@ def inspect(
     images: Images = None, layers: Layers = "2,3,4", arch: Arch = "resnet50", weights: Weights = "none",
     seed: Seed = 0, describe: Describe = False, input_size: InputSize = "224", from_list: FromList = None,
     resize: Resize = None, crop: Crop = None, json_lines: JsonLines = False, summary: Summary = False,
-    save: Save = None, save_dtype: SaveDtype = "float32", overwrite: Overwrite = False, shard: ShardOption = None,
+    save: Save = None, save_dtype: SaveDtype = "float32", output_format: Format = "pt", shard_size: ShardSize = "auto",
+    pool: Pool = "none", overwrite: Overwrite = False, shard: ShardOption = None,
     dry_run: DryRun = False, device: Device = "auto", dtype: Dtype = "float32", channels_last: ChannelsLast = None,
     compile_model: Compile = False, batch_size: BatchSize = 32, workers: Workers = None, viz: Viz = None,
     viz_channels: VizChannels = 16, topk: Topk = None, categories: Categories = None, engine: Engine = "local",
@@ -99,11 +101,12 @@ def inspect(
         from .inputs import plan_inputs
         from .options import output_folder
         from .run import Pictures
+        from .run import make_store
 
         config = feature_config(
             arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
             save_dtype=save_dtype, channels_last=channels_last, compile=compile_model, topk=topk or 0,
-            categories=categories, device=device,
+            categories=categories, device=device, pool=pool,
         )
         save_folder = output_folder("--save", save) if save is not None else None
         pictures = Pictures(output_folder("--viz", viz), viz_channels) if viz is not None else None
@@ -111,8 +114,13 @@ def inspect(
                              outputs=(save_folder, pictures and pictures.folder))
         runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
+        store = make_store(save_folder, config, format=output_format, shard=inputs.shard, shard_size=shard_size) if save_folder else None
+        given = [name for name, value, default in (("--format", output_format, "pt"), ("--shard-size", shard_size, "auto"),
+                                                    ("--pool", pool, "none")) if value != default]
+        if store is None and given:
+            raise UsageError(f"{given[0]} needs --save DIR")
         tables = inputs.named_files and save is None and not summary and not json_lines
-        return _run(config, inputs, runner, save=save_folder, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
+        return _run(config, inputs, runner, store=store, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
                     json_lines=json_lines, tables=tables)
     except InspectError as error:
         error_line(str(error))
@@ -128,21 +136,19 @@ def inspect(
         return EXIT_FAILURE
 
 
-def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, save: Path | None, overwrite: bool,
+def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, store: FeatureStore | None, overwrite: bool,
          dry_run: bool, pictures: Pictures | None, json_lines: bool, tables: bool) -> int:
     from .run import estimate_run, execute_run, plan_run, redo_warning
     from .screen import Screen, View, show_estimate
     from .shards import RankGroup, launched_by_torchrun
     from .signals import stop_on_signals
-    from .store import PtFileStore
 
     rank_group = RankGroup() if launched_by_torchrun() else None
-    store = PtFileStore(save, config, shard=inputs.shard) if save is not None else None
     plan = plan_run(config, inputs, runner, store, pictures=pictures, overwrite=overwrite, dry_run=dry_run)
     if plan.redo:
         warning_line(redo_warning(plan.redo))
     if dry_run:
-        show_estimate(estimate_run(plan), json_lines=json_lines, location=store and store.location, save_dtype=config.save_dtype)
+        show_estimate(estimate_run(plan), json_lines=json_lines)
         return EXIT_OK
     screen = Screen(View(json_lines=json_lines, per_image_tables=tables), total=len(plan.todo))
     try:
@@ -150,7 +156,7 @@ def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, save: 
             summary = execute_run(plan, callbacks=screen.callbacks(), stop=stop)
     finally:
         screen.stop_progress()
-    screen.finish(summary, summary_line=save is not None or len(inputs.found) > 1)
+    screen.finish(summary, summary_line=store is not None or len(inputs.found) > 1)
     code = _exit_code(summary)
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
 

@@ -53,7 +53,13 @@ JsonLines = Annotated[bool, _option("--json", panel=OUTPUT, metavar="", help="Pr
 Summary = Annotated[bool, _option("--summary", panel=OUTPUT, metavar="", help=(
     "One table per stage over all images, even for a few image files."))]
 Save = Annotated[str | None, _option("--save", panel=OUTPUT, metavar="DIR", show_default=False, help=(
-    "Save a .pt per image under DIR (mirroring folder inputs), with DIR/manifest.jsonl."))]
+    "Save features under DIR (a .pt per image, or --format shards), with DIR/manifest.jsonl."))]
+Format = Annotated[str, _option("--format", panel=OUTPUT, metavar="pt|shards", help=(
+    "pt: a .pt per image (mirroring folder inputs); shards: safetensors files of many images each."))]
+ShardSize = Annotated[str, _option("--shard-size", panel=OUTPUT, metavar="N|auto", help=(
+    "Images per shard file (--format shards); auto: files of about 256 MiB."))]
+Pool = Annotated[str, _option("--pool", panel=OUTPUT, metavar="none|avg|max", help=(
+    "Save each stage as one vector of its channels (global average or max); the table still describes the full maps."))]
 SaveDtype = Annotated[str, _option("--save-dtype", panel=OUTPUT, metavar="DTYPE", help=(
     "dtype of the saved tensors: float32, float16 or bfloat16."))]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .images import MAX_SIDE, Preprocessing
-from .options import check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
+from .options import POOLINGS, check_choice, check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
 
@@ -42,6 +42,9 @@ class FeatureConfig:
     """Class names for ``topk``; ``None``: the named weights' own."""
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: resolved where the model runs."""
+    pool: str = "none"
+    """``avg``/``max``: each stage's features are one vector [C] (global pooling over H×W on the
+    device); statistics still describe the full maps."""
 
     def settings(self) -> dict[str, Any]:
         """What makes two dumps comparable: resuming into a folder needs the same settings.
@@ -56,6 +59,7 @@ class FeatureConfig:
             "preprocessing": self.preprocessing.to_dict(),
             "dtype": self.dtype,
             "save_dtype": self.save_dtype,
+            "pool": self.pool,
         }
 
 
@@ -63,7 +67,7 @@ def feature_config(
     *, arch: str = "resnet50", layers: Iterable[int | str] | str | int = DEFAULT_LAYERS, weights: Any = None,
     seed: int = 0, resize: int | str | None = None, crop: int | str | None = None, dtype: str = "float32",
     save_dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, topk: int = 0,
-    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto",
+    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto", pool: str = "none",
 ) -> FeatureConfig:
     """Check the options and resolve them into one ``FeatureConfig`` (``UsageError`` on bad values).
 
@@ -71,6 +75,7 @@ def feature_config(
     (``"DEFAULT"``, ``"IMAGENET1K_V2"``) or enum member, or a checkpoint path.
     ``resize``/``crop``: pixels, ``"none"`` to skip the step, ``None`` for the weights' own.
     ``categories``: class names, or the path of a file with one per line.
+    ``pool``: ``none``, or ``avg``/``max`` to reduce each stage to a vector of its channels.
     """
     arch = check_arch(arch)
     stages = parse_layers(layers)
@@ -92,6 +97,7 @@ def feature_config(
         topk=topk,
         categories=_category_names(categories),
         device=device,
+        pool=check_choice("--pool", pool, POOLINGS),
     )
 
 

@@ -29,15 +29,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {  # the names are options.DTYPE_NAMES
 }
 
 
-def own_copy(feature: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy with storage of its own: saving it never drags a batch's storage along."""
-    return feature.to("cpu", copy=True, memory_format=torch.contiguous_format)
-
-
 @dataclass(frozen=True)
 class ImageResult:
-    """One image through the backbone: its CPU features [C, H, W] (none when the Extractor keeps
-    no features) and their statistics."""
+    """One image through the backbone: its CPU features [C, H, W] ([C] pooled; none when the
+    Extractor keeps no features) and the statistics of the full maps."""
 
     image: str
     input_size: tuple[int, int]
@@ -65,13 +60,16 @@ class Extractor:
     ``Extractor(feature_config(arch="resnet18", layers=(1, 4)), device="cpu")``. ``device``:
     a ``torch.device`` or spec; ``None`` resolves ``config.device`` (``auto``: cuda, then mps,
     then cpu). ``keep_features=False``: results carry statistics only (``features`` empty),
-    sparing a copy of every feature map when nothing is saved or drawn.
+    sparing a copy of every feature map when nothing is saved or drawn. ``feature_dtype``: the
+    dtype features are kept in (cast on the device, before the copy); ``None``: the compute dtype.
     """
 
     def __init__(
-        self, config: FeatureConfig, *, device: torch.device | str | None = None, keep_features: bool = True
+        self, config: FeatureConfig, *, device: torch.device | str | None = None, keep_features: bool = True,
+        feature_dtype: str | None = None,
     ) -> None:
         self.config = config
+        self.feature_dtype = TORCH_DTYPES[feature_dtype] if feature_dtype is not None else None
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.dtype = TORCH_DTYPES[config.dtype]
         self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
@@ -176,11 +174,12 @@ class Extractor:
         top = self._top_classes(features["layer4"]) if self.topk else [None] * len(names)
         features = OrderedDict((name, features[name]) for name in self.requested)
         stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
+        kept = self._kept_features(features) if self.keep_features else {}
         return [
             ImageResult(
                 image,
                 group.input_size,
-                OrderedDict((name, own_copy(value[row])) for name, value in features.items() if self.keep_features),
+                OrderedDict((name, value[row]) for name, value in kept.items()),
                 tuple(stats[name][row] for name in features),
                 seconds,
                 len(names),
@@ -189,6 +188,20 @@ class Extractor:
             )
             for row, image in enumerate(names)
         ]
+
+    def _kept_features(self, features: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """Each stage's batch on the CPU, contiguous, in one copy (each image's row is a view of it);
+        pooled and cast on the device first, so only what is kept crosses to the host."""
+        kept = OrderedDict()
+        with torch.inference_mode():
+            for name, value in features.items():
+                dtype = self.feature_dtype or value.dtype
+                if self.config.pool == "avg":
+                    value = value.float().mean(dim=(-2, -1))
+                elif self.config.pool == "max":
+                    value = value.amax(dim=(-2, -1))
+                kept[name] = value.to("cpu", dtype=dtype, memory_format=torch.contiguous_format)
+        return kept
 
     def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
         assert self.categories is not None

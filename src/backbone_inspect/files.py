@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -16,18 +17,20 @@ if TYPE_CHECKING:
     import torch
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, make_folder: bool = True) -> None:
     """Write through ``write`` into a temporary file beside ``path``, fsync, then rename.
 
     Nothing half-written is ever left under ``path``, and no temporary file is left behind.
+    Safe to call from several threads at once (the umask is never touched).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
     stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
+    temporary = path.parent / f".{stem}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
+    # O_EXCL: never through a link or over another file; 0o666 is filtered by the umask, as open() is.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        # mkstemp makes the file private (0600); give it the permissions open() would have.
-        os.fchmod(descriptor, 0o666 & ~_current_umask())
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
@@ -39,10 +42,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+_TEMPORARY_NUMBERS = itertools.count()
+"""Makes each temporary name of this process unique (``next`` on a count is atomic under the GIL)."""
 
 
 def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
@@ -56,16 +57,59 @@ def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mappin
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"features": dict(features), "meta": dict(meta)}, buffer)
+    # A row of a batch is a view: saved alone, it would drag the whole batch's storage along.
+    compact = {name: value if value.untyped_storage().nbytes() == value.nbytes else value.clone() for name, value in features.items()}
+    torch.save({"features": compact, "meta": dict(meta)}, buffer)
     try:
         atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
-        return path.stat().st_size
+        return buffer.getbuffer().nbytes
     except OSError as error:
-        failure = OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}")
-        # A name too long, or a folder or file in the way, is this file's problem; a full or
-        # read-only disk is every file's, and ends the run.
-        failure.ends_run = error.errno not in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
-        raise failure from error
+        raise _output_error(path, error) from error
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], metadata: Mapping[str, str]) -> int:
+    """Write a safetensors file atomically, straight from the tensors' memory; the bytes written.
+
+    A list of equal-shape rows is stored as one tensor ``[len, *shape]`` without being stacked
+    in memory first. ``OutputError`` (``ends_run`` as for ``save_features``) when it cannot.
+    """
+    import json
+
+    import torch
+
+    layout, offset = {}, 0
+    for name, value in tensors.items():
+        rows = [value] if isinstance(value, torch.Tensor) else list(value)
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else [len(rows), *rows[0].shape]
+        size = sum(row.nbytes for row in rows)
+        dtype = SAFETENSORS_DTYPES[str(rows[0].dtype).removeprefix("torch.")]
+        layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": dict(metadata), **layout}).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        for value in tensors.values():
+            for row in [value] if isinstance(value, torch.Tensor) else value:
+                handle.write(memoryview(row.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    try:
+        atomic_write(path, write)
+    except OSError as error:
+        raise _output_error(path, error) from error
+    return 8 + len(header) + offset
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    failure = OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}")
+    # A name too long, or a folder or file in the way, is this file's problem; a full or
+    # read-only disk is every file's, and ends the run.
+    failure.ends_run = error.errno not in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+    return failure
 
 
 def _write_failure_reason(path: Path, error: OSError) -> str:

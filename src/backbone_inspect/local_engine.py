@@ -25,7 +25,7 @@ from .inputs import FoundImage
 from .outcomes import Outcome, RunSummary, RunTally
 from .shards import local_rank_from_env, shard_from_env
 from .signals import StopRequest
-from .store import FeatureStore
+from .store import FeatureStore, Stored
 
 
 def extract_batch(
@@ -47,6 +47,9 @@ def extract_batch(
     return [(images[position], done[position]) for position in range(len(images))]
 
 
+WRITER_THREADS = 4
+"""Files written at once: each waits on its fsync (the disk) while the others write."""
+
 FinishedImage = tuple[Outcome, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
 
@@ -60,18 +63,22 @@ def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureSto
     if isinstance(result, str):
         return Outcome(image.path, image.output, "error", error=result), None, None
     try:
-        written = store.write(image, result) if store is not None else 0
+        stored = store.write(image, result) if store is not None else Stored(0)
     except OutputError as error:
         return Outcome(image.path, image.output, "error", error=str(error)), None, str(error) if error.ends_run else None
     shapes = {stats.name: list(stats.shape) for stats in result.stats}
-    return Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=written), result, None
+    outcome = Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=stored.bytes_written,
+                      shard=stored.shard, row=stored.row)
+    return outcome, result, None
 
 
 def process_batch(
     extractor: Extractor, images: Sequence[FoundImage], batch: DecodedBatch, store: FeatureStore | None
 ) -> list[FinishedImage]:
-    """The whole unit of work, synchronously: one decoded batch in, stored features and outcomes out."""
-    return [finish_image(image, result, store) for image, result in extract_batch(extractor, images, batch)]
+    """The whole unit of work: one decoded batch in, stored features and outcomes out, in order."""
+    done = extract_batch(extractor, images, batch)
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
+        return list(writers.map(lambda pair: finish_image(*pair, store), done))
 
 
 def _ignore_stop_signals(_: int) -> None:
@@ -128,15 +135,17 @@ class LocalEngine:
     ) -> RunSummary:
         """Run every image of ``todo``; ``callbacks.on_outcome`` sees each, in order, once it is written.
 
-        Files are written by a background thread while the next batch computes; at most about
-        two batches of features are held at once, so memory stays flat. A stop request, a
+        Files are written by ``WRITER_THREADS`` background threads while the next batch computes;
+        at most about two batches of features are held at once (plus the shard being filled), so
+        memory stays flat. A stop request, a
         second Ctrl-C or an output error ends the run, and every file written by then is reported.
         """
         keep_freed_memory()
         # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
         local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
         keep = store is not None or callbacks.keep_features
-        extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep)
+        extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep,
+                              feature_dtype=config.save_dtype if store is not None else None)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
@@ -154,7 +163,7 @@ def _drive(
 ) -> RunSummary:
     tally = RunTally()
     pending: collections.deque[Future[FinishedImage]] = collections.deque()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
+    executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
     report = functools.partial(_report, tally=tally, on_outcome=on_outcome)
     try:
         for images, batch in batches:

@@ -104,12 +104,35 @@ def read_categories(path: str) -> list[str]:
 
 
 ENGINES: tuple[str, ...] = ("local", "ray")
+FORMATS: tuple[str, ...] = ("pt", "shards")
+POOLINGS: tuple[str, ...] = ("none", "avg", "max")
+
+
+def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, exactly (``--engine``, ``--format``, ``--pool``)."""
+    if not isinstance(value, str) or value not in choices:
+        raise UsageError(f"{option} {value}: expected one of {', '.join(choices)}")
+    return value
 
 
 def check_engine(name: str) -> str:
-    if name not in ENGINES:
-        raise UsageError(f"--engine {name}: expected one of {', '.join(ENGINES)}")
-    return name
+    return check_choice("--engine", name, ENGINES)
+
+
+def check_shard_size(value: object) -> int | None:
+    """``--shard-size``: images per shard file, or ``None`` (auto: files of about ``SHARD_TARGET_BYTES``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    text = str(value).strip()
+    if not isinstance(value, bool) and (isinstance(value, int) or (text.isascii() and text.isdigit())) and 0 < int(text) <= MAX_SHARD_IMAGES:
+        return int(text)
+    raise UsageError(f"--shard-size {value!r}: expected auto or a number of images per shard, 1..{MAX_SHARD_IMAGES}")
+
+
+SHARD_TARGET_BYTES = 256 * 2**20
+"""``--shard-size auto``: shard files of about this size (large enough for object stores, small enough to hold in memory)."""
+MAX_SHARD_IMAGES = 16384
+"""The most images one shard holds (pooled vectors are small: this bounds what a killed run loses)."""
 
 
 def default_workers() -> int:

@@ -21,10 +21,17 @@ class Outcome:
     """``ok``, ``error`` or ``skipped``."""
     error: str | None = None
     shapes: dict[str, list[int]] | None = None
+    """Per stage, the shape of the full feature map (before any pooling)."""
     bytes_written: int = 0
+    shard: str | None = None
+    """``--format shards``: the shard file holding the features, relative to the folder."""
+    row: int | None = None
+    """Its row in that shard."""
 
     def manifest_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"image": self.image, "output": self.output, "status": self.status}
+        if self.shard is not None:
+            record.update(shard=self.shard, row=self.row)
         if self.error is not None:
             record["error"] = self.error
         if self.shapes is not None:

@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 
 DECODE_TASK_CPUS = 0.25
 """What a decoding task reserves: decoding is light next to the model, so up to four run per free CPU."""
+MAX_IMAGES_PER_CALL = 1024
+"""The most images an actor gets at once (a shard of pooled vectors can hold 16,384): their
+decoded pixels travel through Ray's object store together."""
+
+
+def _first_input_size(config: FeatureConfig, todo: Sequence[FoundImage]) -> list[tuple[int, int]]:
+    from .inputs import planned_input_size
+
+    size = next((size for image in todo[:16] if (size := planned_input_size(image.path, config.preprocessing))), None)
+    return [size] if size is not None else []
 
 
 def check_ray_installed() -> None:
@@ -76,9 +86,14 @@ def _loaded_images(batch: dict[str, Any]) -> list[LoadedImage]:
 
 
 class FeatureActor:
-    """One model, held for the whole run: a Ray Data actor running the local engine's per-batch work."""
+    """One model, held for the whole run: a Ray Data actor running the local engine's per-batch work.
 
-    def __init__(self, config: FeatureConfig, store: FeatureStore | None, threads: int | None) -> None:
+    Each call gets one commit's worth of images (a whole shard with ``--format shards``), runs
+    them in batches of ``batch_size`` and commits before returning: the driver records only
+    images whose shard is on disk, and no actor is left holding a shard when the stream ends.
+    """
+
+    def __init__(self, config: FeatureConfig, store: FeatureStore | None, threads: int | None, batch_size: int) -> None:
         import torch
 
         from .device import keep_freed_memory
@@ -87,8 +102,10 @@ class FeatureActor:
         if threads is not None:
             torch.set_num_threads(threads)
         keep_freed_memory()
-        self.extractor = Extractor(config, keep_features=store is not None)
+        saving = store is not None
+        self.extractor = Extractor(config, keep_features=saving, feature_dtype=config.save_dtype if saving else None)
         self.store = store
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -96,8 +113,14 @@ class FeatureActor:
         from .local_engine import process_batch
 
         images = [FoundImage(str(path), str(output)) for path, output in zip(batch["path"], batch["output"])]
+        loaded, finished = _loaded_images(batch), []
+        for start in range(0, len(images), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            finished += process_batch(self.extractor, images[part], collate_batch(loaded[part]), self.store)
+        if self.store is not None:
+            self.store.flush()
         records = []
-        for outcome, kept, output_error in process_batch(self.extractor, images, collate_batch(_loaded_images(batch)), self.store):
+        for outcome, kept, output_error in finished:
             # The driver needs the statistics, not the tensors: they stay in the files.
             slim = replace(kept, features=OrderedDict(), pixels=None) if kept is not None else None
             records.append(pickle.dumps((outcome, slim, output_error)))
@@ -213,10 +236,11 @@ class RayEngine:
         dataset = dataset.map_batches(
             decode_rows, fn_kwargs={"preprocessing": config.preprocessing}, batch_size=self.batch_size, num_cpus=DECODE_TASK_CPUS
         )
+        commit = store.commit_size(_first_input_size(config, todo)) if store is not None else None
         return dataset.map_batches(
             FeatureActor,
-            fn_constructor_kwargs={"config": config, "store": store, "threads": threads},
-            batch_size=self.batch_size,
+            fn_constructor_kwargs={"config": config, "store": store, "threads": threads, "batch_size": self.batch_size},
+            batch_size=min(commit, MAX_IMAGES_PER_CALL) if commit is not None else self.batch_size,
             concurrency=actors,
             **resources,
         )

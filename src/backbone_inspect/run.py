@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .engine import Engine, ModelInfo, RunCallbacks
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .options import check_engine, default_workers, max_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .config import FeatureConfig
     from .extractor import ImageResult
     from .inputs import FoundImage, InputPlan
+    from .shards import Shard
     from .store import FeatureStore
 
 
@@ -72,6 +73,8 @@ def plan_run(
     """
     if pictures is not None and not engine.supports_pictures:
         raise UsageError("--viz works with the local engine only: draw pictures of a few images without --engine ray")
+    if pictures is not None and config.pool != "none":
+        raise UsageError("--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own")
     if store is None:
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
@@ -96,6 +99,11 @@ class DumpEstimate:
     unreadable: int
     """Images to do whose header cannot be read: they will fail."""
     estimated_bytes: int
+    format: str | None = None
+    """The store's format (``pt``, ``shards``)."""
+    location: str | None = None
+    save_dtype: str = "float32"
+    pool: str = "none"
 
 
 def estimate_run(plan: RunPlan) -> DumpEstimate:
@@ -105,7 +113,9 @@ def estimate_run(plan: RunPlan) -> DumpEstimate:
     sizes = [planned_input_size(image.path, plan.config.preprocessing) for image in plan.todo]
     readable = [size for size in sizes if size is not None]
     estimate = plan.store.estimate_bytes(readable) if plan.store is not None else 0
-    return DumpEstimate(len(plan.todo), len(plan.skipped), len(sizes) - len(readable), estimate)
+    store, config = plan.store, plan.config
+    return DumpEstimate(len(plan.todo), len(plan.skipped), len(sizes) - len(readable), estimate,
+                        store.FORMAT if store else None, store.location if store else None, config.save_dtype, config.pool)
 
 
 def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop: StopRequest | None = None) -> RunSummary:
@@ -124,12 +134,24 @@ def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop
         else:
             with stop_on_signals() as own_stop:
                 summary = plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=own_stop)
+        summary = _flushed(plan.store, summary)
     finally:
         if plan.store is not None:
             plan.store.close()
     return dataclasses.replace(
         summary, skipped=len(plan.skipped), stages=tuple(accumulator.summaries()), shard=plan.inputs.shard
     )
+
+
+def _flushed(store: FeatureStore | None, summary: RunSummary) -> RunSummary:
+    """Commit what the store holds (the last, smaller shard, also after a stop); a failure is the run's output error."""
+    if store is None:
+        return summary
+    try:
+        store.flush()
+    except OutputError as error:
+        return dataclasses.replace(summary, output_error=summary.output_error or str(error))
+    return summary
 
 
 def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCallbacks) -> RunCallbacks:
@@ -163,6 +185,22 @@ def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCal
                 raise
 
     return RunCallbacks(on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
+
+
+def make_store(folder: str | Path, config: FeatureConfig, *, format: str = "pt", shard: Shard | None = None,
+               shard_size: int | str | None = None) -> FeatureStore:
+    """The store of ``--format`` (``pt`` or ``shards``) for ``folder``; ``UsageError`` on bad options."""
+    from .options import FORMATS, check_choice, check_shard_size
+    from .store import PtFileStore
+
+    size = check_shard_size(shard_size)
+    if check_choice("--format", format, FORMATS) == "pt":
+        if size is not None:
+            raise UsageError("--shard-size needs --format shards")
+        return PtFileStore(folder, config, shard=shard)
+    from .shard_store import ShardStore
+
+    return ShardStore(folder, config, shard=shard, shard_size=size)
 
 
 def make_engine(

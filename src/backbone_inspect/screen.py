@@ -130,19 +130,21 @@ class Screen:
             error_line(summary.output_error)
 
 
-def show_estimate(estimate: DumpEstimate, *, json_lines: bool, location: str | None, save_dtype: str) -> None:
+def show_estimate(estimate: DumpEstimate, *, json_lines: bool) -> None:
     """A dry run's counts and size, as a sentence or one JSON line."""
     from .render import human_bytes
 
     if json_lines:
         print(json.dumps({"to_do": estimate.to_do, "to_skip": estimate.to_skip, "unreadable": estimate.unreadable,
-                          "estimated_bytes": estimate.estimated_bytes}))
+                          "estimated_bytes": estimate.estimated_bytes, "format": estimate.format, "pool": estimate.pool,
+                          "save_dtype": estimate.save_dtype}))
         return
-    where = f" in {location}" if location else ""
+    where = f" in {estimate.location}" if estimate.location else ""
     images = f"{estimate.to_do} image{'' if estimate.to_do == 1 else 's'}"
+    pooled = f", {estimate.pool}-pooled" if estimate.pool != "none" else ""
     stdout_console().print(
         f"dry run: {images} to do ({estimate.unreadable} of them unreadable from their "
         f"header, so they will fail), {estimate.to_skip} to skip (already{where}); "
-        f"about {human_bytes(estimate.estimated_bytes)} to write as {save_dtype}",
+        f"about {human_bytes(estimate.estimated_bytes)} to write as {estimate.save_dtype}{pooled} ({estimate.format})",
         soft_wrap=True,
     )

@@ -1,7 +1,8 @@
 """Output stores: where a run's features go, what is already there, and the record of each image.
 
-``FeatureStore`` is the interface the engines and the run use; ``PtFileStore`` (one ``.pt`` per
-image, a manifest and a settings file) is its first implementation.
+``FeatureStore`` is the interface the engines and the run use. ``FolderStore`` is what every
+folder format shares (settings file, lock, manifest); ``PtFileStore`` writes one ``.pt`` per
+image, ``shard_store.ShardStore`` safetensors shards. ``run.make_store`` picks one by ``--format``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,19 @@ SETTINGS_FILE = "backbone-inspect.json"
 UNSHARDED_MANIFEST = "manifest.jsonl"
 FILE_OVERHEAD_BYTES = 1536
 """About what torch.save adds to a feature file besides the tensor bytes (zip entries, meta)."""
+SETTINGS_BEFORE_THEY_EXISTED = {"format": "pt", "pool": "none"}
+"""What a folder or file made before a setting existed was made with."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a store put one image's features."""
+
+    bytes_written: int
+    shard: str | None = None
+    """The shard file holding it, relative to the folder (shard formats)."""
+    row: int | None = None
+    """Its row in that shard."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,8 @@ class FeatureStore(ABC):
 
     location: str
     """Where it is, for messages."""
+    FORMAT = ""
+    """Its format's name (``pt``, ``shards``), recorded in the settings."""
 
     @abstractmethod
     def claim(self, *, overwrite: bool, record: bool = True) -> None:
@@ -66,8 +83,16 @@ class FeatureStore(ABC):
         """Record the settings and start recording outcomes (the model is loaded by then)."""
 
     @abstractmethod
-    def write(self, image: FoundImage, result: ImageResult) -> int:
-        """Store one image's features; the bytes written. ``OutputError`` when it cannot."""
+    def write(self, image: FoundImage, result: ImageResult) -> Stored:
+        """Store one image's features (from any thread); where. ``OutputError`` when it cannot."""
+
+    def flush(self) -> None:
+        """Commit whatever is written but not yet committed (a shard being filled)."""
+
+    def commit_size(self, input_sizes: Sequence[tuple[int, int]]) -> int | None:
+        """How many images one commit holds (a shard), for engines that hand a writer whole
+        commits at a time; ``None``: every image is committed on its own."""
+        return None
 
     @abstractmethod
     def record(self, outcome: Outcome) -> None:
@@ -86,7 +111,7 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
     """``key old (now new)`` for each setting that differs; nested settings by their own keys."""
     differences = []
     for key, value in current.items():
-        old = saved.get(key)
+        old = saved.get(key, SETTINGS_BEFORE_THEY_EXISTED.get(key) if not prefix else None)
         if isinstance(value, dict) and isinstance(old, dict):
             differences += settings_differences(old, value, f"{prefix}{key}.")
         elif old != value:
@@ -105,13 +130,13 @@ def made_with(path: Path, settings: dict[str, Any]) -> bool:
         meta = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["meta"]
     except Exception:
         return False
-    return {key: meta.get(key) for key in settings} == settings
+    return not settings_differences(meta, settings)
 
 
-class PtFileStore(FeatureStore):
-    """``folder/<output>.pt`` per image (``{"features": ..., "meta": ...}``, written atomically),
-    ``folder/backbone-inspect.json`` (the settings) and ``folder/manifest*.jsonl`` (one line per
-    image, one manifest per shard)."""
+class FolderStore(FeatureStore):
+    """What every folder format shares: ``folder/backbone-inspect.json`` (the settings, the
+    format among them), a lock per shard of the inputs, and ``folder/manifest*.jsonl`` (one line
+    per image, one manifest per ``--shard``)."""
 
     def __init__(self, folder: str | Path, config: FeatureConfig, *, shard: Shard | None = None) -> None:
         from . import __version__
@@ -119,17 +144,21 @@ class PtFileStore(FeatureStore):
         self.folder = Path(folder)
         self.location = str(self.folder)
         self.config = config
-        self.settings = config.settings()
+        self.settings = {**config.settings(), "format": self.FORMAT}
         self.meta = {**self.settings, "version": __version__}
-        """What every file says about how it was made (``image`` and ``input_size`` added per file)."""
+        """What every file says about how it was made."""
         self.manifest_path = self.folder / (shard.manifest_name if shard is not None else UNSHARDED_MANIFEST)
         self._manifest: IO[str] | None = None
         self._lock: FolderLock | None = None
+        self._recording = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Another process (a Ray actor) gets no open manifest or lock, and a folder that does
         # not depend on its working directory.
-        return {**self.__dict__, "folder": self.folder.resolve(), "_manifest": None, "_lock": None}
+        return {**self.__dict__, "folder": self.folder.resolve(), "_manifest": None, "_lock": None, "_recording": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _recording=threading.RLock())
 
     def claim(self, *, overwrite: bool, record: bool = True) -> None:
         path = self.folder / SETTINGS_FILE
@@ -163,20 +192,6 @@ class PtFileStore(FeatureStore):
                 "use --overwrite to replace them, or another --save folder"
             )
 
-    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
-        if overwrite:
-            return ResumeSplit(tuple(images), (), ())
-        todo, skipped, redo = [], [], []
-        for image in images:
-            path = self.folder / image.output
-            if not path.is_file():
-                todo.append(image)
-            elif made_with(path, self.settings):
-                skipped.append(image)
-            else:
-                redo.append(image)
-        return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
-
     def open(self) -> None:
         """Record the settings in the folder and open the manifest: the run has its model."""
         text = json.dumps(self.settings, indent=2) + "\n"
@@ -191,47 +206,78 @@ class PtFileStore(FeatureStore):
         except OSError as error:
             raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
 
-    def write(self, image: FoundImage, result: ImageResult) -> int:
+    def record(self, outcome: Outcome) -> None:
+        """One whole line, or none: a line cut short by a full disk is taken back."""
+        with self._recording:
+            assert self._manifest is not None, "open() the store first"
+            size = self._manifest.tell()
+            try:
+                self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
+                self._manifest.flush()
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.manifest_path, size)
+                raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
+
+    def close(self) -> None:
+        with self._recording:
+            if self._manifest is not None:
+                self._manifest.close()
+                self._manifest = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+class PtFileStore(FolderStore):
+    """``folder/<output>.pt`` per image: ``{"features": {stage: tensor}, "meta": {...}}``, written atomically."""
+
+    FORMAT = "pt"
+
+    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
+        if overwrite:
+            return ResumeSplit(tuple(images), (), ())
+        todo, skipped, redo = [], [], []
+        for image in images:
+            path = self.folder / image.output
+            if not path.is_file():
+                todo.append(image)
+            elif made_with(path, self.settings):
+                skipped.append(image)
+            else:
+                redo.append(image)
+        return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
+
+    def write(self, image: FoundImage, result: ImageResult) -> Stored:
         from .extractor import TORCH_DTYPES
 
         dtype = TORCH_DTYPES[self.config.save_dtype]
         features = {name: value.to(dtype) for name, value in result.features.items()}
         meta = {"image": result.image, **self.meta, "input_size": list(result.input_size)}
-        return save_features(self.folder / image.output, features, meta)
-
-    def record(self, outcome: Outcome) -> None:
-        """One whole line, or none: a line cut short by a full disk is taken back."""
-        assert self._manifest is not None, "open() the store first"
-        size = self._manifest.tell()
-        try:
-            self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
-            self._manifest.flush()
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.truncate(self.manifest_path, size)
-            raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
-
-    def close(self) -> None:
-        if self._manifest is not None:
-            self._manifest.close()
-            self._manifest = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        return Stored(save_features(self.folder / image.output, features, meta))
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
-        import torch
-        import torchvision
+        per_size = feature_bytes(self.config, input_sizes)
+        return sum(per_size[size] + FILE_OVERHEAD_BYTES for size in input_sizes)
 
-        from .backbone import Backbone
-        from .extractor import TORCH_DTYPES
 
+def feature_bytes(config: FeatureConfig, input_sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    """The bytes of one image's saved features (pooled or not, in ``save_dtype``), per input size.
+
+    From the stage shapes of a model on the meta device: nothing is computed.
+    """
+    import torch
+    import torchvision
+
+    from .backbone import Backbone
+    from .extractor import TORCH_DTYPES
+
+    with torch.device("meta"):
+        backbone = Backbone(config.arch, config.stages, model=torchvision.models.get_model(config.arch))
+    element = torch.empty((), dtype=TORCH_DTYPES[config.save_dtype]).element_size()
+    per_size: dict[tuple[int, int], int] = {}
+    for size in set(input_sizes):
         with torch.device("meta"):
-            backbone = Backbone(self.config.arch, self.config.stages, model=torchvision.models.get_model(self.config.arch))
-        element = torch.empty((), dtype=TORCH_DTYPES[self.config.save_dtype]).element_size()
-        per_size: dict[tuple[int, int], int] = {}
-        for size in set(input_sizes):
-            with torch.device("meta"):
-                features = backbone(torch.empty(1, 3, *size))
-            per_size[size] = sum(f[0].numel() for f in features.values()) * element + FILE_OVERHEAD_BYTES
-        return sum(per_size[size] for size in input_sizes)
+            features = backbone(torch.empty(1, 3, *size))
+        per_size[size] = element * sum(f.shape[1] if config.pool != "none" else f[0].numel() for f in features.values())
+    return per_size

@@ -1,0 +1,166 @@
+"""Reading a dump back: ``open_features(DIR)`` over either format, as a torch ``Dataset``.
+
+Images are in the order of their ``output`` names (the manifest's), whatever the format, the
+engine or the order they were computed in, so two dumps of the same images line up row by row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import UsageError
+from .shard_store import committed_shards, read_shard_metadata
+from .store import SETTINGS_FILE, SETTINGS_BEFORE_THEY_EXISTED
+
+if TYPE_CHECKING:
+    from safetensors import safe_open  # noqa: F401
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One image of a dump, and where its features are."""
+
+    image: str
+    """The input path, as the run was given it."""
+    output: str
+    """Its name in the dump (the manifest's ``output``)."""
+    file: str
+    """The file holding its features, relative to the folder: its ``.pt``, or its shard."""
+    row: int | None = None
+    """Its row in the shard (``--format shards``)."""
+    input_size: tuple[int, int] | None = None
+    """[H, W] after preprocessing (known up front for shards; for ``.pt`` in each item's meta)."""
+
+
+class StoredFeatures(torch.utils.data.Dataset):
+    """A dump, read lazily: ``len``, ``[i]`` → ``(features, meta)``, ``images``, ``matrix(stage)``.
+
+    ``features`` maps each stage to the image's tensor ([C, H, W], or [C] pooled) in the saved
+    dtype; ``meta`` is ``{"image", "output", "input_size"}``. Works in a ``DataLoader`` with
+    workers: each process opens the files it reads itself, memory-mapped.
+    """
+
+    def __init__(self, folder: Path, settings: dict[str, Any], images: tuple[StoredImage, ...]) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.images = images
+        self._open: dict[str, Any] = {}
+
+    @property
+    def format(self) -> str:
+        return str(self.settings.get("format", SETTINGS_BEFORE_THEY_EXISTED["format"]))
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.settings.get("layers", ()))
+
+    @property
+    def pool(self) -> str:
+        return str(self.settings.get("pool", SETTINGS_BEFORE_THEY_EXISTED["pool"]))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        stored = self.images[index]
+        meta = {"image": stored.image, "output": stored.output, "input_size": stored.input_size}
+        if stored.row is None:
+            saved = self._file(stored.file)
+            return dict(saved["features"]), {**meta, "input_size": tuple(saved["meta"]["input_size"])}
+        shard = self._file(stored.file)
+        return {stage: self._row(shard, stage, stored.row) for stage in self.stages}, meta
+
+    def matrix(self, stage: str) -> torch.Tensor:
+        """Every image's pooled vector of ``stage``, as one ``[N, C]`` tensor in ``images`` order.
+
+        Each file is read once, straight into its rows of the result.
+        """
+        if self.pool == "none":
+            raise UsageError(f"matrix({stage!r}) needs pooled features: dump with --pool avg or --pool max")
+        if stage not in self.stages:
+            raise UsageError(f"matrix({stage!r}): the dump has {', '.join(self.stages)}")
+        by_file: dict[str, list[tuple[int, int | None]]] = {}
+        for position, stored in enumerate(self.images):
+            by_file.setdefault(stored.file, []).append((position, stored.row))
+        result: torch.Tensor | None = None
+        for file, places in by_file.items():
+            positions = torch.tensor([position for position, _ in places])
+            if places[0][1] is None:
+                values = self._file(file)["features"][stage][None]
+            else:
+                values = self._file(file).get_tensor(stage)[torch.tensor([row for _, row in places])]
+            if result is None:
+                result = torch.empty(len(self.images), values.shape[-1], dtype=values.dtype)
+            result[positions] = values
+        return result if result is not None else torch.empty(0, 0)
+
+    def _file(self, relative: str) -> Any:
+        """A shard, opened once per process (memory-mapped); a ``.pt`` file, loaded each time (there may be millions)."""
+        path = self.folder / relative
+        if path.suffix != ".safetensors":
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if relative not in self._open:
+            from safetensors import safe_open
+
+            self._open[relative] = safe_open(str(path), framework="pt")
+        return self._open[relative]
+
+    @staticmethod
+    def _row(shard: Any, stage: str, row: int) -> torch.Tensor:
+        try:
+            return shard.get_slice(stage)[row]
+        except Exception:  # shapes that differ within the shard: one tensor per image
+            return shard.get_tensor(f"{stage}.{row}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # each DataLoader worker opens its own files
+
+
+def open_features(folder: str | Path) -> StoredFeatures:
+    """A dump made by ``--save DIR`` (either ``--format``), to read features back.
+
+    ``UsageError`` when ``folder`` is not such a dump.
+    """
+    folder = Path(folder)
+    settings_path = folder / SETTINGS_FILE
+    try:
+        settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{folder} is not a dump of backbone-inspect: cannot read {settings_path} ({error})") from error
+    if not isinstance(settings, dict):
+        raise UsageError(f"{folder} is not a dump of backbone-inspect: {settings_path} is not a JSON object")
+    read = _shard_images if settings.get("format") == "shards" else _pt_images
+    images = sorted(read(folder).values(), key=lambda stored: stored.output)
+    return StoredFeatures(folder, settings, tuple(images))
+
+
+def _shard_images(folder: Path) -> dict[str, StoredImage]:
+    """Every image of every committed shard (a shard's header is read, not its tensors)."""
+    found: dict[str, StoredImage] = {}
+    for path in committed_shards(folder):
+        metadata = read_shard_metadata(path)
+        if metadata is None:
+            raise UsageError(f"{path} is not a whole shard: run the dump again to replace it")
+        relative = path.relative_to(folder).as_posix()
+        for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
+            found[output] = StoredImage(image, output, relative, row, (int(size[0]), int(size[1])))
+    return found
+
+
+def _pt_images(folder: Path) -> dict[str, StoredImage]:
+    """The images the manifests record as saved (``ok``, or ``skipped``: saved by an earlier run) whose file is there."""
+    found: dict[str, StoredImage] = {}
+    for manifest in sorted(folder.glob("manifest*.jsonl")):
+        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("status") in ("ok", "skipped") and isinstance(record.get("output"), str):
+                found[record["output"]] = StoredImage(str(record["image"]), record["output"], record["output"])
+    return {output: stored for output, stored in found.items() if (folder / stored.file).is_file()}
