@@ -29,3 +29,18 @@ def test_the_python_api_example_runs_and_prints_what_it_says(tmp_path: Path, mon
     assert lines[4].startswith("sample_images/rocket.jpg (512, 7, 7) ") and lines[4].endswith("% zeros")
     assert lines[5] == "['layer3', 'layer4']"
     assert len(list((tmp_path / "feats").glob("*.pt"))) == 5
+
+
+def test_the_reader_example_trains_on_a_pooled_dump_and_prints_what_it_says(tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    (tmp_path / "sample_images").symlink_to(SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(readme_block("### Reading a dump back"), "README.md", "exec"), {"__name__": "readme"})
+    assert printed.getvalue().splitlines() == [
+        "5 shards avg ('layer4',)", "(5, 512) torch.float32", "['image', 'input_size', 'output']",
+    ]
+    (shard,) = (tmp_path / "vecs" / "shards").glob("*.safetensors")
+    assert load_file(shard)["layer4"].shape == (5, 512)
