@@ -151,8 +151,12 @@ class ShardStore(FolderStore):
             filling.images.append(image)
             filling.input_sizes.append(result.input_size)
             filling.features.append(features)
-            self._filling = filling if len(filling.images) < filling.capacity else None
-        if self._filling is not filling:
+            full = len(filling.images) >= filling.capacity
+            if full:  # taken out under the lock: exactly one writer commits it
+                self._filling = None
+            else:
+                self._filling = filling
+        if full:
             self._commit(filling)
         return Stored(size, shard=filling.name, row=row)
 
