@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UsageError
-from .shard_store import committed_shards, read_shard_metadata
+from .shard_store import committed_shards, read_shard_metadata, shard_row
 from .store import SETTINGS_FILE, SETTINGS_BEFORE_THEY_EXISTED
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class StoredFeatures(torch.utils.data.Dataset):
             saved = self._file(stored.file)
             return dict(saved["features"]), {**meta, "input_size": tuple(saved["meta"]["input_size"])}
         shard = self._file(stored.file)
-        return {stage: self._row(shard, stage, stored.row) for stage in self.stages}, meta
+        return {stage: shard_row(shard, stage, stored.row) for stage in self.stages}, meta
 
     def matrix(self, stage: str) -> torch.Tensor:
         """Every image's pooled vector of ``stage``, as one ``[N, C]`` tensor in ``images`` order.
@@ -109,13 +109,6 @@ class StoredFeatures(torch.utils.data.Dataset):
 
             self._open[relative] = safe_open(str(path), framework="pt")
         return self._open[relative]
-
-    @staticmethod
-    def _row(shard: Any, stage: str, row: int) -> torch.Tensor:
-        try:
-            return shard.get_slice(stage)[row]
-        except Exception:  # shapes that differ within the shard: one tensor per image
-            return shard.get_tensor(f"{stage}.{row}")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}}  # each DataLoader worker opens its own files

@@ -241,4 +241,6 @@ def run_summary_line(summary: RunSummary) -> str:
     )
     if summary.stopped_by is not None:
         line += f"; stopped by {signal.Signals(summary.stopped_by).name}, {summary.left} left (run again to finish)"
+    elif summary.output_error is not None and summary.left:
+        line += f"; stopped by the output error, {summary.left} left (run again once it is fixed)"
     return line

@@ -150,8 +150,9 @@ def _flushed(store: FeatureStore | None, summary: RunSummary) -> RunSummary:
     try:
         store.flush()
     except OutputError as error:
-        return dataclasses.replace(summary, output_error=summary.output_error or str(error))
-    return summary
+        summary = dataclasses.replace(summary, output_error=summary.output_error or str(error))
+    return dataclasses.replace(summary, processed=summary.processed - store.unsaved, failed=summary.failed + store.unsaved,
+                               bytes_written=summary.bytes_written - store.unsaved_bytes)
 
 
 def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCallbacks) -> RunCallbacks:

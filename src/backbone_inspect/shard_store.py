@@ -41,6 +41,8 @@ SHARD_FOLDER = "shards"
 SHARD_FORMAT = "backbone-inspect.shards/1"
 HEADER_BYTES_PER_IMAGE = 200
 """About what one image adds to a shard's header (its path, output and size in the metadata)."""
+HEADER_BYTES_PER_SHARD = 1024
+"""About what a shard's header holds besides its images: the settings, the tensors' entries."""
 
 
 @dataclass
@@ -99,30 +101,36 @@ class ShardStore(FolderStore):
         self._uncommitted: set[str] = set()
         self._held: dict[str, list[Outcome]] = {}
         self._stale: tuple[Path, ...] = ()
+        self._trims: tuple[tuple[Path, frozenset[str]], ...] = ()
+        self.unsaved = self.unsaved_bytes = 0
+        self._failed: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        return {key: value for key, value in state.items() if key not in ("_numbers", "_filling", "_uncommitted", "_held")}
+        return {key: value for key, value in state.items() if key not in ("_numbers", "_filling", "_uncommitted", "_held", "_failed")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._reset()  # a copy in another process (a Ray actor) writes shards of its own
 
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
-        """Done: the images of committed shards of these settings. Shards that are unreadable, of
-        other settings, or (with ``overwrite``) hold a selected image are removed once the run opens."""
+        """Done: the images of committed shards of these settings. Once the run opens, shards that
+        are unreadable or of other settings are removed; with ``overwrite``, shards holding a
+        selected image are removed, or rewritten without it when they hold other images too."""
         selected = {image.output for image in images}
         done: set[str] = set()
-        stale, replaced = [], set()
+        stale, trims, replaced = [], [], set()
         for path in committed_shards(self.folder):
             metadata = read_shard_metadata(path)
             holds = set(metadata["outputs"]) if metadata is not None else set()
-            if metadata is None or settings_differences(metadata["settings"], self.settings) or (overwrite and holds & selected):
+            if metadata is None or settings_differences(metadata["settings"], self.settings):
                 stale.append(path)
                 replaced |= holds
+            elif overwrite and holds & selected:
+                (stale.append(path) if holds <= selected else trims.append((path, frozenset(holds & selected))))
             else:
                 done |= holds
-        self._stale = tuple(stale)
+        self._stale, self._trims = tuple(stale), tuple(trims)
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)
         redo = () if overwrite else tuple(image for image in todo if image.output in replaced)
@@ -131,6 +139,8 @@ class ShardStore(FolderStore):
     def open(self) -> None:
         super().open()
         folder = self.folder / SHARD_FOLDER
+        for path, dropped in self._trims:
+            self._trim(path, dropped)
         try:
             # Stale shards, and what a killed run of this slice left (this run holds the slice's lock).
             for path in [*self._stale, *folder.glob(f".{self.prefix}-*.tmp")]:
@@ -138,6 +148,29 @@ class ShardStore(FolderStore):
                     path.unlink()
         except OSError as error:
             raise OutputError(f"cannot remove old shards in {folder}: {error.strerror or error}") from error
+
+    def _trim(self, path: Path, dropped: frozenset[str]) -> None:
+        """Rewrite a shard without the images this run recomputes, then remove it: the others stay,
+        each in exactly one shard, with a manifest line naming where it is now."""
+        from safetensors import safe_open
+
+        from .inputs import FoundImage
+        from .outcomes import Outcome
+
+        metadata = read_shard_metadata(path)
+        if metadata is None:
+            return
+        kept = FillingShard(self._start(0).name, 0)
+        with safe_open(str(path), framework="pt") as shard:
+            for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
+                if output not in dropped:
+                    kept.images.append(FoundImage(image, output))
+                    kept.input_sizes.append((int(size[0]), int(size[1])))
+                    kept.features.append({stage: shard_row(shard, stage, row) for stage in self.config.stages})
+        self._commit(kept)
+        for row, image in enumerate(kept.images):
+            self.record(Outcome(image.path, image.output, "ok", shard=kept.name, row=row))
+        path.unlink()
 
     def write(self, image: FoundImage, result: ImageResult) -> Stored:
         from .extractor import TORCH_DTYPES
@@ -178,19 +211,34 @@ class ShardStore(FolderStore):
         try:
             save_safetensors(self.folder / filling.name, shard_tensors(filling.features), metadata)
         except OutputError as error:
-            failure = OutputError(f"{error} (the {len(filling.images)} image(s) of this shard are not saved)")
-            raise failure from error
+            self._fail(filling, str(error))
+            raise OutputError(f"{error} (the {len(filling.images)} image(s) of this shard are not saved)") from error
         with self._recording:
             self._uncommitted.discard(filling.name)
             for outcome in self._held.pop(filling.name, []):
                 super().record(outcome)
 
+    def _fail(self, filling: FillingShard, reason: str) -> None:
+        """A shard that cannot be committed: each of its images already reported written becomes an error line."""
+        with self._recording:
+            self._uncommitted.discard(filling.name)
+            self._failed[filling.name] = reason
+            held = self._held.pop(filling.name, [])
+        for outcome in held:
+            self.record(outcome)
+
     def record(self, outcome: Outcome) -> None:
         """An ``ok`` line waits for its shard's commit; every other line is written at once."""
+        from dataclasses import replace
+
         with self._recording:
             if outcome.shard in self._uncommitted:
                 self._held.setdefault(outcome.shard, []).append(outcome)
                 return
+            if outcome.shard in self._failed:
+                self.unsaved, self.unsaved_bytes = self.unsaved + 1, self.unsaved_bytes + outcome.bytes_written
+                outcome = replace(outcome, status="error", error=self._failed[outcome.shard], shard=None, row=None,
+                                  shapes=None, bytes_written=0)
         super().record(outcome)
 
     def flush(self) -> None:
@@ -213,7 +261,16 @@ class ShardStore(FolderStore):
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)
-        return sum(per_size[size] + HEADER_BYTES_PER_IMAGE for size in input_sizes)
+        shards = -(-len(input_sizes) // (self.commit_size(input_sizes) or 1))
+        return sum(per_size[size] + HEADER_BYTES_PER_IMAGE for size in input_sizes) + shards * HEADER_BYTES_PER_SHARD
+
+
+def shard_row(shard: Any, stage: str, row: int) -> torch.Tensor:
+    """One image's features of ``stage`` from an open shard (``safe_open``): a row of the stacked
+    tensor, or the image's own tensor where the shard's shapes differ."""
+    if stage in shard.keys():
+        return shard.get_slice(stage)[row]
+    return shard.get_tensor(f"{stage}.{row}")
 
 
 def shard_tensors(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:

@@ -67,6 +67,9 @@ class FeatureStore(ABC):
     """Where it is, for messages."""
     FORMAT = ""
     """Its format's name (``pt``, ``shards``), recorded in the settings."""
+    unsaved = 0
+    """Images reported written that a later commit lost (a shard that failed): the run counts them failed."""
+    unsaved_bytes = 0
 
     @abstractmethod
     def claim(self, *, overwrite: bool, record: bool = True) -> None:

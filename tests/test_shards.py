@@ -1,0 +1,269 @@
+"""--format shards: safetensors shards read back with plain safetensors, against torchvision's own features."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.transforms import functional as F
+from torchvision.transforms._presets import ImageClassification
+
+from backbone_inspect import dump_features
+from backbone_inspect.reader import open_features
+
+from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, invoke, manifest, many_images, noise_image, seeded_resnet
+
+STAGES = ("layer1", "layer4")
+OPTIONS = {**SMALL_OPTIONS, "layers": "1,4", "workers": 0}
+"""``dump_features`` keywords of these tests: resnet18 on 64×64, two stages, decoding in-process."""
+ARGS = [*SMALL, "--layers", "1,4", "--workers", "0"]
+"""The same, as command-line options."""
+POOLS = {"none": lambda maps: maps, "avg": lambda maps: maps.mean(dim=(-2, -1)), "max": lambda maps: maps.amax(dim=(-2, -1))}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@functools.lru_cache(maxsize=1)
+def reference_model() -> torch.nn.Module:
+    return create_feature_extractor(seeded_resnet("resnet18"), {stage: stage for stage in STAGES})
+
+
+@functools.lru_cache(maxsize=64)
+def reference(path: str | Path, *, pool: str = "none", native: bool = False) -> dict[str, torch.Tensor]:
+    """One image's features the way a user would get them without this tool: PIL, torchvision's
+    preset (or, ``native``, the pixels as they are), its feature extractor, then mean/max over H×W.
+    Cached: every test's images have paths of their own."""
+    image = Image.open(path).convert("RGB")
+    if native:
+        x = F.normalize(F.pil_to_tensor(image).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        x = ImageClassification(crop_size=64, resize_size=64)(image)
+    with torch.no_grad():
+        maps = reference_model()(x.unsqueeze(0))
+    return {stage: POOLS[pool](maps[stage][0]) for stage in STAGES}
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted((folder / "shards").glob("[!.]*.safetensors"))
+
+
+def shard_rows(folder: Path) -> dict[str, dict]:
+    """Every image in the folder's shards, read with plain safetensors: output → its image, shard,
+    row, input size and features. Fails if an output is in two shards."""
+    found: dict[str, dict] = {}
+    for path in shard_files(folder):
+        tensors = load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        images, outputs, sizes = (json.loads(metadata[key]) for key in ("images", "outputs", "input_sizes"))
+        assert metadata["format"] == "backbone-inspect.shards/1" and len(images) == len(outputs) == len(sizes)
+        assert json.loads(metadata["settings"])["format"] == "shards"
+        stages = {name.split(".")[0] for name in tensors}
+        for row, output in enumerate(outputs):
+            assert output not in found, f"{output} is in {found.get(output, {}).get('shard')} and {path.name}"
+            maps = {stage: tensors[stage][row] if stage in tensors else tensors[f"{stage}.{row}"] for stage in stages}
+            found[output] = {"image": images[row], "shard": f"shards/{path.name}", "row": row,
+                             "input_size": tuple(sizes[row]), "features": maps}
+    return found
+
+
+def assert_like_reference(rows: dict[str, dict], *, pool: str = "none", native: bool = False) -> None:
+    for output, row in rows.items():
+        expected = reference(row["image"], pool=pool, native=native)
+        assert row["features"].keys() == expected.keys(), output
+        for stage, tensor in expected.items():
+            assert_close_scaled(row["features"][stage], tensor)
+
+
+def outputs(count: int) -> list[str]:
+    return [f"img{index:03d}.pt" for index in range(count)]
+
+
+def test_each_ok_line_names_its_committed_shard_and_row_and_a_rerun_skips_all(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 5), tmp_path / "out"
+    result = invoke(root, "--save", out, "--format", "shards", "--shard-size", "2", *ARGS)
+    assert result.exit_code == 0, result.output
+    rows, lines = shard_rows(out), manifest(out)
+    assert sorted(rows) == sorted(line["output"] for line in lines) == outputs(5)
+    for line in lines:
+        row = rows[line["output"]]
+        assert line["status"] == "ok" and (out / line["shard"]).is_file()
+        assert (line["shard"], line["row"], line["image"]) == (row["shard"], row["row"], row["image"])
+        assert line["shapes"] == {"layer1": [64, 16, 16], "layer4": [512, 2, 2]}, "the full maps' shapes"
+    assert_like_reference(rows)
+    before = {path: path.stat().st_mtime_ns for path in shard_files(out)}
+    again = invoke(root, "--save", out, "--format", "shards", "--shard-size", "2", *ARGS)
+    assert again.exit_code == 0 and "processed 0, skipped 5, failed 0" in again.stderr
+    assert {line["output"]: line["status"] for line in manifest(out)[5:]} == dict.fromkeys(outputs(5), "skipped")
+    assert {path: path.stat().st_mtime_ns for path in shard_files(out)} == before
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_shard_size_cuts_files_of_that_many_rows_whatever_the_batches(tmp_path: Path, batch_size: int) -> None:
+    out = tmp_path / "out"
+    summary = dump_features(many_images(tmp_path / "in", 5), out, format="shards", shard_size=2, **OPTIONS,
+                            batch_size=batch_size)
+    tensors = [load_file(path) for path in shard_files(out)]
+    assert summary.processed == 5 and summary.bytes_written == sum(t.nbytes for shard in tensors for t in shard.values())
+    assert [path.name.split("-")[0] for path in shard_files(out)] == ["all"] * 3
+    assert [[list(t.shape) for t in shard.values()] for shard in tensors] == [
+        [[2, 64, 16, 16], [2, 512, 2, 2]], [[2, 64, 16, 16], [2, 512, 2, 2]], [[1, 64, 16, 16], [1, 512, 2, 2]]]
+    assert sorted(shard_rows(out)) == outputs(5)
+
+
+def test_resume_computes_only_the_rest_and_no_image_is_in_two_shards(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 5), tmp_path / "out"
+    first = dump_features([root / "img001.png", root / "img003.png"], out, format="shards", **OPTIONS)
+    assert (first.processed, first.skipped) == (2, 0)
+    before = {path: path.stat().st_mtime_ns for path in shard_files(out)}
+    rest = dump_features(root, out, format="shards", **OPTIONS)
+    assert (rest.processed, rest.skipped, rest.failed) == (3, 2, 0)
+    rows = shard_rows(out)
+    assert sorted(rows) == outputs(5)
+    assert {path: path.stat().st_mtime_ns for path in shard_files(out) if path in before} == before
+    assert {output for output, row in rows.items() if out / row["shard"] not in before} == {"img000.pt", "img002.pt", "img004.pt"}
+    assert {line["output"]: line["status"] for line in manifest(out)[2:]} == {
+        "img000.pt": "ok", "img001.pt": "skipped", "img002.pt": "ok", "img003.pt": "skipped", "img004.pt": "ok"}
+    assert_like_reference(rows)
+
+
+def test_a_deleted_shard_is_computed_again_and_only_it(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 5), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    lost = shard_files(out)[0]
+    held = set(json.loads(safe_open(str(lost), framework="pt").metadata()["outputs"]))
+    lost.unlink()
+    again = dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    assert (again.processed, again.skipped) == (2, 3)
+    assert {line["output"] for line in manifest(out)[5:] if line["status"] == "ok"} == held
+    rows = shard_rows(out)
+    assert sorted(rows) == outputs(5)
+    assert_like_reference({output: rows[output] for output in held})
+
+
+@pytest.mark.parametrize("pool", ["none", "avg"])
+def test_images_of_other_sizes_are_stored_one_tensor_each_unless_pooled(tmp_path: Path, pool: str) -> None:
+    root, out = tmp_path / "in", tmp_path / "out"
+    sizes = [(64, 48), (48, 64), (64, 48), (80, 80)]  # (W, H)
+    for index, size in enumerate(sizes):
+        noise_image(root / f"img{index:03d}.png", size, seed=index)
+    dump_features(root, out, format="shards", pool=pool, **{**OPTIONS, "resize": "none", "crop": "none"}, batch_size=4)
+    [path] = shard_files(out)
+    tensors = load_file(path)
+    if pool == "none":
+        assert set(tensors) == {f"{stage}.{row}" for stage in STAGES for row in range(4)}
+    else:
+        assert {name: list(value.shape) for name, value in tensors.items()} == {"layer1": [4, 64], "layer4": [4, 512]}
+    rows = shard_rows(out)
+    assert {output: row["input_size"] for output, row in rows.items()} == {
+        f"img{index:03d}.pt": (height, width) for index, (width, height) in enumerate(sizes)}
+    assert_like_reference(rows, pool=pool, native=True)
+    stored = open_features(out)
+    for index, (width, height) in enumerate(sizes):
+        maps, meta = stored[index]
+        assert meta["input_size"] == (height, width) and meta["output"] == f"img{index:03d}.pt"
+        for stage, tensor in reference(root / f"img{index:03d}.png", pool=pool, native=True).items():
+            assert_close_scaled(maps[stage], tensor)
+    if pool == "none":
+        assert list(stored[3][0]["layer1"].shape) == [64, 20, 20]
+
+
+def test_a_corrupt_image_is_an_error_line_and_the_others_are_in_shards(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    (root / "img002.png").write_bytes(b"not a png at all")
+    result = invoke(root, "--save", out, "--format", "shards", "--shard-size", "2", "--pool", "avg", *ARGS)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and str(root / "img002.png") in errors[0]
+    lines = {line["output"]: line for line in manifest(out)}
+    assert lines["img002.pt"]["status"] == "error" and "shard" not in lines["img002.pt"]
+    rows = shard_rows(out)
+    assert sorted(rows) == sorted(o for o, line in lines.items() if line["status"] == "ok") == ["img000.pt", "img001.pt", "img003.pt"]
+    assert_like_reference(rows, pool="avg")
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == ["img000.pt", "img001.pt", "img003.pt"]
+    assert_close_scaled(stored.matrix("layer4")[2], reference(root / "img003.png", pool="avg")["layer4"])
+
+
+def test_dry_run_estimates_each_format_and_pooling_and_the_shards_estimate_holds(tmp_path: Path) -> None:
+    root = many_images(tmp_path / "in", 4)
+    kinds = {"pt": [], "shards": ["--format", "shards"], "pooled": ["--format", "shards", "--pool", "avg"]}
+    plans = {}
+    for name, args in kinds.items():
+        dry = invoke(root, "--save", tmp_path / name, "--dry-run", "--json", *args, *ARGS)
+        assert dry.exit_code == 0, dry.output
+        plans[name] = json.loads(dry.stdout)
+        assert not (tmp_path / name).exists(), "a dry run writes nothing"
+    assert [(plan["format"], plan["pool"], plan["to_do"]) for plan in plans.values()] == [
+        ("pt", "none", 4), ("shards", "none", 4), ("shards", "avg", 4)]
+    assert plans["pooled"]["estimated_bytes"] * 20 < plans["shards"]["estimated_bytes"] < plans["pt"]["estimated_bytes"]
+    for name in ("shards", "pooled"):
+        assert invoke(root, "--save", tmp_path / name, *kinds[name], *ARGS).exit_code == 0
+        written = sum(path.stat().st_size for path in shard_files(tmp_path / name))
+        assert plans[name]["estimated_bytes"] == pytest.approx(written, rel=0.1), name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--save", "{out}", "--format", "nope"], "--format nope: expected one of pt, shards"),
+        (["--save", "{out}", "--pool", "nope"], "--pool nope: expected one of none, avg, max"),
+        (["--save", "{out}", "--format", "shards", "--shard-size", "0"],
+         "--shard-size '0': expected auto or a number of images per shard, 1..16384"),
+        (["--save", "{out}", "--shard-size", "4"], "--shard-size needs --format shards"),
+        (["--format", "shards"], "--format needs --save DIR"),
+        (["--pool", "avg"], "--pool needs --save DIR"),
+        (["--shard-size", "4"], "--shard-size needs --save DIR"),
+        (["--save", "{out}", "--viz", "{viz}", "--pool", "max"],
+         "--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own"),
+    ],
+    ids=["format", "pool", "shard-size 0", "shard-size with pt", "format without save", "pool without save",
+         "shard-size without save", "viz with pool"],
+)
+def test_usage_errors_are_one_line_and_exit_2_before_any_work(tmp_path: Path, options: list[str], message: str) -> None:
+    root = many_images(tmp_path / "in", 1)
+    out, viz = tmp_path / "out", tmp_path / "viz"
+    result = invoke(root, *[option.format(out=out, viz=viz) for option in options], *ARGS)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {message}\n" and result.stdout == ""
+    assert not out.exists() and not viz.exists()
+
+
+@pytest.mark.parametrize(("made", "asked"), [("pt", "shards"), ("shards", "pt")])
+def test_a_folder_of_one_format_refuses_the_other_without_overwrite(tmp_path: Path, made: str, asked: str) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    assert invoke(root, "--save", out, "--format", made, *ARGS).exit_code == 0
+    files_before = sorted(path.relative_to(out) for path in out.rglob("*"))
+    lines_before = (out / "manifest.jsonl").read_text()
+    refused = invoke(root, "--save", out, "--format", asked, *ARGS)
+    assert refused.exit_code == 2
+    assert refused.stderr == (f'Error: {out} holds features made with other settings: format "{made}" (now "{asked}"); '
+                              "use --overwrite to replace them, or another --save folder\n")
+    assert sorted(path.relative_to(out) for path in out.rglob("*")) == files_before
+    assert (out / "manifest.jsonl").read_text() == lines_before
+    forced = invoke(root, "--save", out, "--format", asked, "--overwrite", *ARGS)
+    assert forced.exit_code == 0 and "processed 2, skipped 0" in forced.stderr
+    stored = open_features(out)
+    assert stored.format == asked and [image.output for image in stored.images] == outputs(2)
+    for index in range(2):
+        assert_close_scaled(stored[index][0]["layer4"], reference(root / f"img{index:03d}.png")["layer4"])
+
+
+def test_overwriting_some_images_keeps_the_others_of_their_shards(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    again = dump_features([root / "img000.png"], out, format="shards", shard_size=2, overwrite=True, **OPTIONS)
+    assert again.processed == 1
+    rows = shard_rows(out)
+    assert sorted(rows) == outputs(4), "img001.pt shared img000.pt's shard: it must not be lost with it"
+    latest = {line["output"]: line for line in manifest(out) if line["status"] == "ok"}
+    assert {output: (line["shard"], line["row"]) for output, line in latest.items()} == {
+        output: (row["shard"], row["row"]) for output, row in rows.items()}
+    assert [image.output for image in open_features(out).images] == outputs(4)
