@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UsageError
-from .shard_store import committed_shards, read_shard_metadata, shard_row
+from .shard_files import committed_shards, read_shard_metadata, shard_row
 from .store import SETTINGS_FILE, SETTINGS_BEFORE_THEY_EXISTED
 
 if TYPE_CHECKING:

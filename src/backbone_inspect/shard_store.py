@@ -1,85 +1,41 @@
-"""``--format shards``: features of many images per safetensors file, committed whole.
+"""``--format shards``: the store that fills shards of many images and commits each whole.
 
-The folder holds ``backbone-inspect.json`` (the settings, ``"format": "shards"``),
-``manifest*.jsonl`` (an ``ok`` line names its ``shard`` and ``row``, written only once that
-shard is committed) and ``shards/<slice>-<writer>-<n>.safetensors``. In a shard, each stage is
-one tensor ``[N, C, H, W]`` (``[N, C]`` pooled) when its images' shapes agree, else one tensor
-``<stage>.<row>`` per image; its metadata (strings) says ``format``, ``version``, ``settings``
-(JSON) and, in row order, ``images``, ``outputs`` and ``input_sizes`` (JSON lists).
-``<slice>`` is ``all`` or ``KofN`` (``--shard``); ``<writer>`` is unique to each writing process
-(a run, a Ray actor), so parallel writers never write the same file.
+The files themselves (layout, header, rows) are described in ``shard_files``. Here: which
+images a folder already holds, filling shards from the writer threads, committing them in the
+background, and holding each image's manifest line until its shard is on disk.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
-import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import OutputError
-from .files import save_safetensors
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
+from .shard_files import (
+    HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, read_shard_metadata,
+    shard_row, write_shard,
+)
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, settings_differences
 
 if TYPE_CHECKING:
-    import torch
-
     from .config import FeatureConfig
     from .extractor import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome
     from .shards import Shard
 
-SHARD_FOLDER = "shards"
-SHARD_FORMAT = "backbone-inspect.shards/1"
-HEADER_BYTES_PER_IMAGE = 200
-"""About what one image adds to a shard's header (its path, output and size in the metadata)."""
-HEADER_BYTES_PER_SHARD = 1024
-"""About what a shard's header holds besides its images: the settings, the tensors' entries."""
-
-
-@dataclass
-class FillingShard:
-    """A shard being filled, in memory until it is committed."""
-
-    name: str
-    """Relative to the folder: ``shards/<file>``."""
-    capacity: int
-    images: list[FoundImage] = field(default_factory=list)
-    input_sizes: list[tuple[int, int]] = field(default_factory=list)
-    features: list[dict[str, torch.Tensor]] = field(default_factory=list)
-
-
-def committed_shards(folder: Path) -> list[Path]:
-    """The shard files of a folder, sorted by name (temporary files are hidden, so never among them)."""
-    return sorted((folder / SHARD_FOLDER).glob("[!.]*.safetensors"))
-
-
-def read_shard_metadata(path: Path) -> dict[str, Any] | None:
-    """A committed shard's metadata, its JSON values decoded, and ``tensors`` (name → dtype, shape,
-    offsets); ``None`` when the file is not a whole shard of this format."""
-    try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= 100 * 2**20:
-                return None
-            header = json.loads(handle.read(size))
-            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-            end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-            if os.fstat(handle.fileno()).st_size != 8 + size + end or header["__metadata__"]["format"] != SHARD_FORMAT:
-                return None
-        metadata = header["__metadata__"]
-        decoded = {key: json.loads(metadata[key]) for key in ("settings", "images", "outputs", "input_sizes")}
-        return {**decoded, "version": metadata.get("version"), "tensors": tensors}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+COMMITS_IN_FLIGHT = 2
+"""Full shards waiting for the disk at most; a writer that fills another waits (memory stays bounded)."""
 
 
 class ShardStore(FolderStore):
@@ -104,10 +60,14 @@ class ShardStore(FolderStore):
         self._trims: tuple[tuple[Path, frozenset[str]], ...] = ()
         self.unsaved = self.unsaved_bytes = 0
         self._failed: dict[str, str] = {}
+        self._commits: collections.deque[Future[None]] = collections.deque()
+        self._committing = threading.Lock()
+        self._committer: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        return {key: value for key, value in state.items() if key not in ("_numbers", "_filling", "_uncommitted", "_held", "_failed")}
+        private = ("_numbers", "_filling", "_uncommitted", "_held", "_failed", "_commits", "_committing", "_committer")
+        return {key: value for key, value in state.items() if key not in private}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -178,6 +138,7 @@ class ShardStore(FolderStore):
         dtype = TORCH_DTYPES[self.config.save_dtype]
         features = {name: value.to(dtype) for name, value in result.features.items()}
         size = sum(value.nbytes for value in features.values())
+        self._raise_if_a_commit_failed()
         with self._recording:
             filling = self._filling or self._start(size)
             row = len(filling.images)
@@ -190,7 +151,7 @@ class ShardStore(FolderStore):
             else:
                 self._filling = filling
         if full:
-            self._commit(filling)
+            self._submit(filling)
         return Stored(size, shard=filling.name, row=row)
 
     def _start(self, image_bytes: int) -> FillingShard:
@@ -200,23 +161,31 @@ class ShardStore(FolderStore):
         self._uncommitted.add(name)
         return FillingShard(name, self.shard_size or max(1, min(MAX_SHARD_IMAGES, SHARD_TARGET_BYTES // max(1, image_bytes))))
 
+    def _submit(self, filling: FillingShard) -> None:
+        """Commit a full shard in the background (one at a time: the disk writes sequentially)."""
+        with self._committing:
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-committer")
+            while len(self._commits) >= COMMITS_IN_FLIGHT:
+                self._commits.popleft().exception()  # waits; a failure is already recorded by _fail
+            self._commits.append(self._committer.submit(self._commit, filling))
+
     def _commit(self, filling: FillingShard) -> None:
         """Write the shard atomically, then the manifest lines of its images that wait on it."""
-        metadata = {
-            "format": SHARD_FORMAT, "version": str(self.meta["version"]), "settings": json.dumps(self.settings),
-            "images": json.dumps([image.path for image in filling.images]),
-            "outputs": json.dumps([image.output for image in filling.images]),
-            "input_sizes": json.dumps([list(size) for size in filling.input_sizes]),
-        }
         try:
-            save_safetensors(self.folder / filling.name, shard_tensors(filling.features), metadata)
+            write_shard(self.folder, filling, self.settings, str(self.meta["version"]))
         except OutputError as error:
             self._fail(filling, str(error))
-            raise OutputError(f"{error} (the {len(filling.images)} image(s) of this shard are not saved)") from error
+            raise
         with self._recording:
             self._uncommitted.discard(filling.name)
             for outcome in self._held.pop(filling.name, []):
                 super().record(outcome)
+
+    def _raise_if_a_commit_failed(self) -> None:
+        if self._failed:
+            name, reason = next(iter(self._failed.items()))
+            raise OutputError(f"{reason} (the images of {name} are not saved)")
 
     def _fail(self, filling: FillingShard, reason: str) -> None:
         """A shard that cannot be committed: each of its images already reported written becomes an error line."""
@@ -242,15 +211,24 @@ class ShardStore(FolderStore):
         super().record(outcome)
 
     def flush(self) -> None:
+        """Commit the shard being filled, wait for every commit; ``OutputError`` if one failed."""
         with self._recording:
             filling, self._filling = self._filling, None
         if filling is not None and filling.images:
-            self._commit(filling)
+            self._submit(filling)
+        with self._committing:
+            while self._commits:
+                self._commits.popleft().exception()
+        self._raise_if_a_commit_failed()
 
     def close(self) -> None:
         try:
-            self.flush()
+            with contextlib.suppress(OutputError):  # already reported by flush(), or the run is ending on another error
+                self.flush()
         finally:
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
+                self._committer = None
             super().close()
 
     def commit_size(self, input_sizes: Sequence[tuple[int, int]]) -> int | None:
@@ -265,21 +243,3 @@ class ShardStore(FolderStore):
         return sum(per_size[size] + HEADER_BYTES_PER_IMAGE for size in input_sizes) + shards * HEADER_BYTES_PER_SHARD
 
 
-def shard_row(shard: Any, stage: str, row: int) -> torch.Tensor:
-    """One image's features of ``stage`` from an open shard (``safe_open``): a row of the stacked
-    tensor, or the image's own tensor where the shard's shapes differ."""
-    if stage in shard.keys():
-        return shard.get_slice(stage)[row]
-    return shard.get_tensor(f"{stage}.{row}")
-
-
-def shard_tensors(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """Each stage as one stacked tensor where the rows' shapes agree, else ``<stage>.<row>`` per image."""
-    tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-    for stage in rows[0]:
-        values = [row[stage] for row in rows]
-        if len({tuple(value.shape) for value in values}) == 1:
-            tensors[stage] = values
-        else:
-            tensors.update((f"{stage}.{index}", value) for index, value in enumerate(values))
-    return tensors

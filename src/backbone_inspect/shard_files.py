@@ -1,0 +1,102 @@
+"""The shard files of ``--format shards``: their layout, writing one, reading their headers and rows.
+
+The folder holds ``backbone-inspect.json`` (the settings, ``"format": "shards"``),
+``manifest*.jsonl`` (an ``ok`` line names its ``shard`` and ``row``, written only once that
+shard is committed) and ``shards/<slice>-<writer>-<n>.safetensors``. In a shard, each stage is
+one tensor ``[N, C, H, W]`` (``[N, C]`` pooled) when its images' shapes agree, else one tensor
+``<stage>.<row>`` per image; its metadata (strings) says ``format``, ``version``, ``settings``
+(JSON) and, in row order, ``images``, ``outputs`` and ``input_sizes`` (JSON lists).
+``<slice>`` is ``all`` or ``KofN`` (``--shard``); ``<writer>`` is unique to each writing process
+(a run, a Ray actor), so parallel writers never write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .files import save_safetensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from .inputs import FoundImage
+
+SHARD_FOLDER = "shards"
+SHARD_FORMAT = "backbone-inspect.shards/1"
+HEADER_BYTES_PER_IMAGE = 200
+"""About what one image adds to a shard's header (its path, output and size in the metadata)."""
+HEADER_BYTES_PER_SHARD = 1024
+"""About what a shard's header holds besides its images: the settings, the tensors' entries."""
+
+
+@dataclass
+class FillingShard:
+    """A shard being filled, in memory until it is committed."""
+
+    name: str
+    """Relative to the folder: ``shards/<file>``."""
+    capacity: int
+    images: list[FoundImage] = field(default_factory=list)
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    features: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def committed_shards(folder: Path) -> list[Path]:
+    """The shard files of a folder, sorted by name (temporary files are hidden, so never among them)."""
+    return sorted((folder / SHARD_FOLDER).glob("[!.]*.safetensors"))
+
+
+def read_shard_metadata(path: Path) -> dict[str, Any] | None:
+    """A committed shard's metadata, its JSON values decoded, and ``tensors`` (name → dtype, shape,
+    offsets); ``None`` when the file is not a whole shard of this format."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= 100 * 2**20:
+                return None
+            header = json.loads(handle.read(size))
+            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+            end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+            if os.fstat(handle.fileno()).st_size != 8 + size + end or header["__metadata__"]["format"] != SHARD_FORMAT:
+                return None
+        metadata = header["__metadata__"]
+        decoded = {key: json.loads(metadata[key]) for key in ("settings", "images", "outputs", "input_sizes")}
+        return {**decoded, "version": metadata.get("version"), "tensors": tensors}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_shard(folder: Path, filling: FillingShard, settings: Mapping[str, Any], version: str) -> int:
+    """Write a filled shard under ``folder`` atomically (``OutputError`` when it cannot); the bytes written."""
+    metadata = {
+        "format": SHARD_FORMAT, "version": version, "settings": json.dumps(settings),
+        "images": json.dumps([image.path for image in filling.images]),
+        "outputs": json.dumps([image.output for image in filling.images]),
+        "input_sizes": json.dumps([list(size) for size in filling.input_sizes]),
+    }
+    return save_safetensors(folder / filling.name, shard_tensors(filling.features), metadata)
+
+
+def shard_row(shard: Any, stage: str, row: int) -> torch.Tensor:
+    """One image's features of ``stage`` from an open shard (``safe_open``): a row of the stacked
+    tensor, or the image's own tensor where the shard's shapes differ."""
+    if stage in shard.keys():
+        return shard.get_slice(stage)[row]
+    return shard.get_tensor(f"{stage}.{row}")
+
+
+def shard_tensors(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Each stage as one stacked tensor where the rows' shapes agree, else ``<stage>.<row>`` per image."""
+    tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    for stage in rows[0]:
+        values = [row[stage] for row in rows]
+        if len({tuple(value.shape) for value in values}) == 1:
+            tensors[stage] = values
+        else:
+            tensors.update((f"{stage}.{index}", value) for index, value in enumerate(values))
+    return tensors
