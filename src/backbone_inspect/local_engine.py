@@ -10,6 +10,7 @@ import collections
 import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ def extract_batch(
         done.update(zip(group.positions, extractor.forward_group(names, group)))
     return [(images[position], done[position]) for position in range(len(images))]
 
+
+T = TypeVar("T")
 
 WRITER_THREADS = 4
 """Files written at once: each waits on its fsync (the disk) while the others write."""
@@ -149,7 +152,7 @@ class LocalEngine:
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
-        return _drive(extractor, batches, store, callbacks.on_outcome, stop, self.batch_size, len(todo))
+        return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
 
 
 def _drive(
@@ -158,18 +161,18 @@ def _drive(
     store: FeatureStore | None,
     on_outcome: Callable[[Outcome, ImageResult | None], None],
     stop: StopRequest,
-    batch_size: int,
     total: int,
 ) -> RunSummary:
     tally = RunTally()
-    pending: collections.deque[Future[FinishedImage]] = collections.deque()
+    pending: collections.deque[Future[list[FinishedImage]]] = collections.deque()
     executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
     report = functools.partial(_report, tally=tally, on_outcome=on_outcome)
     try:
         for images, batch in batches:
-            for image, result in extract_batch(extractor, images, batch, stop):
-                pending.append(executor.submit(finish_image, image, result, store))
-            while pending and (pending[0].done() or len(pending) > batch_size):
+            # A batch is written in WRITER_THREADS slices, in order: few tasks however fast the model runs.
+            for part in _slices(extract_batch(extractor, images, batch, stop), WRITER_THREADS):
+                pending.append(executor.submit(finish_images, part, store))
+            while pending and (pending[0].done() or len(pending) > 2 * WRITER_THREADS):
                 report(pending.popleft())
             if stop() or tally.output_error is not None:
                 break
@@ -188,7 +191,16 @@ def _drive(
     return tally.summary(stop.signal_number, total)
 
 
-def _report_all(pending: collections.deque[Future[FinishedImage]], report: Callable[[Future[FinishedImage]], None]) -> BaseException | None:
+def _slices(items: list[T], count: int) -> list[list[T]]:
+    size = -(-len(items) // count)
+    return [items[start : start + size] for start in range(0, len(items), size)] if items else []
+
+
+def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None) -> list[FinishedImage]:
+    return [finish_image(image, result, store) for image, result in done]
+
+
+def _report_all(pending: collections.deque[Future[list[FinishedImage]]], report: Callable[[Future[list[FinishedImage]]], None]) -> BaseException | None:
     """Report every finished image, even after one report fails (stdout closed); the first failure."""
     failure = None
     while pending:
@@ -201,10 +213,16 @@ def _report_all(pending: collections.deque[Future[FinishedImage]], report: Calla
     return failure
 
 
-def _report(future: Future[FinishedImage], *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
-    outcome, result, output_error = future.result()
-    tally.add(outcome, output_error)
-    try:
-        on_outcome(outcome, result)
-    except OutputError as error:  # e.g. a picture that cannot be written
-        tally.output_error = tally.output_error or str(error)
+def _report(future: Future[list[FinishedImage]], *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
+    """Report each image of a finished slice, all of them even if one report fails; then raise that failure."""
+    failure = None
+    for outcome, result, output_error in future.result():
+        tally.add(outcome, output_error)
+        try:
+            on_outcome(outcome, result)
+        except OutputError as error:  # e.g. a picture that cannot be written
+            tally.output_error = tally.output_error or str(error)
+        except BaseException as error:  # noqa: BLE001 - stdout closed: the others are still recorded
+            failure = failure or error
+    if failure is not None:
+        raise failure
