@@ -30,7 +30,8 @@ def dump_features(
     arch: str = "resnet50", layers: Iterable[int | str] | str = DEFAULT_LAYERS, weights: Any = None, seed: int = 0,
     resize: int | str | None = None, crop: int | str | None = None, device: str = "auto",
     save_dtype: str = "float32", format: str = "pt", shard_size: int | str | None = None, pool: str = "none",
-    dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32, workers: int | None = None, overwrite: bool = False, shard: str | Shard | None = None,
+    dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32,
+    workers: int | None = None, overwrite: bool = False, shard: str | Shard | None = None,
     engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None, ray_actor_cpus: float = 1.0,
     viz: PathLike | None = None, viz_channels: int = 16, on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RunSummary:
@@ -88,8 +89,9 @@ def inspect_images(
     """What ``backbone-inspect INPUTS`` shows, as objects: nothing is saved (``viz`` draws pictures).
 
     ``features=True`` keeps every image's feature maps (CPU tensors [C, H, W], or [C] with
-    ``pool`` ``avg``/``max``; in memory: mind the size for many images) and its preprocessed input (``pixels``). Bad images are in
-    ``failures``; the others are still inspected. Raises as ``dump_features`` does.
+    ``pool`` ``avg``/``max``; in memory: mind the size for many images) and its preprocessed
+    input (``pixels``). Bad images are in ``failures``; the others are still inspected. Raises
+    as ``dump_features`` does.
     """
     from .config import feature_config
     from .inputs import plan_inputs

@@ -55,6 +55,8 @@ WRITER_THREADS = 4
 
 FinishedImage = tuple[Outcome, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
+Slice = Future[list[FinishedImage]]
+"""A slice of a batch being written: its images' outcomes, in order."""
 
 
 def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureStore | None) -> FinishedImage:
@@ -164,7 +166,7 @@ def _drive(
     total: int,
 ) -> RunSummary:
     tally = RunTally()
-    pending: collections.deque[Future[list[FinishedImage]]] = collections.deque()
+    pending: collections.deque[Slice] = collections.deque()
     executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
     report = functools.partial(_report, tally=tally, on_outcome=on_outcome)
     try:
@@ -200,7 +202,7 @@ def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: F
     return [finish_image(image, result, store) for image, result in done]
 
 
-def _report_all(pending: collections.deque[Future[list[FinishedImage]]], report: Callable[[Future[list[FinishedImage]]], None]) -> BaseException | None:
+def _report_all(pending: collections.deque[Slice], report: Callable[[Slice], None]) -> BaseException | None:
     """Report every finished image, even after one report fails (stdout closed); the first failure."""
     failure = None
     while pending:
@@ -213,7 +215,7 @@ def _report_all(pending: collections.deque[Future[list[FinishedImage]]], report:
     return failure
 
 
-def _report(future: Future[list[FinishedImage]], *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
+def _report(future: Slice, *, tally: RunTally, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
     """Report each image of a finished slice, all of them even if one report fails; then raise that failure."""
     failure = None
     for outcome, result, output_error in future.result():
