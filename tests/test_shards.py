@@ -237,20 +237,21 @@ def test_usage_errors_are_one_line_and_exit_2_before_any_work(tmp_path: Path, op
 
 
 @pytest.mark.parametrize(("made", "asked"), [("pt", "shards"), ("shards", "pt")])
-def test_a_folder_of_one_format_refuses_the_other_without_overwrite(tmp_path: Path, made: str, asked: str) -> None:
+def test_a_folder_of_one_format_refuses_the_other_even_with_overwrite(tmp_path: Path, made: str, asked: str) -> None:
     root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
     assert invoke(root, "--save", out, "--format", made, *ARGS).exit_code == 0
     files_before = sorted(path.relative_to(out) for path in out.rglob("*"))
     lines_before = (out / "manifest.jsonl").read_text()
-    refused = invoke(root, "--save", out, "--format", asked, *ARGS)
-    assert refused.exit_code == 2
-    assert refused.stderr == (f'Error: {out} holds features made with other settings: format "{made}" (now "{asked}"); '
-                              "use --overwrite to replace them, or another --save folder\n")
-    assert sorted(path.relative_to(out) for path in out.rglob("*")) == files_before
-    assert (out / "manifest.jsonl").read_text() == lines_before
-    forced = invoke(root, "--save", out, "--format", asked, "--overwrite", *ARGS)
-    assert forced.exit_code == 0 and "processed 2, skipped 0" in forced.stderr
-    stored = open_features(out)
+    for overwrite in ([], ["--overwrite"]):  # replacing would leave the old format's files: each image twice
+        refused = invoke(root, "--save", out, "--format", asked, *overwrite, *ARGS)
+        assert refused.exit_code == 2
+        assert refused.stderr == (f"Error: {out} holds --format {made} features (now --format {asked}), which even "
+                                  "--overwrite does not mix: give this format another --save folder, or empty this one first\n")
+        assert sorted(path.relative_to(out) for path in out.rglob("*")) == files_before
+        assert (out / "manifest.jsonl").read_text() == lines_before
+    other = tmp_path / "other"
+    assert invoke(root, "--save", other, "--format", asked, *ARGS).exit_code == 0
+    stored = open_features(other)
     assert stored.format == asked and [image.output for image in stored.images] == outputs(2)
     for index in range(2):
         assert_close_scaled(stored[index][0]["layer4"], reference(root / f"img{index:03d}.png")["layer4"])

@@ -39,6 +39,11 @@ class OutputError(InspectError):
     """False when only this file cannot be written (its name is too long, a folder is in its way)."""
 
 
+class OutputStopped(OutputError):
+    """The store takes no more images after an output error ended the run: this image is left
+    for a re-run, neither saved nor failed."""
+
+
 class RunStopped(InspectError):
     """A run stopped by SIGINT or SIGTERM (exit 128 + the signal's number); its ``summary`` says what is left."""
 

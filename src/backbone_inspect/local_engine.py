@@ -19,7 +19,7 @@ import torch
 from .config import FeatureConfig
 from .device import keep_freed_memory, resolve_device
 from .engine import ModelInfo, RunCallbacks
-from .errors import OutputError
+from .errors import OutputError, OutputStopped
 from .extractor import Extractor, ImageResult
 from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
@@ -53,7 +53,7 @@ T = TypeVar("T")
 WRITER_THREADS = 4
 """Files written at once: each waits on its fsync (the disk) while the others write."""
 
-FinishedImage = tuple[Outcome, ImageResult | None, str | None]
+FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
 Slice = Future[list[FinishedImage]]
 """A slice of a batch being written: its images' outcomes, in order."""
@@ -63,12 +63,15 @@ def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureSto
     """Store one image's features and describe it as a manifest line.
 
     A write that fails is this image's error, and is also returned as the output error: an
-    output that cannot be written ends the run.
+    output that cannot be written ends the run. No outcome (``None``): the store stopped taking
+    images after such an error; this one is left for a re-run, and the error still ends the run.
     """
     if isinstance(result, str):
         return Outcome(image.path, image.output, "error", error=result), None, None
     try:
         stored = store.write(image, result) if store is not None else Stored(0)
+    except OutputStopped as error:
+        return None, None, str(error)
     except OutputError as error:
         return Outcome(image.path, image.output, "error", error=str(error)), None, str(error) if error.ends_run else None
     shapes = {stats.name: list(stats.shape) for stats in result.stats}
@@ -80,10 +83,11 @@ def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureSto
 def process_batch(
     extractor: Extractor, images: Sequence[FoundImage], batch: DecodedBatch, store: FeatureStore | None
 ) -> list[FinishedImage]:
-    """The whole unit of work: one decoded batch in, stored features and outcomes out, in order."""
+    """The whole unit of work: one decoded batch in, stored features and outcomes out, in order
+    (without the images a store stopped taking after an output error)."""
     done = extract_batch(extractor, images, batch)
     with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
-        return list(writers.map(lambda pair: finish_image(*pair, store), done))
+        return [finished for finished in writers.map(lambda pair: finish_image(*pair, store), done) if finished[0] is not None]
 
 
 def _ignore_stop_signals(_: int) -> None:
@@ -219,6 +223,9 @@ def _report(future: Slice, *, tally: RunTally, on_outcome: Callable[[Outcome, Im
     """Report each image of a finished slice, all of them even if one report fails; then raise that failure."""
     failure = None
     for outcome, result, output_error in future.result():
+        if outcome is None:  # left for a re-run: the store stopped after an output error, which ends the run
+            tally.output_error = tally.output_error or output_error
+            continue
         tally.add(outcome, output_error)
         try:
             on_outcome(outcome, result)

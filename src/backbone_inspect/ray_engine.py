@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .images import ImageDataset, LoadedImage, Preprocessing, collate_batch
 from .inputs import FoundImage
 
@@ -117,10 +117,16 @@ class FeatureActor:
         for start in range(0, len(images), self.batch_size):
             part = slice(start, start + self.batch_size)
             finished += process_batch(self.extractor, images[part], collate_batch(loaded[part]), self.store)
+        flush_error = None
         if self.store is not None:
-            self.store.flush()
+            try:
+                self.store.flush()
+            except OutputError as error:  # the driver ends the run; images of a failed shard are errors
+                flush_error = str(error)
         records = []
         for outcome, kept, output_error in finished:
+            outcome = self.store.settled(outcome) if self.store is not None else outcome
+            kept, output_error = (kept, output_error) if outcome.status == "ok" else (None, output_error or flush_error)
             # The driver needs the statistics, not the tensors: they stay in the files.
             slim = replace(kept, features=OrderedDict(), pixels=None) if kept is not None else None
             records.append(pickle.dumps((outcome, slim, output_error)))

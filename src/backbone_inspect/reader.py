@@ -67,6 +67,8 @@ class StoredFeatures(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if not -len(self.images) <= index < len(self.images):
+            raise IndexError(f"image {index} of a dump of {len(self.images)} images")
         stored = self.images[index]
         meta = {"image": stored.image, "output": stored.output, "input_size": stored.input_size}
         if stored.row is None:

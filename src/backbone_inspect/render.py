@@ -239,7 +239,9 @@ def run_summary_line(summary: RunSummary) -> str:
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s), "
         f"{human_bytes(summary.bytes_written)} written"
     )
-    if summary.stopped_by is not None:
+    if summary.stopped_by is not None and not summary.left:
+        line += f"; stopped by {signal.Signals(summary.stopped_by).name} after the last image (nothing left)"
+    elif summary.stopped_by is not None:
         line += f"; stopped by {signal.Signals(summary.stopped_by).name}, {summary.left} left (run again to finish)"
     elif summary.output_error is not None and summary.left:
         line += f"; stopped by the output error, {summary.left} left (run again once it is fixed)"

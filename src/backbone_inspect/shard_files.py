@@ -47,8 +47,9 @@ class FillingShard:
 
 
 def committed_shards(folder: Path) -> list[Path]:
-    """The shard files of a folder, sorted by name (temporary files are hidden, so never among them)."""
-    return sorted((folder / SHARD_FOLDER).glob("[!.]*.safetensors"))
+    """The shard files of a folder, sorted by name: regular files only (temporary files are hidden;
+    a folder or a link with a shard's name is not a shard, and is never removed)."""
+    return sorted(path for path in (folder / SHARD_FOLDER).glob("[!.]*.safetensors") if path.is_file() and not path.is_symlink())
 
 
 def read_shard_metadata(path: Path) -> dict[str, Any] | None:

@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OutputError
+from .errors import OutputError, OutputStopped
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
 from .shard_files import (
     HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, read_shard_metadata,
@@ -62,13 +63,17 @@ class ShardStore(FolderStore):
         self._trims: tuple[tuple[Path, frozenset[str]], ...] = ()
         self.unsaved = self.unsaved_bytes = 0
         self._failed: dict[str, str] = {}
+        self._failed_images = 0
+        self._located: dict[str, tuple[str, int]] = {}
+        """Where each image a resume skips is: its shard and row, for its manifest line."""
         self._commits: collections.deque[Future[None]] = collections.deque()
         self._committing = threading.Lock()
         self._committer: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        private = ("_numbers", "_filling", "_uncommitted", "_held", "_failed", "_commits", "_committing", "_committer")
+        private = ("_numbers", "_filling", "_uncommitted", "_held", "_failed", "_commits", "_committing", "_committer",
+                   "_located")
         return {key: value for key, value in state.items() if key not in private}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -77,22 +82,25 @@ class ShardStore(FolderStore):
 
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
         """Done: the images of committed shards of these settings. Once the run opens, shards that
-        are unreadable or of other settings are removed; with ``overwrite``, shards holding a
-        selected image are removed, or rewritten without it when they hold other images too."""
+        are unreadable or of other settings are removed; so are images in a second shard (a copy),
+        and with ``overwrite`` the selected ones: a shard is rewritten without them when it holds others."""
         selected = {image.output for image in images}
-        done: set[str] = set()
         stale, trims, replaced = [], [], set()
+        self._located = {}
         for path in committed_shards(self.folder):
             metadata = read_shard_metadata(path)
             holds = set(metadata["outputs"]) if metadata is not None else set()
-            if metadata is None or settings_differences(metadata["settings"], self.settings):
+            dropped = (holds & selected if overwrite else set()) | (holds & self._located.keys())
+            if metadata is None or settings_differences(metadata["settings"], self.settings) or (holds and holds <= dropped):
                 stale.append(path)
-                replaced |= holds
-            elif overwrite and holds & selected:
-                (stale.append(path) if holds <= selected else trims.append((path, frozenset(holds & selected))))
-            else:
-                done |= holds
+                replaced |= holds - self._located.keys()
+            elif dropped:
+                trims.append((path, frozenset(dropped)))
+            if metadata is not None and path not in stale:
+                self._located.update((output, (f"{SHARD_FOLDER}/{path.name}", row)) for row, output in enumerate(
+                    metadata["outputs"]) if output not in dropped)
         self._stale, self._trims = tuple(stale), tuple(trims)
+        done = self._located.keys()
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)
         redo = () if overwrite else tuple(image for image in todo if image.output in replaced)
@@ -185,32 +193,40 @@ class ShardStore(FolderStore):
                 super().record(outcome)
 
     def _raise_if_a_commit_failed(self) -> None:
+        """Once a shard failed, no image is taken: the run ends, and the rest are left for a re-run."""
         if self._failed:
-            name, reason = next(iter(self._failed.items()))
-            raise OutputError(f"{reason} (the images of {name} are not saved)")
+            reason = next(iter(self._failed.values()))
+            count = f"{self._failed_images} image(s) in {len(self._failed)} shard(s)"
+            raise OutputStopped(f"{reason} ({count} not saved: run again once it is fixed)")
 
     def _fail(self, filling: FillingShard, reason: str) -> None:
         """A shard that cannot be committed: each of its images already reported written becomes an error line."""
         with self._recording:
             self._uncommitted.discard(filling.name)
             self._failed[filling.name] = reason
+            self._failed_images += len(filling.images)
             held = self._held.pop(filling.name, [])
         for outcome in held:
             self.record(outcome)
 
+    def settled(self, outcome: Outcome) -> Outcome:
+        reason = self._failed.get(outcome.shard) if outcome.shard is not None else None
+        if reason is None:
+            return outcome
+        return replace(outcome, status="error", error=reason, shard=None, row=None, shapes=None, bytes_written=0)
+
     def record(self, outcome: Outcome) -> None:
         """An ``ok`` line waits for its shard's commit; every other line is written at once."""
-        from dataclasses import replace
-
         with self._recording:
             if outcome.shard in self._uncommitted:
                 self._held.setdefault(outcome.shard, []).append(outcome)
                 return
-            if outcome.shard in self._failed:
+            settled = self.settled(outcome)
+            if settled is not outcome:
                 self.unsaved, self.unsaved_bytes = self.unsaved + 1, self.unsaved_bytes + outcome.bytes_written
-                outcome = replace(outcome, status="error", error=self._failed[outcome.shard], shard=None, row=None,
-                                  shapes=None, bytes_written=0)
-        super().record(outcome)
+            if outcome.status == "skipped" and outcome.output in self._located:
+                settled = replace(outcome, shard=self._located[outcome.output][0], row=self._located[outcome.output][1])
+        super().record(settled)
 
     def flush(self) -> None:
         """Commit the shard being filled, wait for every commit; ``OutputError`` if one failed."""

@@ -89,6 +89,10 @@ class FeatureStore(ABC):
     def write(self, image: FoundImage, result: ImageResult) -> Stored:
         """Store one image's features (from any thread); where. ``OutputError`` when it cannot."""
 
+    def settled(self, outcome: Outcome) -> Outcome:
+        """An outcome as it stands once commits are done (an ``ok`` image of a shard that failed is an error)."""
+        return outcome
+
     def flush(self) -> None:
         """Commit whatever is written but not yet committed (a shard being filled)."""
 
@@ -170,19 +174,28 @@ class FolderStore(FeatureStore):
                 self.folder.mkdir(parents=True, exist_ok=True)
                 # One run per folder and shard at a time; held until close() or the process ends.
                 self._lock = self._lock or FolderLock.take(self.folder / f".{self.manifest_path.name}.lock")
-            if path.exists() and not overwrite:
-                self._check_settings(path)
+            if path.exists():
+                self._check_settings(path, overwrite=overwrite)
         except UsageError:
             self.close()  # a refused run lets go of the folder at once
             raise
         except OSError as error:
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
 
-    def _check_settings(self, path: Path) -> None:
+    def _check_settings(self, path: Path, *, overwrite: bool) -> None:
         try:  # a named pipe or a device there would block or never end: only a small file is read
             saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 2**20 else None
         except (ValueError, UnicodeDecodeError):
             saved = None
+        old_format = saved.get("format", SETTINGS_BEFORE_THEY_EXISTED["format"]) if isinstance(saved, dict) else None
+        if old_format is not None and old_format != self.FORMAT:
+            # Even --overwrite would leave the other format's files beside the new ones: each image twice.
+            raise UsageError(
+                f"{self.folder} holds --format {old_format} features (now --format {self.FORMAT}), which even "
+                "--overwrite does not mix: give this format another --save folder, or empty this one first"
+            )
+        if overwrite:
+            return
         if not isinstance(saved, dict):
             raise UsageError(
                 f"{path} is not a settings file of backbone-inspect (not a JSON object): "

@@ -1,0 +1,50 @@
+"""--format shards over what earlier runs (and hands) left in the folder: skipped lines that say
+where each image is, copies of shards, and things with a shard's name that are not shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from backbone_inspect import dump_features
+from backbone_inspect.reader import open_features
+
+from conftest import assert_close_scaled, manifest, many_images
+from test_shards import OPTIONS, outputs, reference, shard_files, shard_rows
+
+
+def test_a_resume_records_where_each_skipped_image_is(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 5), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    (out / "manifest.jsonl").write_text("")  # the ok lines lost: the shards still say where each image is
+    again = dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    assert (again.processed, again.skipped) == (0, 5)
+    rows = shard_rows(out)
+    assert {line["output"]: (line["status"], line["shard"], line["row"]) for line in manifest(out)} == {
+        output: ("skipped", row["shard"], row["row"]) for output, row in rows.items()}
+
+
+def test_a_copied_shard_is_removed_and_no_image_stays_in_two(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=3, **OPTIONS)
+    first, second = shard_files(out)
+    shutil.copy(first, first.with_name("zz-copy.safetensors"))  # the same images again, sorted after the originals
+    again = dump_features(root, out, format="shards", shard_size=3, **OPTIONS)
+    assert (again.processed, again.skipped) == (0, 4)
+    assert shard_files(out) == [first, second], "the copy is removed once the run opens"
+    assert sorted(shard_rows(out)) == outputs(4)  # shard_rows fails on an output in two shards
+
+
+def test_a_folder_or_a_link_with_a_shards_name_is_left_alone(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    (out / "shards" / "x.safetensors").mkdir()
+    (out / "shards" / "y.safetensors").symlink_to(shard_files(out)[0])
+    again = dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    assert (again.processed, again.skipped, again.failed) == (0, 3, 0)
+    assert (out / "shards" / "x.safetensors").is_dir() and (out / "shards" / "y.safetensors").is_symlink()
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == outputs(3)
+    assert all(not image.file.startswith("shards/y.") for image in stored.images)
+    for index, image in enumerate(stored.images):
+        assert_close_scaled(stored[index][0]["layer4"], reference(root / Path(image.image).name)["layer4"])
