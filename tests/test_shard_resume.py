@@ -48,3 +48,16 @@ def test_a_folder_or_a_link_with_a_shards_name_is_left_alone(tmp_path: Path) -> 
     assert all(not image.file.startswith("shards/y.") for image in stored.images)
     for index, image in enumerate(stored.images):
         assert_close_scaled(stored[index][0]["layer4"], reference(root / Path(image.image).name)["layer4"])
+
+
+def test_overwriting_part_of_a_shard_moves_the_rest_and_their_lines_follow(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=4, **OPTIONS)
+    again = dump_features([root / "img000.png", root / "img001.png"], out, format="shards", overwrite=True, **OPTIONS)
+    assert (again.processed, again.skipped) == (2, 0)
+    rows = shard_rows(out)
+    assert sorted(rows) == outputs(4) and len(shard_files(out)) == 2, "the others moved to a shard of their own"
+    latest = {line["output"]: (line["shard"], line["row"]) for line in manifest(out) if line["status"] == "ok"}
+    assert latest == {output: (row["shard"], row["row"]) for output, row in rows.items()}
+    for output, row in rows.items():
+        assert_close_scaled(row["features"]["layer4"], reference(root / output.replace(".pt", ".png"))["layer4"])

@@ -111,13 +111,13 @@ class ShardStore(FolderStore):
         folder = self.folder / SHARD_FOLDER
         for path, dropped in self._trims:
             self._trim(path, dropped)
-        try:
-            # Stale shards, and what a killed run of this slice left (this run holds the slice's lock).
-            for path in [*self._stale, *folder.glob(f".{self.prefix}-*.tmp")]:
+        # Stale shards, and what a killed run of this slice left (this run holds the slice's lock).
+        for path in [*self._stale, *folder.glob(f".{self.prefix}-*.tmp")]:
+            try:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        except OSError as error:
-            raise OutputError(f"cannot remove old shards in {folder}: {error.strerror or error}") from error
+            except OSError as error:
+                raise OutputError(f"cannot remove {path}: {error.strerror or error}") from error
 
     def _trim(self, path: Path, dropped: frozenset[str]) -> None:
         """Rewrite a shard without the images this run recomputes, then remove it: the others stay,
@@ -139,6 +139,7 @@ class ShardStore(FolderStore):
                     kept.features.append({stage: shard_row(shard, stage, row) for stage in self.config.stages})
         self._commit(kept)
         for row, image in enumerate(kept.images):
+            self._located[image.output] = (kept.name, row)
             self.record(Outcome(image.path, image.output, "ok", shard=kept.name, row=row))
         path.unlink()
 
