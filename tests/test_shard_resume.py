@@ -3,10 +3,14 @@ where each image is, copies of shards, and things with a shard's name that are n
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
+import pytest
+
 from backbone_inspect import dump_features
+from backbone_inspect.errors import OutputError, UsageError
 from backbone_inspect.reader import open_features
 
 from conftest import assert_close_scaled, manifest, many_images
@@ -28,7 +32,7 @@ def test_a_copied_shard_is_removed_and_no_image_stays_in_two(tmp_path: Path) -> 
     root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
     dump_features(root, out, format="shards", shard_size=3, **OPTIONS)
     first, second = shard_files(out)
-    shutil.copy(first, first.with_name("zz-copy.safetensors"))  # the same images again, sorted after the originals
+    shutil.copy(first, first.with_name(first.name.replace("-00000.", "-99999.")))  # the same images again, sorted last
     again = dump_features(root, out, format="shards", shard_size=3, **OPTIONS)
     assert (again.processed, again.skipped) == (0, 4)
     assert shard_files(out) == [first, second], "the copy is removed once the run opens"
@@ -61,3 +65,28 @@ def test_overwriting_part_of_a_shard_moves_the_rest_and_their_lines_follow(tmp_p
     assert latest == {output: (row["shard"], row["row"]) for output, row in rows.items()}
     for output, row in rows.items():
         assert_close_scaled(row["features"]["layer4"], reference(root / output.replace(".pt", ".png"))["layer4"])
+
+
+def test_a_shard_that_cannot_be_read_is_an_error_and_is_kept(tmp_path: Path, monkeypatch) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, format="shards", **OPTIONS)
+    (shard,) = shard_files(out)
+
+    def unreadable(path: Path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr("backbone_inspect.shard_store.read_shard_metadata", unreadable)
+    with pytest.raises(OutputError, match=f"cannot read {shard}: Input/output error"):
+        dump_features(root, out, format="shards", **OPTIONS)
+    assert shard_files(out) == [shard], "a shard that could not be read may be good: it is never removed"
+
+
+def test_another_slices_shards_are_read_never_changed(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    dump_features(root, out, format="shards", **OPTIONS)  # one "all-" shard of every image
+    (whole,) = shard_files(out)
+    half = dump_features(root, out, format="shards", shard="0/2", **OPTIONS)
+    assert (half.processed, half.skipped) == (0, 2), "images in another slice's shard are done"
+    with pytest.raises(UsageError, match=f"--overwrite: {whole} belongs to another slice of the inputs and holds img000.pt"):
+        dump_features(root, out, format="shards", shard="0/2", overwrite=True, **OPTIONS)
+    assert shard_files(out) == [whole] and sorted(shard_rows(out)) == outputs(4)

@@ -15,7 +15,7 @@ import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
-from .store import SETTINGS_FILE, SETTINGS_BEFORE_THEY_EXISTED
+from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
 
 if TYPE_CHECKING:
     from safetensors import safe_open  # noqa: F401
@@ -129,21 +129,27 @@ def open_features(folder: str | Path) -> StoredFeatures:
         raise UsageError(f"{folder} is not a dump of backbone-inspect: cannot read {settings_path} ({error})") from error
     if not isinstance(settings, dict):
         raise UsageError(f"{folder} is not a dump of backbone-inspect: {settings_path} is not a JSON object")
-    read = _shard_images if settings.get("format") == "shards" else _pt_images
-    images = sorted(read(folder).values(), key=lambda stored: stored.output)
+    found = _shard_images(folder, settings) if settings.get("format") == "shards" else _pt_images(folder)
+    images = sorted(found.values(), key=lambda stored: stored.output)
     return StoredFeatures(folder, settings, tuple(images))
 
 
-def _shard_images(folder: Path) -> dict[str, StoredImage]:
-    """Every image of every committed shard (a shard's header is read, not its tensors)."""
+def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredImage]:
+    """Every image of every committed shard of the folder's settings (headers are read, not tensors);
+    an image in two shards (a copy) is read from the first, as a resume counts it."""
     found: dict[str, StoredImage] = {}
     for path in committed_shards(folder):
-        metadata = read_shard_metadata(path)
+        try:
+            metadata = read_shard_metadata(path)
+        except OSError as error:
+            raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
         if metadata is None:
             raise UsageError(f"{path} is not a whole shard: run the dump again to replace it")
+        if settings_differences(metadata["settings"], settings):
+            continue  # left by a run of other settings: not part of this dump (its slice's next run removes it)
         relative = path.relative_to(folder).as_posix()
         for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
-            found[output] = StoredImage(image, output, relative, row, (int(size[0]), int(size[1])))
+            found.setdefault(output, StoredImage(image, output, relative, row, (int(size[0]), int(size[1]))))
     return found
 
 

@@ -130,11 +130,11 @@ def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop
     recorded = _recording(plan, accumulator, callbacks)
     try:
         if stop is not None:
-            summary = plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=stop)
+            summary = _flushed(plan.store, plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=stop))
         else:
-            with stop_on_signals() as own_stop:
+            with stop_on_signals() as own_stop:  # the last commit too: a signal then must not cut it short
                 summary = plan.engine.run(plan.config, plan.todo, plan.store, callbacks=recorded, stop=own_stop)
-        summary = _flushed(plan.store, summary)
+                summary = _flushed(plan.store, summary)
     finally:
         if plan.store is not None:
             plan.store.close()

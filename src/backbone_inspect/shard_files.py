@@ -54,22 +54,33 @@ def committed_shards(folder: Path) -> list[Path]:
 
 def read_shard_metadata(path: Path) -> dict[str, Any] | None:
     """A committed shard's metadata, its JSON values decoded, and ``tensors`` (name → dtype, shape,
-    offsets); ``None`` when the file is not a whole shard of this format."""
+    offsets); ``None`` when the file is read and is not a whole shard of this format. A file that
+    cannot be read (EIO, EACCES, a stale NFS handle) is ``OSError``: it may be a good shard."""
+    with open(path, "rb") as handle:
+        header_bytes, file_size = handle.read(8), os.fstat(handle.fileno()).st_size
+        size = int.from_bytes(header_bytes, "little")
+        raw = handle.read(size) if 0 < size <= 100 * 2**20 else b""
+    return _parse_header(raw, size, file_size)
+
+
+def _parse_header(raw: bytes, size: int, file_size: int) -> dict[str, Any] | None:
+    """The decoded header of a shard whose first bytes are ``raw``, or ``None`` when it is not one."""
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= 100 * 2**20:
-                return None
-            header = json.loads(handle.read(size))
-            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-            end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-            if os.fstat(handle.fileno()).st_size != 8 + size + end or header["__metadata__"]["format"] != SHARD_FORMAT:
-                return None
+        header = json.loads(raw) if raw else None
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
         metadata = header["__metadata__"]
+        if file_size != 8 + size + end or metadata["format"] != SHARD_FORMAT:
+            return None
         decoded = {key: json.loads(metadata[key]) for key in ("settings", "images", "outputs", "input_sizes")}
-        return {**decoded, "version": metadata.get("version"), "tensors": tensors}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
+    rows = [decoded[key] for key in ("images", "outputs", "input_sizes")]
+    if not isinstance(decoded["settings"], dict) or not all(isinstance(value, list) for value in rows):
+        return None
+    if len({len(value) for value in rows}) != 1 or not all(isinstance(output, str) for output in decoded["outputs"]):
+        return None
+    return {**decoded, "version": metadata.get("version"), "tensors": tensors}
 
 
 def write_shard(folder: Path, filling: FillingShard, settings: Mapping[str, Any], version: str) -> int:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OutputError, OutputStopped
+from .errors import OutputError, OutputStopped, UsageError
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
 from .shard_files import (
     HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, read_shard_metadata,
@@ -88,8 +88,11 @@ class ShardStore(FolderStore):
         stale, trims, replaced = [], [], set()
         self._located = {}
         for path in committed_shards(self.folder):
-            metadata = read_shard_metadata(path)
+            metadata = self._read(path)
             holds = set(metadata["outputs"]) if metadata is not None else set()
+            if not path.name.startswith(f"{self.prefix}-"):  # another slice's: read, never changed
+                self._take_others(path, metadata, holds & selected if overwrite else set())
+                continue
             dropped = (holds & selected if overwrite else set()) | (holds & self._located.keys())
             if metadata is None or settings_differences(metadata["settings"], self.settings) or (holds and holds <= dropped):
                 stale.append(path)
@@ -105,6 +108,24 @@ class ShardStore(FolderStore):
         skipped = tuple(image for image in images if image.output in done)
         redo = () if overwrite else tuple(image for image in todo if image.output in replaced)
         return ResumeSplit(todo, skipped, redo)
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            return read_shard_metadata(path)
+        except OSError as error:  # unread is not proven bad: never removed, and the run does not guess
+            raise OutputError(f"cannot read {path}: {error.strerror or error}") from error
+
+    def _take_others(self, path: Path, metadata: dict[str, Any] | None, chosen: set[str]) -> None:
+        """A shard of another slice (run by another process, maybe now): its images count as done."""
+        if metadata is None or settings_differences(metadata["settings"], self.settings):
+            return  # its own slice's next run removes it
+        if chosen:
+            raise UsageError(
+                f"--overwrite: {path} belongs to another slice of the inputs and holds {sorted(chosen)[0]}, one of this "
+                "run's images; overwrite with the --shard slicing that wrote it, or into another --save folder"
+            )
+        for row, output in enumerate(metadata["outputs"]):
+            self._located.setdefault(output, (f"{SHARD_FOLDER}/{path.name}", row))
 
     def open(self) -> None:
         super().open()
@@ -185,19 +206,26 @@ class ShardStore(FolderStore):
         """Write the shard atomically, then the manifest lines of its images that wait on it."""
         try:
             write_shard(self.folder, filling, self.settings, str(self.meta["version"]))
-        except OutputError as error:
-            self._fail(filling, str(error))
+        except BaseException as error:  # whatever it is, the shard's images are not saved
+            self._fail(filling, str(error) if isinstance(error, OutputError) else f"cannot write {filling.name}: {error!r}")
             raise
         with self._recording:
             self._uncommitted.discard(filling.name)
-            for outcome in self._held.pop(filling.name, []):
-                super().record(outcome)
+            held = self._held.pop(filling.name, [])
+            for index, outcome in enumerate(held):
+                try:
+                    super().record(outcome)
+                except OutputError as error:  # the manifest cannot be written: the run ends on it
+                    self._failed.setdefault(f"the manifest ({len(held) - index} line(s) not written)", str(error))
+                    return
 
     def _raise_if_a_commit_failed(self) -> None:
         """Once a shard failed, no image is taken: the run ends, and the rest are left for a re-run."""
-        if self._failed:
-            reason = next(iter(self._failed.values()))
-            count = f"{self._failed_images} image(s) in {len(self._failed)} shard(s)"
+        with self._recording:
+            failed = dict(self._failed)
+        if failed:
+            reason = next(iter(failed.values()))
+            count = f"{self._failed_images} image(s) in {len(failed)} shard(s)"
             raise OutputStopped(f"{reason} ({count} not saved: run again once it is fixed)")
 
     def _fail(self, filling: FillingShard, reason: str) -> None:
