@@ -90,3 +90,39 @@ def test_another_slices_shards_are_read_never_changed(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=f"--overwrite: {whole} belongs to another slice of the inputs and holds img000.pt"):
         dump_features(root, out, format="shards", shard="0/2", overwrite=True, **OPTIONS)
     assert shard_files(out) == [whole] and sorted(shard_rows(out)) == outputs(4)
+
+
+def test_writers_wait_for_the_disk_instead_of_holding_more_shards(tmp_path: Path, monkeypatch) -> None:
+    import time
+    from collections import OrderedDict
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    import backbone_inspect.shard_store as shard_store
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import ImageResult
+    from backbone_inspect.inputs import FoundImage
+
+    config = feature_config(**{key: value for key, value in OPTIONS.items() if key != "workers"})
+    store = shard_store.ShardStore(tmp_path / "out", config, shard_size=2)
+    store.claim(overwrite=False)
+    store.open()
+    held, slow_write = [], shard_store.write_shard
+
+    def slow_disk(*args, **kwargs):
+        held.append(len(store._uncommitted))  # shards in memory: being filled, waiting or being written
+        time.sleep(0.05)
+        return slow_write(*args, **kwargs)
+
+    monkeypatch.setattr(shard_store, "write_shard", slow_disk)
+    maps = OrderedDict(layer1=torch.rand(8, 4, 4), layer4=torch.rand(16, 2, 2))
+
+    def write(index: int) -> None:
+        store.write(FoundImage(f"i{index}.png", f"i{index}.pt"), ImageResult(f"i{index}.png", (64, 64), maps, (), 0.0))
+
+    with ThreadPoolExecutor(4) as writers:
+        list(writers.map(write, range(40)))
+    store.close()
+    assert len(shard_files(tmp_path / "out")) == 20 and sorted(shard_rows(tmp_path / "out")) == sorted(f"i{i}.pt" for i in range(40))
+    assert max(held) <= shard_store.COMMITS_IN_FLIGHT + 1, f"at most two full shards and one being filled: {max(held)}"

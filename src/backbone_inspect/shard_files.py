@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,21 @@ def _parse_header(raw: bytes, size: int, file_size: int) -> dict[str, Any] | Non
     if len({len(value) for value in rows}) != 1 or not all(isinstance(output, str) for output in decoded["outputs"]):
         return None
     return {**decoded, "version": metadata.get("version"), "tensors": tensors}
+
+
+def kept_rows(path: Path, metadata: dict[str, Any], stages: Sequence[str], dropped: Set[str], into: FillingShard) -> FillingShard:
+    """The rows of a shard whose outputs are not ``dropped``, read into ``into`` (to write them as a shard of their own)."""
+    from safetensors import safe_open
+
+    from .inputs import FoundImage
+
+    with safe_open(str(path), framework="pt") as shard:
+        for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
+            if output not in dropped:
+                into.images.append(FoundImage(image, output))
+                into.input_sizes.append((int(size[0]), int(size[1])))
+                into.features.append({stage: shard_row(shard, stage, row) for stage in stages})
+    return into
 
 
 def write_shard(folder: Path, filling: FillingShard, settings: Mapping[str, Any], version: str) -> int:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import OutputError, OutputStopped, UsageError
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
 from .shard_files import (
-    HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, read_shard_metadata,
-    shard_row, write_shard,
+    HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, kept_rows,
+    read_shard_metadata, write_shard,
 )
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, settings_differences
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 COMMITTERS = 2
 """Shards written at once: one is fsynced while the other is written (1.4x one committer, measured)."""
 COMMITS_IN_FLIGHT = 2
-"""Full shards being committed at most; a writer that fills another waits (memory stays bounded)."""
+"""Full shards being committed at most; writers wait for room before taking another image (memory stays bounded)."""
 
 
 class ShardStore(FolderStore):
@@ -69,6 +69,9 @@ class ShardStore(FolderStore):
         self._commits: collections.deque[Future[None]] = collections.deque()
         self._committing = threading.Lock()
         self._committer: ThreadPoolExecutor | None = None
+        self._recording = threading.Condition(threading.RLock())  # writers wait on it for room
+        self._alive = 0
+        """Shards in memory (being filled, waiting or being written): at most COMMITS_IN_FLIGHT + 1."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -143,21 +146,12 @@ class ShardStore(FolderStore):
     def _trim(self, path: Path, dropped: frozenset[str]) -> None:
         """Rewrite a shard without the images this run recomputes, then remove it: the others stay,
         each in exactly one shard, with a manifest line naming where it is now."""
-        from safetensors import safe_open
-
-        from .inputs import FoundImage
         from .outcomes import Outcome
 
-        metadata = read_shard_metadata(path)
+        metadata = self._read(path)
         if metadata is None:
             return
-        kept = FillingShard(self._start(0).name, 0)
-        with safe_open(str(path), framework="pt") as shard:
-            for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
-                if output not in dropped:
-                    kept.images.append(FoundImage(image, output))
-                    kept.input_sizes.append((int(size[0]), int(size[1])))
-                    kept.features.append({stage: shard_row(shard, stage, row) for stage in self.config.stages})
+        kept = kept_rows(path, metadata, self.config.stages, dropped, FillingShard(self._start(0).name, 0))
         self._commit(kept)
         for row, image in enumerate(kept.images):
             self._located[image.output] = (kept.name, row)
@@ -172,6 +166,8 @@ class ShardStore(FolderStore):
         size = sum(value.nbytes for value in features.values())
         self._raise_if_a_commit_failed()
         with self._recording:
+            # Bounded memory: no new shard is started while full ones wait for the disk.
+            self._recording.wait_for(lambda: self._filling is not None or self._alive <= COMMITS_IN_FLIGHT)
             filling = self._filling or self._start(size)
             row = len(filling.images)
             filling.images.append(image)
@@ -191,6 +187,7 @@ class ShardStore(FolderStore):
             self._writer, self._numbers = (os.getpid(), f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"), itertools.count()
         name = f"{SHARD_FOLDER}/{self.prefix}-{self._writer[1]}-{next(self._numbers):05d}.safetensors"
         self._uncommitted.add(name)
+        self._alive += 1
         return FillingShard(name, self.shard_size or max(1, min(MAX_SHARD_IMAGES, SHARD_TARGET_BYTES // max(1, image_bytes))))
 
     def _submit(self, filling: FillingShard) -> None:
@@ -198,9 +195,9 @@ class ShardStore(FolderStore):
         with self._committing:
             if self._committer is None:
                 self._committer = ThreadPoolExecutor(max_workers=COMMITTERS, thread_name_prefix="shard-committer")
-            while len(self._commits) >= COMMITS_IN_FLIGHT:
-                self._commits.popleft().exception()  # waits; a failure is already recorded by _fail
             self._commits.append(self._committer.submit(self._commit, filling))
+            while self._commits and self._commits[0].done():
+                self._commits.popleft()
 
     def _commit(self, filling: FillingShard) -> None:
         """Write the shard atomically, then the manifest lines of its images that wait on it."""
@@ -211,6 +208,8 @@ class ShardStore(FolderStore):
             raise
         with self._recording:
             self._uncommitted.discard(filling.name)
+            self._alive -= 1
+            self._recording.notify_all()
             held = self._held.pop(filling.name, [])
             for index, outcome in enumerate(held):
                 try:
@@ -232,6 +231,8 @@ class ShardStore(FolderStore):
         """A shard that cannot be committed: each of its images already reported written becomes an error line."""
         with self._recording:
             self._uncommitted.discard(filling.name)
+            self._alive -= 1
+            self._recording.notify_all()
             self._failed[filling.name] = reason
             self._failed_images += len(filling.images)
             held = self._held.pop(filling.name, [])
