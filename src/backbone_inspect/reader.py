@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
-
-if TYPE_CHECKING:
-    from safetensors import safe_open  # noqa: F401
 
 
 @dataclass(frozen=True)
