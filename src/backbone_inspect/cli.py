@@ -96,11 +96,9 @@ def inspect(
                 raise UsageError("--describe takes no images: it describes --arch for --input-size")
             return _describe(arch, input_size, json_lines)
         from .config import feature_config
-        from .run import make_engine
         from .inputs import plan_inputs
         from .options import output_folder
-        from .run import Pictures
-        from .run import make_store
+        from .run import Pictures, make_engine, make_store
 
         config = feature_config(
             arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,

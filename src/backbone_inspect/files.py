@@ -17,14 +17,13 @@ if TYPE_CHECKING:
     import torch
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, make_folder: bool = True) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through ``write`` into a temporary file beside ``path``, fsync, then rename.
 
     Nothing half-written is ever left under ``path``, and no temporary file is left behind.
     Safe to call from several threads at once (the umask is never touched).
     """
-    if make_folder:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
     stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
     temporary = path.parent / f".{stem}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
@@ -80,10 +79,11 @@ def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[t
 
     import torch
 
+    # Each entry as its rows and stored shape: a tensor is one row of its own shape.
+    entries = {name: ([value], list(value.shape)) if isinstance(value, torch.Tensor) else (list(value), [len(value), *value[0].shape])
+               for name, value in tensors.items()}
     layout, offset = {}, 0
-    for name, value in tensors.items():
-        rows = [value] if isinstance(value, torch.Tensor) else list(value)
-        shape = list(value.shape) if isinstance(value, torch.Tensor) else [len(rows), *rows[0].shape]
+    for name, (rows, shape) in entries.items():
         size = sum(row.nbytes for row in rows)
         dtype = SAFETENSORS_DTYPES[str(rows[0].dtype).removeprefix("torch.")]
         layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
@@ -93,8 +93,8 @@ def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[t
 
     def write(handle: IO[bytes]) -> None:
         handle.write(len(header).to_bytes(8, "little") + header)
-        for value in tensors.values():
-            for row in [value] if isinstance(value, torch.Tensor) else value:
+        for rows, _ in entries.values():
+            for row in rows:
                 handle.write(memoryview(row.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     try:

@@ -10,9 +10,9 @@ import collections
 import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -85,9 +85,10 @@ def process_batch(
 ) -> list[FinishedImage]:
     """The whole unit of work: one decoded batch in, stored features and outcomes out, in order
     (without the images a store stopped taking after an output error)."""
-    done = extract_batch(extractor, images, batch)
+    parts = _slices(extract_batch(extractor, images, batch), WRITER_THREADS)
     with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
-        return [finished for finished in writers.map(lambda pair: finish_image(*pair, store), done) if finished[0] is not None]
+        written = writers.map(finish_images, parts, [store] * len(parts))
+        return [finished for part in written for finished in part if finished[0] is not None]
 
 
 def _ignore_stop_signals(_: int) -> None:
@@ -145,9 +146,9 @@ class LocalEngine:
         """Run every image of ``todo``; ``callbacks.on_outcome`` sees each, in order, once it is written.
 
         Files are written by ``WRITER_THREADS`` background threads while the next batch computes;
-        at most about two batches of features are held at once (plus the shard being filled), so
-        memory stays flat. A stop request, a
-        second Ctrl-C or an output error ends the run, and every file written by then is reported.
+        at most about two batches of features are held at once (plus the shards not yet
+        committed), so memory stays flat. A stop request, a second Ctrl-C or an output error ends
+        the run, and every file written by then is reported.
         """
         keep_freed_memory()
         # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).

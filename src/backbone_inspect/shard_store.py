@@ -64,6 +64,7 @@ class ShardStore(FolderStore):
         self.unsaved = self.unsaved_bytes = 0
         self._failed: dict[str, str] = {}
         self._failed_images = 0
+        self._manifest_error: str | None = None  # lines a committer could not write: the run ends on it
         self._located: dict[str, tuple[str, int]] = {}
         """Where each image a resume skips is: its shard and row, for its manifest line."""
         self._commits: collections.deque[Future[None]] = collections.deque()
@@ -151,7 +152,7 @@ class ShardStore(FolderStore):
         metadata = self._read(path)
         if metadata is None:
             return
-        kept = kept_rows(path, metadata, self.config.stages, dropped, FillingShard(self._start(0).name, 0))
+        kept = kept_rows(path, metadata, self.config.stages, dropped, self._start(0))
         self._commit(kept)
         for row, image in enumerate(kept.images):
             self._located[image.output] = (kept.name, row)
@@ -188,7 +189,11 @@ class ShardStore(FolderStore):
         name = f"{SHARD_FOLDER}/{self.prefix}-{self._writer[1]}-{next(self._numbers):05d}.safetensors"
         self._uncommitted.add(name)
         self._alive += 1
-        return FillingShard(name, self.shard_size or max(1, min(MAX_SHARD_IMAGES, SHARD_TARGET_BYTES // max(1, image_bytes))))
+        return FillingShard(name, self._capacity(image_bytes))
+
+    def _capacity(self, image_bytes: int) -> int:
+        """Images a shard holds: ``shard_size``, or as many as fill ``SHARD_TARGET_BYTES``."""
+        return self.shard_size or max(1, min(MAX_SHARD_IMAGES, SHARD_TARGET_BYTES // max(1, image_bytes)))
 
     def _submit(self, filling: FillingShard) -> None:
         """Commit a full shard in the background, while the writers fill the next."""
@@ -207,35 +212,38 @@ class ShardStore(FolderStore):
             self._fail(filling, str(error) if isinstance(error, OutputError) else f"cannot write {filling.name}: {error!r}")
             raise
         with self._recording:
-            self._uncommitted.discard(filling.name)
-            self._alive -= 1
-            self._recording.notify_all()
-            held = self._held.pop(filling.name, [])
+            held = self._retire(filling)
             for index, outcome in enumerate(held):
                 try:
                     super().record(outcome)
                 except OutputError as error:  # the manifest cannot be written: the run ends on it
-                    self._failed.setdefault(f"the manifest ({len(held) - index} line(s) not written)", str(error))
+                    self._manifest_error = self._manifest_error or f"{error} ({len(held) - index} line(s) not written)"
                     return
 
-    def _raise_if_a_commit_failed(self) -> None:
-        """Once a shard failed, no image is taken: the run ends, and the rest are left for a re-run."""
-        with self._recording:
-            failed = dict(self._failed)
-        if failed:
-            reason = next(iter(failed.values()))
-            count = f"{self._failed_images} image(s) in {len(failed)} shard(s)"
-            raise OutputStopped(f"{reason} ({count} not saved: run again once it is fixed)")
-
-    def _fail(self, filling: FillingShard, reason: str) -> None:
-        """A shard that cannot be committed: each of its images already reported written becomes an error line."""
+    def _retire(self, filling: FillingShard) -> list[Outcome]:
+        """A shard is out of memory (committed or failed): room for the writers; its held lines."""
         with self._recording:
             self._uncommitted.discard(filling.name)
             self._alive -= 1
             self._recording.notify_all()
-            self._failed[filling.name] = reason
-            self._failed_images += len(filling.images)
-            held = self._held.pop(filling.name, [])
+            return self._held.pop(filling.name, [])
+
+    def _raise_if_a_commit_failed(self) -> None:
+        """Once a shard failed, no image is taken: the run ends, and the rest are left for a re-run."""
+        with self._recording:
+            failed, manifest_error = dict(self._failed), self._manifest_error
+        if failed:
+            reason = next(iter(failed.values()))
+            count = f"{self._failed_images} image(s) in {len(failed)} shard(s)"
+            raise OutputStopped(f"{reason} ({count} not saved: run again once it is fixed)")
+        if manifest_error is not None:
+            raise OutputStopped(manifest_error)
+
+    def _fail(self, filling: FillingShard, reason: str) -> None:
+        """A shard that cannot be committed: each of its images already reported written becomes an error line."""
+        with self._recording:
+            self._failed[filling.name], self._failed_images = reason, self._failed_images + len(filling.images)
+            held = self._retire(filling)
         for outcome in held:
             self.record(outcome)
 
@@ -282,8 +290,7 @@ class ShardStore(FolderStore):
     def commit_size(self, input_sizes: Sequence[tuple[int, int]]) -> int | None:
         if self.shard_size is not None or not input_sizes:
             return self.shard_size
-        image_bytes = feature_bytes(self.config, input_sizes[:1])[input_sizes[0]]
-        return max(1, min(MAX_SHARD_IMAGES, SHARD_TARGET_BYTES // max(1, image_bytes)))
+        return self._capacity(feature_bytes(self.config, input_sizes[:1])[input_sizes[0]])
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)
