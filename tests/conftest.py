@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,11 @@ SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64", "--device", "cp
 references (create_feature_extractor, the model's own forward) run: on CUDA, float32 is not CPU float32."""
 SMALL_OPTIONS = {"arch": "resnet18", "resize": 64, "crop": 64, "device": "cpu"}
 """The same, as keywords of the Python API."""
+
+
+def command(*args: object) -> list[str]:
+    """The command line that runs ``backbone-inspect ARGS`` in a process of its own, with this Python."""
+    return [sys.executable, "-m", "backbone_inspect", *map(str, args)]
 
 
 def invoke(*args: object):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL, features, manifest, many_images
+from conftest import REPO, SMALL, command, features, manifest, many_images
 from test_cli import VALID_STAGES
 
 pytestmark = pytest.mark.slow
@@ -57,10 +57,10 @@ def test_help_and_usage_errors_import_neither_torch_nor_torchvision() -> None:
 def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, signals, exit_code) -> None:
     root = many_images(tmp_path / "many", 120)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "backbone_inspect", str(root), "--save", str(out), "--batch-size", "2",
-               "--workers", "1", "--arch", "resnet50", "--resize", "96", "--crop", "96", "--layers", "1,4"]
+    args = command(root, "--save", out, "--batch-size", "2", "--workers", "1", "--arch", "resnet50", "--resize", "96",
+                   "--crop", "96", "--layers", "1,4")
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     manifest_path = out / "manifest.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not manifest_path.exists() or len(manifest_path.read_text().splitlines()) < 6):
@@ -78,7 +78,7 @@ def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, 
     assert sorted(line["output"] for line in lines) == sorted(p.name for p in saved)
     for path in saved:
         assert set(features(path)) == {"layer1", "layer4"}
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"processed {120 - len(saved)}, skipped {len(saved)}, failed 0" in rerun.stderr
     assert len(list(out.glob("*.pt"))) == 120
@@ -89,9 +89,9 @@ def test_torchrun_with_two_processes_splits_the_work_and_finishes_despite_bad_im
     (root / "img000.png").write_text("broken")  # in rank 0's slice
     out = tmp_path / "out"
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "--module", "backbone_inspect", str(root), "--save", str(out), *SMALL, "--layers", "4", "--workers", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert result.returncode != 0, "one rank had a bad image"
     ranks = [manifest(out, f"manifest.shard-{i}-of-2.jsonl") for i in range(2)]
     assert [len(lines) for lines in ranks] == [5, 4]
@@ -101,10 +101,6 @@ def test_torchrun_with_two_processes_splits_the_work_and_finishes_despite_bad_im
     assert len(list(out.glob("*.pt"))) == 8
 
 
-
-
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "backbone_inspect", *map(str, args)]
 
 
 def wait_for_lines(path: Path, count: int, process: subprocess.Popen, seconds: float = 120) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL as SMALL_INPUTS, assert_close_scaled, features, invoke, manifest, noise_image
+from conftest import SMALL as SMALL_INPUTS, assert_close_scaled, command, features, invoke, manifest, noise_image
 
 RAY_MISSING = "--engine ray needs the [ray] extra: pip install -e '.[dev,ray]'"
 SMALL = [*SMALL_INPUTS, "--layers", "1,4", "--batch-size", "3"]
@@ -21,7 +21,7 @@ def run_command(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str
     """The real command in its own process: Ray's workers and sockets stay out of the test process."""
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "backbone_inspect", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+        command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=240
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from backbone_inspect.reader import open_features
 
-from conftest import SMALL, assert_close_scaled, manifest, many_images
+from conftest import SMALL, assert_close_scaled, command, manifest, many_images
 from test_ray import RAY_MISSING, SMALL as RAY_OPTIONS, mixed, run_command  # noqa: F401 - mixed is a fixture
 from test_shards import shard_files, shard_rows
 
@@ -21,10 +20,6 @@ pytestmark = pytest.mark.slow
 
 HEAVIER = ["--arch", "resnet34", "--resize", "128", "--crop", "128", "--device", "cpu", "--layers", "1,4"]
 """Slow enough per image (about 20 images/s on 2 CPUs) that a signal lands mid-run."""
-
-
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "backbone_inspect", *map(str, args)]
 
 
 def wait_for_a_shard(out: Path, process: subprocess.Popen, seconds: float = 120) -> None:
