@@ -115,7 +115,7 @@ def test_cli_dtype_options_and_saved_dtype_are_independent(tmp_path: Path, chels
     saved = torch.load(tmp_path / "chelsea.pt", weights_only=True)["features"]
     assert {t.dtype for t in saved.values()} == {torch.float32}
     bad = invoke(chelsea, "--dtype", "float8", *SMALL)
-    assert bad.exit_code == 2 and bad.stderr == "Error: invalid --dtype 'float8': expected float32, float16, bfloat16\n"
+    assert bad.exit_code == 2 and bad.stderr == "Error: invalid --dtype 'float8': expected float32, tf32, float16, bfloat16\n"
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

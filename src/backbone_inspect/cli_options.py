@@ -72,7 +72,8 @@ DryRun = Annotated[bool, _option("--dry-run", panel=DUMP, metavar="", help=(
 
 Device = Annotated[str, _option("--device", panel=SPEED, metavar="DEVICE", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, _option("--dtype", panel=SPEED, metavar="DTYPE", help=(
-    "Compute dtype: float32, bfloat16 (fast on CPUs with AVX-512 BF16/AMX) or float16 (CUDA)."))]
+    "Compute dtype: float32 (true float32 on every device), tf32 (CUDA: float32 with TF32 convolutions, faster), "
+    "float16 (CUDA) or bfloat16 (CUDA, and CPUs with AVX-512 BF16/AMX)."))]
 ChannelsLast = Annotated[bool | None, _option("--channels-last/--no-channels-last", panel=SPEED, metavar="", show_default=False, help=(
     "Run in channels_last memory format. \\[default: on for cpu and cuda, where it is faster]"))]
 Compile = Annotated[bool, _option("--compile", panel=SPEED, metavar="", help=(
@@ -80,7 +81,8 @@ Compile = Annotated[bool, _option("--compile", panel=SPEED, metavar="", help=(
 BatchSize = Annotated[int, _option("--batch-size", panel=SPEED, metavar="N", help=(
     "Images per forward pass (on a CPU each stage runs them in cache-sized slices)."))]
 Workers = Annotated[int | None, _option("--workers", panel=SPEED, metavar="N", show_default=False, help=(
-    "Processes decoding images beside the forward pass; 0: in-process. \\[default: CPU count - 1, at most 8]"))]
+    "Processes decoding images beside the forward pass; 0: in-process. \\[default: on CUDA every core but one, "
+    "else CPU count - 1, at most 8]"))]
 
 Viz = Annotated[str | None, _option("--viz", panel=PICTURES, metavar="DIR", show_default=False, help=(
     "Draw PNGs per image and stage under DIR: the most active channels, and a heatmap over the input."))]

@@ -81,6 +81,8 @@ def feature_config(
     stages = parse_layers(layers)
     dtype, save_dtype = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype)
     device = check_device_spec(device)
+    if dtype == "tf32" and device in ("cpu", "mps"):  # auto is resolved where the model runs
+        raise UsageError(f"--dtype tf32: TF32 is a CUDA mode (--device {device}); use --dtype float32")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
     plan = plan_weights(arch, weights)

@@ -37,6 +37,8 @@ class ModelInfo:
     """The engine and its cluster, when the models run outside this process."""
     strides: dict[str, int]
     """Nominal stride of each requested stage."""
+    dtype: str = "float32"
+    """The compute dtype the model runs in (``tf32``: float32 with CUDA's TF32 convolutions)."""
 
 
 def _ignore(*_: Any) -> None:

@@ -5,6 +5,7 @@ Built from a ``FeatureConfig``; both engines drive the same ``forward_group``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,15 +19,9 @@ from .config import FeatureConfig
 from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
 from .errors import UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
+from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_slow_bfloat16
 from .stats import StageStats, batch_stage_stats
 from .weights import LoadedWeights
-
-
-TORCH_DTYPES: dict[str, torch.dtype] = {  # the names are options.DTYPE_NAMES
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -71,7 +66,8 @@ class Extractor:
         self.config = config
         self.feature_dtype = TORCH_DTYPES[feature_dtype] if feature_dtype is not None else None
         self.device = resolve_device(config.device) if device is None else torch.device(device)
-        self.dtype = TORCH_DTYPES[config.dtype]
+        self.dtype = check_compute_dtype(config.dtype, self.device)
+        warn_if_slow_bfloat16(config.dtype, self.device)
         self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
         self.requested: tuple[str, ...] = config.stages
         run_layers = self.requested + (("layer4",) if config.topk and "layer4" not in self.requested else ())
@@ -84,8 +80,7 @@ class Extractor:
         # compiled graph and a GPU's own memory hierarchy take the whole batch.
         self._cache_bytes = last_level_cache_bytes() if self.device.type == "cpu" and not config.compile else None
         self._chunk_plans: dict[tuple[int, int], dict[str, int]] = {}
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        self._shapes_run: set[tuple[int, ...]] = set()
         loaded = self.backbone.weights_info
         assert loaded is not None
         self.weights: LoadedWeights = loaded
@@ -128,7 +123,7 @@ class Extractor:
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Features of a uint8 [N, 3, H, W] batch, on the device."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._math(tuple(images.shape)):
             # uint8 travels to the device (4x less than float32) and is normalised there.
             batch = images.to(self.device, non_blocking=True).float().div_(255)
             batch = batch.sub_(self._mean).div_(self._std).to(self.dtype)
@@ -137,6 +132,15 @@ class Extractor:
             if self._cache_bytes is None or len(batch) == 1:
                 return self._run(batch)
             return self.backbone.forward_in_chunks(batch, self._chunk_sizes(batch))
+
+    def _math(self, shape: tuple[int, ...]) -> contextlib.AbstractContextManager[None]:
+        """On CUDA: TF32 only for ``--dtype tf32``; cuDNN's autotuning from the second batch of a shape
+        on (a long run of one size gets the fastest kernels, a single image never waits for the search)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        autotune = shape in self._shapes_run
+        self._shapes_run.add(shape)
+        return cuda_math(tf32=self.config.dtype == "tf32", autotune=autotune)
 
     def _chunk_sizes(self, batch: torch.Tensor) -> dict[str, int]:
         assert self._cache_bytes is not None
@@ -206,7 +210,7 @@ class Extractor:
 
     def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
         assert self.categories is not None
-        with torch.inference_mode():
+        with torch.inference_mode(), self._math(tuple(layer4.shape)):
             probabilities = self.backbone.classify(layer4).float().softmax(dim=1)
             values, indices = probabilities.topk(self.topk, dim=1)
         return [

@@ -24,7 +24,8 @@ from .extractor import Extractor, ImageResult
 from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
 from .outcomes import Outcome, RunSummary, RunTally
-from .shards import local_rank_from_env, shard_from_env
+from .options import default_workers
+from .shards import local_processes_from_env, local_rank_from_env, shard_from_env
 from .signals import StopRequest
 from .store import FeatureStore, Stored
 
@@ -123,15 +124,16 @@ def decoded_batches(
 
 def model_info(extractor: Extractor, *, device: str, engine: str | None = None) -> ModelInfo:
     strides = {name: extractor.backbone.strides[name] for name in extractor.stage_names}
-    return ModelInfo(extractor.arch, extractor.weights, extractor.seed, device, engine, strides)
+    return ModelInfo(extractor.arch, extractor.weights, extractor.seed, device, engine, strides, extractor.config.dtype)
 
 
 @dataclass(frozen=True)
 class LocalEngine:
-    """Runs in this process: ``workers`` decoding processes (0: decode in-process), batches of ``batch_size``."""
+    """Runs in this process: ``workers`` decoding processes (0: decode in-process; ``None``: the
+    default for the device, see ``options.default_workers``), batches of ``batch_size``."""
 
     batch_size: int = 32
-    workers: int = 0
+    workers: int | None = 0
     supports_pictures: bool = True
 
     def run(
@@ -157,9 +159,15 @@ class LocalEngine:
         extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep,
                               feature_dtype=config.save_dtype if store is not None else None)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
-        workers = self.workers if len(todo) > self.batch_size else 0
+        workers = self.workers_for(extractor.device.type) if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
         return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
+
+
+    def workers_for(self, device_type: str) -> int:
+        if self.workers is not None:
+            return self.workers
+        return default_workers(device_type, processes_here=local_processes_from_env() if shard_from_env(strict=False) else 1)
 
 
 def _drive(

@@ -78,6 +78,7 @@ def json_record(model: ModelInfo, result: ImageResult) -> dict[str, Any]:
         "image": result.image,
         "arch": model.arch,
         "weights": model.weights.label,
+        "dtype": model.dtype,
         "input_size": list(result.input_size),
         "layers": {stats.name: stats.to_dict() for stats in result.stats},
     }
@@ -149,6 +150,7 @@ def render_model_header(console: Console, model: ModelInfo) -> None:
         f"[bold]arch[/] {model.arch}  [bold]weights[/] {markup_safe(weights.label)}"
         + (f" (seed {model.seed})" if weights.kind == "none" else "")
         + (f"  [bold]engine[/] {model.engine}" if model.engine else f"  [bold]device[/] {model.device}")
+        + f"  [bold]dtype[/] {model.dtype}"
     )
     console.print(line, highlight=False)
     if weights.head_note:

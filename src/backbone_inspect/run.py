@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .engine import Engine, ModelInfo, RunCallbacks
 from .errors import OutputError, UsageError
-from .options import check_engine, default_workers, max_workers
+from .options import check_engine, max_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
 from .stats import SummaryAccumulator
@@ -229,7 +229,7 @@ def make_engine(
             )
         from .local_engine import LocalEngine
 
-        return LocalEngine(batch_size=batch_size, workers=default_workers() if workers is None else workers)
+        return LocalEngine(batch_size=batch_size, workers=workers)
     from .ray_engine import RayEngine, check_ray_installed
 
     check_ray_installed()

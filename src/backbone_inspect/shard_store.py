@@ -160,7 +160,7 @@ class ShardStore(FolderStore):
         path.unlink()
 
     def write(self, image: FoundImage, result: ImageResult) -> Stored:
-        from .extractor import TORCH_DTYPES
+        from .precision import TORCH_DTYPES
 
         dtype = TORCH_DTYPES[self.config.save_dtype]
         features = {name: value.to(dtype) for name, value in result.features.items()}

@@ -70,6 +70,16 @@ def local_rank_from_env(env: Mapping[str, str] | None = None) -> int:
     return 0
 
 
+def local_processes_from_env(env: Mapping[str, str] | None = None) -> int:
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, Slurm's tasks on this node; else 1."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = _env_int(env, name)
+        if value:
+            return value
+    return 1
+
+
 def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     size = _env_int(env, "WORLD_SIZE")

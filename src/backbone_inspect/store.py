@@ -265,7 +265,7 @@ class PtFileStore(FolderStore):
         return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
 
     def write(self, image: FoundImage, result: ImageResult) -> Stored:
-        from .extractor import TORCH_DTYPES
+        from .precision import TORCH_DTYPES
 
         dtype = TORCH_DTYPES[self.config.save_dtype]
         features = {name: value.to(dtype) for name, value in result.features.items()}
@@ -286,7 +286,7 @@ def feature_bytes(config: FeatureConfig, input_sizes: Sequence[tuple[int, int]])
     import torchvision
 
     from .backbone import Backbone
-    from .extractor import TORCH_DTYPES
+    from .precision import TORCH_DTYPES
 
     with torch.device("meta"):
         backbone = Backbone(config.arch, config.stages, model=torchvision.models.get_model(config.arch))

@@ -1,0 +1,98 @@
+"""On a CUDA machine: the GPU gives the CPU's numbers at each dtype's precision, float32 is float32,
+one-off shapes are not autotuned, batches arrive pinned, and torchrun's LOCAL_RANK picks the GPU.
+
+Skipped where CUDA is absent (the CPU-side logic of the same features is in test_precision.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from backbone_inspect import dump_features, open_features
+from backbone_inspect.config import feature_config
+from backbone_inspect.device import resolve_device
+from backbone_inspect.extractor import Extractor
+from backbone_inspect.inputs import plan_inputs
+from backbone_inspect.local_engine import decoded_batches
+from backbone_inspect.images import Preprocessing, load_image_tensor
+from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, seeded_resnet
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOLERANCE = {"float32": 1e-5, "tf32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
+"""Relative error allowed against a float64 reference at layer4 (measured on an H200: float32 with
+TF32 off 2.6e-6, TF32 1.2e-3, float16 1.4e-3, bfloat16 1.1e-2)."""
+
+
+def float64_reference(pixels: torch.Tensor, arch: str, stages: list[str]) -> dict[str, torch.Tensor]:
+    """torchvision's own model in float64 on the CPU, fed the same normalised pixels."""
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    x = (pixels.double() / 255 - mean) / std
+    with torch.no_grad():
+        return create_feature_extractor(seeded_resnet(arch).double(), {s: s for s in stages})(x)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = actual.to("cpu", torch.float64)
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_cuda_matches_a_float64_reference_at_each_dtypes_precision(dtype: str) -> None:
+    pixels = load_image_tensor(SAMPLES / "chelsea.jpg", Preprocessing()).expand(4, -1, -1, -1).clone()
+    pixels[1:] = torch.randint(0, 256, pixels[1:].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = float64_reference(pixels, "resnet50", ["layer2", "layer4"])
+    on_gpu = Extractor(feature_config(arch="resnet50", layers=(2, 4), dtype=dtype), device="cuda").forward(pixels)
+    on_cpu = Extractor(feature_config(arch="resnet50", layers=(2, 4)), device="cpu").forward(pixels)
+    for name in expected:
+        assert on_gpu[name].dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        assert relative_error(on_gpu[name], expected[name]) <= TOLERANCE[dtype], name
+        assert relative_error(on_cpu[name], expected[name]) <= TOLERANCE["float32"], name
+    if dtype == "tf32" and torch.cuda.get_device_capability() >= (8, 0):
+        assert relative_error(on_gpu["layer4"], expected["layer4"]) > TOLERANCE["float32"], "TF32 was not on"
+
+
+def test_float32_runs_without_tf32_and_autotunes_only_a_repeated_shape() -> None:
+    extractor = Extractor(feature_config(**{**SMALL_OPTIONS, "device": "cuda"}, layers=(1,)), device="cuda")
+    seen: list[tuple[bool, bool]] = []
+    extractor.backbone.conv1.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)))
+    users = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    batch = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    for pixels in (batch, batch, batch[:1], batch):
+        extractor.forward(pixels)
+    assert seen == [(False, False), (False, True), (False, False), (False, True)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) == users
+
+
+@pytest.mark.parametrize(("output_format", "pool"), [("pt", "none"), ("shards", "none"), ("shards", "avg")])
+def test_a_dump_on_cuda_reads_back_like_the_same_dump_on_the_cpu(tmp_path: Path, output_format: str, pool: str) -> None:
+    images = many_images(tmp_path / "images", 20)
+    options = {**SMALL_OPTIONS, "layers": (2, 4), "format": output_format, "pool": pool, "batch_size": 8, "workers": 1}
+    on_cpu = dump_features(images, tmp_path / "cpu", **options)
+    on_gpu = dump_features(images, tmp_path / "gpu", **{**options, "device": "cuda"})
+    assert (on_cpu.processed, on_gpu.processed, on_gpu.failed) == (20, 20, 0)
+    cpu, gpu = open_features(tmp_path / "cpu"), open_features(tmp_path / "gpu")
+    assert [entry.image for entry in gpu.images] == [entry.image for entry in cpu.images]
+    for index in range(len(cpu)):
+        for name, expected in cpu[index][0].items():
+            assert_close_scaled(gpu[index][0][name], expected, rtol=TOLERANCE["float32"])
+
+
+def test_batches_for_a_gpu_arrive_in_pinned_memory(tmp_path: Path) -> None:
+    images = plan_inputs([many_images(tmp_path, 6)]).selected
+    extractor = Extractor(feature_config(**{**SMALL_OPTIONS, "device": "cuda"}), device="cuda", keep_features=False)
+    batches = list(decoded_batches(images, extractor, batch_size=4, workers=1))
+    assert [len(found) for found, _ in batches] == [4, 2]
+    assert all(group.pixels.is_pinned() for _, batch in batches for group in batch.groups)
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 2])
+def test_torchruns_local_rank_picks_the_gpu(local_rank: int) -> None:
+    assert resolve_device("auto", local_rank=local_rank) == torch.device("cuda", local_rank % torch.cuda.device_count())
+    assert resolve_device("auto") == torch.device("cuda")

@@ -1,0 +1,119 @@
+"""Compute dtypes, TF32, cuDNN autotuning, native bfloat16 and the decoding workers per device (CPU-side checks;
+the same behaviour on a GPU is in test_cuda.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone_inspect.config import feature_config
+from backbone_inspect.errors import UsageError
+from backbone_inspect.local_engine import LocalEngine
+from backbone_inspect.options import default_workers
+from backbone_inspect.precision import check_compute_dtype, cpu_has_native_bfloat16, cuda_math, warn_if_slow_bfloat16
+from conftest import SMALL, invoke
+
+
+@pytest.fixture
+def tf32_flags():
+    """The process-wide flags as a library user may have set them; put back after the test."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    yield lambda: (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("users", [(True, True, True), (False, False, False), (True, False, True)])
+@pytest.mark.parametrize(("tf32", "autotune"), [(False, False), (True, True), (False, True)])
+def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(tf32_flags, users, tf32: bool, autotune: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = users
+    with cuda_math(tf32=tf32, autotune=autotune):
+        assert tf32_flags() == (tf32, tf32, autotune)
+    assert tf32_flags() == users
+    with pytest.raises(RuntimeError), cuda_math(tf32=tf32, autotune=autotune):
+        raise RuntimeError("a failing forward")
+    assert tf32_flags() == users
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_tf32_is_a_cuda_mode(device: str) -> None:
+    with pytest.raises(UsageError, match=f"--dtype tf32: TF32 is a CUDA mode \\(--device {device}\\); use --dtype float32"):
+        feature_config(dtype="tf32", device=device)
+    with pytest.raises(UsageError, match=f"this run's device is {device}"):
+        check_compute_dtype("tf32", torch.device(device))
+    assert check_compute_dtype("tf32", torch.device("cuda")) is torch.float32
+
+
+def test_tf32_on_a_cpu_is_a_usage_error_before_anything_is_written(tmp_path: Path, chelsea: Path) -> None:
+    result = invoke(chelsea, *SMALL, "--dtype", "tf32", "--save", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --dtype tf32: TF32 is a CUDA mode (--device cpu); use --dtype float32\n"
+    assert not (tmp_path / "out").exists()
+    result = invoke(chelsea, *SMALL, "--save-dtype", "tf32", "--save", tmp_path / "out")
+    assert result.exit_code == 2 and "invalid --save-dtype 'tf32': expected float32, float16, bfloat16" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_header_json_and_dump_name_the_compute_dtype(tmp_path: Path, chelsea: Path, dtype: str) -> None:
+    table = invoke(chelsea, *SMALL, "--layers", "4", "--dtype", dtype)
+    assert table.exit_code == 0 and f"device cpu  dtype {dtype}" in table.stdout.splitlines()[0]
+    record = json.loads(invoke(chelsea, *SMALL, "--layers", "4", "--dtype", dtype, "--json").stdout)
+    assert record["dtype"] == dtype and record["layers"]["layer4"]["dtype"] == dtype
+    assert invoke(chelsea, *SMALL, "--layers", "4", "--dtype", dtype, "--save", tmp_path).exit_code == 0
+    saved = torch.load(tmp_path / "chelsea.pt", weights_only=True)
+    assert saved["meta"]["dtype"] == dtype
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),
+    ("fpu sse2 avx2 avx512f amx_bf16", True),
+    ("fpu sse2 avx2 avx512f avx512bw", False),
+    ("fpu sse2 avx2", False),
+])
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bfloat16(cpuinfo) is native
+    arm = tmp_path / "arm"
+    arm.write_text(f"processor\t: 0\nFeatures\t: fp asimd {'bf16 ' if native else ''}sve\n")
+    assert cpu_has_native_bfloat16(arm) is native
+    assert cpu_has_native_bfloat16(tmp_path / "absent") is None
+
+
+def test_emulated_bfloat16_is_one_warning_line(monkeypatch: pytest.MonkeyPatch, chelsea: Path, tmp_path: Path) -> None:
+    monkeypatch.setattr("backbone_inspect.precision.cpu_has_native_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        warn_if_slow_bfloat16("bfloat16", torch.device("cpu"))
+    result = invoke(chelsea, chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16", "--summary")
+    assert result.exit_code == 0
+    warned = [line for line in result.stderr.splitlines() if "bfloat16" in line]
+    assert warned == ["Warning: --dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 in "
+                      "/proc/cpuinfo), so it is emulated and slower than float32; use --dtype float32"]
+    monkeypatch.setattr("backbone_inspect.precision.cpu_has_native_bfloat16", lambda: True)
+    assert "bfloat16" not in invoke(chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16").stderr
+
+
+@pytest.mark.parametrize(("cores", "device", "processes", "expected"), [
+    (16, "cpu", 1, 8), (4, "cpu", 1, 3), (1, "cpu", 1, 1),
+    (16, "cuda", 1, 15), (16, "cuda", 4, 3), (2, "cuda", 1, 1), (64, "cuda", 8, 7),
+])
+def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str, processes: int,
+                                           expected: int) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    assert default_workers(device, processes_here=processes) == expected
+
+
+def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (LocalEngine(workers=None).workers_for("cuda"), LocalEngine(workers=None).workers_for("cpu")) == (15, 8)
+    assert LocalEngine(workers=2).workers_for("cuda") == 2
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert LocalEngine(workers=None).workers_for("cuda") == 3
