@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -369,9 +369,8 @@ def child_environment() -> dict[str, str]:
     return environment
 
 
-def run_command(images: Path, out: Path | None, options: list[str], timeout: float) -> dict[str, Any]:
-    """One run: the command's own figures (from its summary line), wall time, bytes in the output folder."""
-    command = [sys.executable, "-m", "backbone_inspect", str(images), *(["--save", str(out)] if out else []), *options]
+def run_process(command: list[str], timeout: float) -> tuple[int, str, float]:
+    """Run ``command`` with stderr captured: its exit status, stderr and wall time (start to exit)."""
     start = time.perf_counter()
     # A session of its own: on a timeout the whole group goes (its decoding workers hold stderr open too).
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -387,11 +386,17 @@ def run_command(images: Path, out: Path | None, options: list[str], timeout: flo
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         raise
-    wall = time.perf_counter() - start
+    return process.returncode, stderr, time.perf_counter() - start
+
+
+def run_command(images: Path, out: Path | None, options: list[str], timeout: float) -> dict[str, Any]:
+    """One run: the command's own figures (from its summary line), wall time, bytes in the output folder."""
+    command = [sys.executable, "-m", "backbone_inspect", str(images), *(["--save", str(out)] if out else []), *options]
+    returncode, stderr, wall = run_process(command, timeout)
     matches = [SUMMARY.search(line) for line in stderr.splitlines()]
     match = next((m for m in reversed(matches) if m), None)
-    if process.returncode != 0 or match is None:
-        raise RuntimeError(f"exit {process.returncode}: {' '.join(command)}\n{stderr[-3000:]}")
+    if returncode != 0 or match is None:
+        raise RuntimeError(f"exit {returncode}: {' '.join(command)}\n{stderr[-3000:]}")
     processed, failed = int(match[1]), int(match[3])
     if failed:
         raise RuntimeError(f"{failed} images failed: {' '.join(command)}\n{stderr[-3000:]}")
@@ -405,6 +410,37 @@ def run_command(images: Path, out: Path | None, options: list[str], timeout: flo
 
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return min(runs, key=lambda run: run["seconds"])
+
+
+def marginal_of(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """``high``'s run with the marginal rate over ``low``'s: extra images over extra run-loop seconds."""
+    extra_seconds = high["seconds"] - low["seconds"]
+    marginal = (high["processed"] - low["processed"]) / extra_seconds if extra_seconds > 0 else None
+    # Against noise: the extra images must take a while, and cannot be much faster than a whole run's average.
+    doubtful = marginal is None or extra_seconds < 0.3 or marginal > 3 * high["rate"]
+    return {**high, "marginal": marginal, "doubtful": doubtful, "small": low}
+
+
+def marginal_text(result: dict[str, Any], save: bool) -> tuple[str, str]:
+    """The rate and details cells of a row for ``marginal_of``'s result."""
+    high, low, marginal = result, result["small"], result["marginal"]
+    rate = f"{marginal:.0f} images/s marginal" if marginal else "marginal: n/a"
+    rate += " (doubtful: see details)" if result["doubtful"] else ""
+    details = (f"command's figure {high['rate']:.0f} images/s ({low['rate']:.0f} on {low['processed']}); run loop "
+               f"{high['seconds']:.2f} s - {low['seconds']:.2f} s = {high['seconds'] - low['seconds']:.2f} s for the extra "
+               f"{high['processed'] - low['processed']}; wall {high['wall']:.1f} s")
+    if save:
+        details += f"; {high['bytes_per_image'] / 1e6:.3f} MB/image on disk ({high['written']} written)"
+    return rate, details
+
+
+def marginal_data(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON figures of a row for ``marginal_of``'s result."""
+    high, low = result, result["small"]
+    return {"marginal": result["marginal"], "command_rate": high["rate"], "small_command_rate": low["rate"],
+            "wall": high["wall"], "bytes_per_image": high["bytes_per_image"], "written": high["written"],
+            "seconds": high["seconds"], "small_seconds": low["seconds"], "images": high["processed"],
+            "small_images": low["processed"], "doubtful": result["doubtful"]}
 
 
 def command_bench_cpu(report: Report, root: Path, images: Path, args: argparse.Namespace) -> None:
@@ -541,23 +577,9 @@ def gpu_bench(report: Report, root: Path, args: argparse.Namespace) -> None:
         except RuntimeError as error:  # one variant failing leaves the others' figures
             report.note(f"{name} failed: {error}")
             continue
-        low, high = best_of(small_runs), best_of(large_runs)
-        extra_seconds = high["seconds"] - low["seconds"]
-        marginal = (high["processed"] - low["processed"]) / extra_seconds if extra_seconds > 0 else None
-        # Against noise: the extra images must take a while, and cannot be much faster than a whole run's average.
-        doubtful = marginal is None or extra_seconds < 0.3 or marginal > 3 * high["rate"]
-        results[name] = {**high, "marginal": marginal, "doubtful": doubtful, "small": low}
-        rate = f"{marginal:.0f} images/s marginal" if marginal else "marginal: n/a"
-        rate += " (doubtful: see details)" if doubtful else ""
-        details = (f"command's figure {high['rate']:.0f} images/s ({low['rate']:.0f} on {low['processed']}); run loop "
-                   f"{high['seconds']:.2f} s - {low['seconds']:.2f} s = {extra_seconds:.2f} s for the extra "
-                   f"{high['processed'] - low['processed']}; wall {high['wall']:.1f} s")
-        if save:
-            details += f"; {high['bytes_per_image'] / 1e6:.3f} MB/image on disk ({high['written']} written)"
-        report.row(part, name, rate, "", details, {
-            "marginal": marginal, "command_rate": high["rate"], "small_command_rate": low["rate"], "wall": high["wall"],
-            "bytes_per_image": high["bytes_per_image"], "written": high["written"], "seconds": high["seconds"],
-            "small_seconds": low["seconds"], "images": high["processed"], "small_images": low["processed"], "doubtful": doubtful})
+        results[name] = marginal_of(best_of(small_runs), best_of(large_runs))
+        rate, details = marginal_text(results[name], save)
+        report.row(part, name, rate, "", details, marginal_data(results[name]))
 
     def rate_of(name: str, kind: str) -> float | None:
         found = results.get(name)
@@ -594,6 +616,48 @@ def gpu_bench(report: Report, root: Path, args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def machine_header(root: Path, gpu: str) -> dict[str, Any]:
+    """The report's header at the start: the machine, the software, the work folder."""
+    return {
+        "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "gpu": gpu, "torch": torch.__version__,
+        "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "version": backbone_inspect.__version__, "revision": git_revision(), "work_dir": str(root),
+        "filesystem": filesystem_of(root), "argv": sys.argv[1:],
+        "load_average_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def work_folder(parent: Path | None, prefix: str) -> Path:
+    """A new folder for images and dumps, under ``parent`` (made if missing) or the temporary folder."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+@contextlib.contextmanager
+def reported(report: Report, root: Path, keep: bool, start: float = START) -> Iterator[None]:
+    """Around a benchmark: what stopped it noted; then the header closed (seconds since ``start``, load, CPU
+    steal), the table printed and saved, and ``root`` removed unless ``keep``."""
+    times_at_start = cpu_times()
+    try:
+        yield
+    except BaseException as error:
+        report.note(f"stopped by {type(error).__name__}: {str(error)[:2000]}")
+        raise
+    finally:
+        report.header["seconds"] = round(time.perf_counter() - start, 1)
+        report.header["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        report.header["steal_percent"] = steal_percent(times_at_start, cpu_times())
+        report.save()
+        print(report.markdown(), flush=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        out = report.out_json
+        log("done" + (f"; JSON in {out}, table in {out.with_suffix('.md')}" if out else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="part 3 (and part 1) on a CUDA machine instead of parts 1 and 2")
@@ -620,22 +684,11 @@ def main() -> None:
         args.budget_s = 285.0
 
     report = Report(args.out_json)
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="store-bench-", dir=args.work_dir))
-    report.header = {
-        "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "gpu": "(after the images are made)" if args.gpu else gpu_name(), "torch": torch.__version__,
-        "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "version": backbone_inspect.__version__, "revision": git_revision(), "work_dir": str(root),
-        "filesystem": filesystem_of(root), "argv": sys.argv[1:],
-        "load_average_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    times_at_start = cpu_times()
+    root = work_folder(args.work_dir, "store-bench-")
+    report.header = machine_header(root, "(after the images are made)" if args.gpu else gpu_name())
     log(f"store_bench: {'--gpu' if args.gpu else 'CPU'} mode, work folder {root}")
     report.save()
-    try:
+    with reported(report, root, args.keep):
         if args.gpu:
             gpu_bench(report, root, args)
         else:
@@ -645,18 +698,6 @@ def main() -> None:
             if not args.no_writer:
                 writer_bench(report, root, args.files, args.writer_rounds)
             command_bench_cpu(report, root, images, args)
-    except BaseException as error:
-        report.note(f"stopped by {type(error).__name__}: {str(error)[:2000]}")
-        raise
-    finally:
-        report.header["seconds"] = round(time.perf_counter() - START, 1)
-        report.header["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        report.header["steal_percent"] = steal_percent(times_at_start, cpu_times())
-        report.save()
-        print(report.markdown(), flush=True)
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        log("done" + (f"; JSON in {args.out_json}, table in {args.out_json.with_suffix('.md')}" if args.out_json else ""))
 
 
 if __name__ == "__main__":

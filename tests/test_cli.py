@@ -245,7 +245,7 @@ def test_named_weights_use_their_own_preprocessing(chelsea: Path, torch_home: Pa
     torch.manual_seed(2)
     model = torchvision.models.resnet50().eval()
     torch.save(model.state_dict(), folder / Path(member.url).name)
-    result = invoke(chelsea, "--weights", "DEFAULT", "--layers", "4", "--json")
+    result = invoke(chelsea, "--weights", "DEFAULT", "--layers", "4", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["weights"] == "IMAGENET1K_V2" and record["input_size"] == [224, 224]

@@ -129,7 +129,7 @@ def test_mixed_sizes_with_native_resolution_batch_without_changing_numbers(tmp_p
     for index, size in enumerate([(64, 48), (48, 64), (64, 48), (80, 80), (64, 48), (48, 64)]):
         noise_image(root / f"img{index}.png", size, seed=index)
     batched, single = tmp_path / "batched", tmp_path / "single"
-    native = ["--arch", "resnet18", "--resize", "none", "--crop", "none", "--layers", "1,3"]
+    native = ["--arch", "resnet18", "--resize", "none", "--crop", "none", "--layers", "1,3", "--device", "cpu"]
     assert invoke(root, "--save", batched, "--batch-size", "6", "--workers", "1", *native).exit_code == 0
     assert invoke(root, "--save", single, "--batch-size", "1", "--workers", "0", *native).exit_code == 0
     for path in sorted(single.glob("*.pt")):

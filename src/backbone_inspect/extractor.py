@@ -205,8 +205,18 @@ class Extractor:
                 elif self.config.pool == "max":
                     value = value.amax(dim=(-2, -1))
                 # Cast and made contiguous where the features are (a GPU does it in microseconds), then one plain copy.
-                kept[name] = value.to(dtype=dtype, memory_format=torch.contiguous_format).to("cpu")
+                kept[name] = self._to_host(value.to(dtype=dtype, memory_format=torch.contiguous_format))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the copies into pinned memory are done
         return kept
+
+    def _to_host(self, value: torch.Tensor) -> torch.Tensor:
+        """A CPU copy; from a GPU into pinned memory without waiting (several times faster than into
+        pageable memory: 1.4 MB an image for resnet50's layers 2,3,4), synchronised once per batch."""
+        if self.device.type != "cuda":
+            return value.to("cpu")
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        return host.copy_(value, non_blocking=True)
 
     def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
         assert self.categories is not None
