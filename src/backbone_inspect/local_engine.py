@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,6 +49,7 @@ def extract_batch(
 
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 WRITER_THREADS = 4
 """Files written at once: each waits on its fsync (the disk) while the others write."""
@@ -99,26 +100,43 @@ def _ignore_stop_signals(_: int) -> None:
 
 
 def decoded_batches(
-    images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int
+    images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int, decode: str = "cpu"
 ) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
-    """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward."""
-    dataset = ImageDataset([image.path for image in images], extractor.preprocessing)
+    """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward.
+
+    ``decode`` ``gpu``: the workers leave JPEGs encoded, and they are decoded here, on the
+    extractor's device, in one call per batch (``device_decode``).
+    """
+    paths, preprocessing = [image.path for image in images], extractor.preprocessing
+    if decode == "gpu":
+        from .device_decode import JpegDataset, collate_encoded, finish_on_device
+
+        finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device)
+        loaded = _loaded_batches(JpegDataset(paths, preprocessing), collate_encoded, extractor, batch_size, workers)
+        batches: Iterator[DecodedBatch] = (finish(batch) for batch in loaded)
+    else:
+        batches = _loaded_batches(ImageDataset(paths, preprocessing), collate_batch, extractor, batch_size, workers)
+    for batch in batches:
+        yield [images[index] for index in batch.indices], batch
+
+
+def _loaded_batches(
+    dataset: Any, collate: Callable[[list[Any]], B], extractor: Extractor, batch_size: int, workers: int
+) -> Iterator[B]:
+    """``collate``d batches of ``dataset``, in order: in ``workers`` processes, or in this one (0)."""
     if workers == 0:
-        for start in range(0, len(images), batch_size):
-            indices = range(start, min(start + batch_size, len(images)))
-            yield [images[i] for i in indices], collate_batch([dataset[i] for i in indices])
+        for start in range(0, len(dataset), batch_size):
+            yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         return
-    loader = torch.utils.data.DataLoader(
+    yield from torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate_batch,
+        collate_fn=collate,
         worker_init_fn=_ignore_stop_signals,
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=2,
     )
-    for batch in loader:
-        yield [images[index] for index in batch.indices], batch
 
 
 def model_info(extractor: Extractor, *, device: str, engine: str | None = None) -> ModelInfo:
@@ -133,6 +151,7 @@ class LocalEngine:
     batch_size: int = 32
     workers: int = 0
     supports_pictures: bool = True
+    supports_device_decode: bool = True
 
     def run(
         self,
@@ -158,7 +177,7 @@ class LocalEngine:
                               feature_dtype=config.save_dtype if store is not None else None)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers if len(todo) > self.batch_size else 0
-        batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
+        batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers, decode=config.decode)
         return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
 
 
