@@ -170,3 +170,20 @@ def test_a_jpeg_the_decoder_rejects_falls_back_to_pillow(tmp_path: Path, monkeyp
 def test_pillow_mode_checks_match_what_pillow_writes(tmp_path: Path) -> None:
     with Image.open(photo_jpeg(tmp_path / "c.jpg", mode="CMYK")) as opened:
         assert opened.mode == "CMYK"  # the CMYK case above is a real CMYK JPEG
+
+
+def test_batches_finished_ahead_come_out_in_order() -> None:
+    from backbone_inspect.device_decode import decoded_ahead
+
+    finished: list[int] = []
+
+    def finish(batch: int) -> int:
+        finished.append(batch)
+        return batch * 10
+
+    taken = []
+    for result in decoded_ahead(iter(range(5)), finish):  # type: ignore[arg-type]
+        taken.append((result, len(finished)))
+    assert [result for result, _ in taken] == [0, 10, 20, 30, 40]
+    assert all(count >= index + 1 for index, (_, count) in enumerate(taken))
+    assert list(decoded_ahead(iter([]), finish)) == []  # type: ignore[arg-type]

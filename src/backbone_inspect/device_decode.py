@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
+from .device_transforms import apply_orientation, preprocess_on_device
 from .images import (
-    MAX_PIXELS, MAX_SIDE, DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch,
-    load_image_tensor, size_after_resize,
+    DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch, load_image_tensor,
 )
 
 if TYPE_CHECKING:
@@ -185,58 +185,6 @@ def _rgb_or_none(image: torch.Tensor) -> torch.Tensor | None:
     return image if image.ndim == 3 and image.shape[0] == 3 else None
 
 
-def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Upright pixels for an EXIF orientation, as Pillow's ``ImageOps.exif_transpose`` gives (on [..., H, W])."""
-    import torch
-
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip(-2, -1)
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:  # Pillow's TRANSPOSE
-        return image.transpose(-2, -1)
-    if orientation == 6:  # ROTATE_270: a quarter turn clockwise
-        return torch.rot90(image, -1, dims=(-2, -1))
-    if orientation == 7:  # TRANSVERSE
-        return image.transpose(-2, -1).flip(-2, -1)
-    if orientation == 8:  # ROTATE_90: a quarter turn anticlockwise
-        return torch.rot90(image, 1, dims=(-2, -1))
-    return image
-
-
-def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """``images.preprocess`` for a uint8 [3, H, W] tensor on any device, with the same checks and messages.
-
-    The resize runs in float32 and is rounded back to uint8, on every device: CUDA has no
-    antialiased uint8 kernel (torchvision converts the same way there), and a CPU test of this
-    function then computes what the GPU does.
-    """
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
-    height, width = size_after_resize(int(image.shape[-2]), int(image.shape[-1]), preprocessing.resize)
-    if height * width > MAX_PIXELS:
-        raise ImageError(
-            f"image is {height}×{width} (H×W) after resizing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
-            f"({MAX_SIDE}×{MAX_SIDE}); use a smaller --resize"
-        )
-    if preprocessing.resize is not None:
-        resized = F.resize(image.float(), [height, width], interpolation=InterpolationMode(preprocessing.interpolation),
-                           antialias=True)
-        image = resized.round_().clamp_(0, 255).to(image.dtype)
-    if preprocessing.crop is not None:
-        if preprocessing.crop > min(height, width):
-            after = " after resizing" if preprocessing.resize is not None else ""
-            raise ImageError(
-                f"image is {height}×{width} (H×W){after}, smaller than the {preprocessing.crop} px "
-                "crop; use a larger --resize or --crop none"
-            )
-        image = F.center_crop(image, [preprocessing.crop])
-    return image
-
-
 def _jpeg_pixels(
     jpeg: EncodedJpeg, image: torch.Tensor | None, preprocessing: Preprocessing, device: torch.device
 ) -> torch.Tensor | str:
@@ -284,3 +232,25 @@ def stacked_by_size(pixels: dict[int, torch.Tensor]) -> tuple[SizeGroup, ...]:
     return tuple(
         SizeGroup(tuple(positions), torch.stack([pixels[p] for p in positions])) for positions in by_size.values()
     )
+
+
+def decoded_ahead(
+    batches: Iterator[EncodedBatch], finish: Callable[[EncodedBatch], DecodedBatch]
+) -> Iterator[DecodedBatch]:
+    """``finish`` each batch in a thread, one batch ahead of the caller, in order.
+
+    The next batch's decoding (nvJPEG's host-side work, the per-image launches, any Pillow
+    fallback) then overlaps this batch's forward pass, which mostly waits on the GPU with the
+    GIL released. The thread uses the same (default) CUDA stream, so the device work stays in
+    order without events.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as decoder:
+        ahead: Future[DecodedBatch] | None = None
+        for batch in batches:
+            current, ahead = ahead, decoder.submit(finish, batch)
+            if current is not None:
+                yield current.result()
+        if ahead is not None:
+            yield ahead.result()

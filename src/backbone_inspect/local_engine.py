@@ -104,16 +104,16 @@ def decoded_batches(
 ) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
     """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward.
 
-    ``decode`` ``gpu``: the workers leave JPEGs encoded, and they are decoded here, on the
-    extractor's device, in one call per batch (``device_decode``).
+    ``decode`` ``gpu``: the workers leave JPEGs encoded, and a thread of this process decodes
+    them on the extractor's device, in one call per batch, a batch ahead (``device_decode``).
     """
     paths, preprocessing = [image.path for image in images], extractor.preprocessing
     if decode == "gpu":
-        from .device_decode import JpegDataset, collate_encoded, finish_on_device
+        from .device_decode import JpegDataset, collate_encoded, decoded_ahead, finish_on_device
 
         finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device)
         loaded = _loaded_batches(JpegDataset(paths, preprocessing), collate_encoded, extractor, batch_size, workers)
-        batches: Iterator[DecodedBatch] = (finish(batch) for batch in loaded)
+        batches: Iterator[DecodedBatch] = decoded_ahead(loaded, finish)
     else:
         batches = _loaded_batches(ImageDataset(paths, preprocessing), collate_batch, extractor, batch_size, workers)
     for batch in batches:
