@@ -125,3 +125,13 @@ def test_a_dump_folder_of_decode_cpu_refuses_decode_gpu(tmp_path: Path, chelsea:
     monkeypatch.setattr("backbone_inspect.device.resolve_device", lambda spec, **_: torch.device("cuda"))
     result = invoke(chelsea, *SMALL, "--decode", "gpu", "--save", tmp_path / "out")
     assert result.exit_code == 2 and 'decode "cpu" (now "gpu")' in result.stderr
+
+
+def test_torchvisions_deprecation_of_its_decoders_is_no_warning_line(tmp_path: Path, capsys) -> None:
+    from backbone_inspect.device_decode import decode_jpegs
+    from backbone_inspect.screen import warnings_as_lines
+
+    data = torch.frombuffer(bytearray(photo_jpeg(tmp_path / "p.jpg").read_bytes()), dtype=torch.uint8)
+    with warnings_as_lines():
+        (image,) = decode_jpegs([data], torch.device("cpu"))
+    assert image.shape == (3, 375, 500) and "Warning" not in capsys.readouterr().err

@@ -120,6 +120,8 @@ def test_only_clean_rgb_and_gray_jpegs_are_left_for_the_device(tmp_path: Path) -
     assert [jpeg.position for jpeg in batch.jpegs] == [0, 2, 5, 9, 10]
     assert [jpeg.orientation for jpeg in batch.jpegs] == [1, 1, 1, 1, 6]
     assert all(jpeg.path == paths[jpeg.position] for jpeg in batch.jpegs)
+    assert all(bytes(jpeg.data.numpy()) == Path(jpeg.path).read_bytes() for jpeg in batch.jpegs)
+    assert len({jpeg.data.untyped_storage().data_ptr() for jpeg in batch.jpegs}) == 1  # one block to share
     assert sorted(batch.decoded.errors) == [4, 6, 7]
     assert [group.positions for group in batch.decoded.groups] == [(1, 3, 8)]
 
@@ -153,7 +155,7 @@ def test_a_jpeg_the_decoder_rejects_falls_back_to_pillow(tmp_path: Path, monkeyp
     import torchvision.io
 
     paths = [str(photo_jpeg(tmp_path / f"p{i}.jpg", seed=i)) for i in range(3)]
-    rejected = JpegDataset(paths, Preprocessing())[1].jpeg.data
+    rejected = JpegDataset(paths, Preprocessing())[1].data
     real, calls = torchvision.io.decode_jpeg, []
 
     def rejecting(datas: list[torch.Tensor], **options: object) -> list[torch.Tensor]:

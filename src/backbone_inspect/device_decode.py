@@ -10,8 +10,8 @@ Everything here also runs with ``device="cpu"`` (libjpeg-turbo instead of nvJPEG
 
 from __future__ import annotations
 
-import contextlib
 import io
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,11 +45,12 @@ class EncodedJpeg:
 
 @dataclass(frozen=True)
 class FetchedImage:
-    """A dataset item: a JPEG left encoded for the device, or the CPU path's result."""
+    """A dataset item: a JPEG left encoded for the device (``data``), or the CPU path's result (``loaded``)."""
 
     index: int
     path: str
-    jpeg: EncodedJpeg | None = None
+    data: torch.Tensor | None = None
+    orientation: int = 1
     loaded: LoadedImage | None = None
 
 
@@ -124,7 +125,7 @@ class JpegDataset:
         path = self.paths[index]
         jpeg = read_jpeg(path)
         if jpeg is not None:
-            return FetchedImage(index, path, jpeg=EncodedJpeg(-1, path, *jpeg))
+            return FetchedImage(index, path, *jpeg)
         try:
             return FetchedImage(index, path, loaded=LoadedImage(index, load_image_tensor(path, self.preprocessing)))
         except ImageError as error:
@@ -132,26 +133,25 @@ class JpegDataset:
 
 
 def collate_encoded(items: Sequence[FetchedImage]) -> EncodedBatch:
-    """The workers' collate: JPEGs numbered by position, the CPU-decoded images stacked by size."""
+    """The workers' collate: JPEGs numbered by position, the CPU-decoded images stacked by size.
+
+    The JPEGs' bytes are views of one tensor: the batch crosses to the main process in one block
+    of shared memory rather than one per file.
+    """
+    import torch
+
+    encoded = [(position, item) for position, item in enumerate(items) if item.data is not None]
+    joined = torch.cat([item.data for _, item in encoded]) if encoded else torch.empty(0, dtype=torch.uint8)
+    ends = itertools.accumulate(len(item.data) for _, item in encoded)  # type: ignore[arg-type]
     jpegs = tuple(
-        EncodedJpeg(position, item.path, item.jpeg.data, item.jpeg.orientation)
-        for position, item in enumerate(items) if item.jpeg is not None
+        EncodedJpeg(position, item.path, joined[end - len(item.data):end], item.orientation)
+        for (position, item), end in zip(encoded, ends)
     )
     cpu_positions = [position for position, item in enumerate(items) if item.loaded is not None]
     cpu = collate_batch([items[position].loaded for position in cpu_positions])  # type: ignore[misc]
     groups = tuple(SizeGroup(tuple(cpu_positions[p] for p in group.positions), group.pixels) for group in cpu.groups)
     errors = {cpu_positions[p]: error for p, error in cpu.errors.items()}
     return EncodedBatch(jpegs, DecodedBatch(tuple(item.index for item in items), groups, errors))
-
-
-@contextlib.contextmanager
-def _quiet_decoder() -> Iterator[None]:
-    # torchvision 0.29 deprecates its decoders with a warning on every call: the command would
-    # print it as a Warning: line.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        yield
 
 
 def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -164,11 +164,9 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[to
 
     if not datas:
         return []
-    with _quiet_decoder():
-        try:
-            return [_rgb_or_none(image) for image in decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)]
-        except (RuntimeError, ValueError):
-            pass
+    try:
+        return [_rgb_or_none(image) for image in decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)]
+    except (RuntimeError, ValueError):
         return [_decode_one(data, device) for data in datas]
 
 
