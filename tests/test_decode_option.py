@@ -35,9 +35,9 @@ def found_images(root: Path) -> list[FoundImage]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_line_up_with_their_images_as_with_decode_cpu(tmp_path: Path, workers: int) -> None:
     images = found_images(tmp_path)
-    extractor = Extractor(feature_config(**{**SMALL_OPTIONS, "crop": "none"}), device="cpu")
-    on_device = list(decoded_batches(images, extractor, batch_size=3, workers=workers, decode="gpu"))
-    on_cpu = list(decoded_batches(images, extractor, batch_size=3, workers=workers, decode="cpu"))
+    options = {**SMALL_OPTIONS, "crop": "none"}
+    extractors = [Extractor(feature_config(**options, decode=decode), device="cpu") for decode in ("gpu", "cpu")]
+    on_device, on_cpu = (list(decoded_batches(images, one, batch_size=3, workers=workers)) for one in extractors)
     assert [batch_images for batch_images, _ in on_device] == [batch_images for batch_images, _ in on_cpu]
     assert [image for batch_images, _ in on_device for image in batch_images] == images
     for (_, device_batch), (_, cpu_batch) in zip(on_device, on_cpu):

@@ -100,15 +100,15 @@ def _ignore_stop_signals(_: int) -> None:
 
 
 def decoded_batches(
-    images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int, decode: str = "cpu"
+    images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int
 ) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
     """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward.
 
-    ``decode`` ``gpu``: the workers leave JPEGs encoded, and a thread of this process decodes
+    With ``--decode gpu`` (the extractor's config) the workers leave JPEGs encoded, and a thread of this process decodes
     them on the extractor's device, in one call per batch, a batch ahead (``device_decode``).
     """
     paths, preprocessing = [image.path for image in images], extractor.preprocessing
-    if decode == "gpu":
+    if extractor.config.decode == "gpu":
         from .device_decode import JpegDataset, collate_encoded, decoded_ahead, finish_on_device
 
         finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device)
@@ -177,7 +177,7 @@ class LocalEngine:
                               feature_dtype=config.save_dtype if store is not None else None)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers if len(todo) > self.batch_size else 0
-        batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers, decode=config.decode)
+        batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
         return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
 
 
