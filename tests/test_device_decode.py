@@ -119,6 +119,7 @@ def test_only_clean_rgb_and_gray_jpegs_are_left_for_the_device(tmp_path: Path) -
     batch = collate_encoded([dataset[i] for i in range(len(paths))])
     assert [jpeg.position for jpeg in batch.jpegs] == [0, 2, 5, 9, 10]
     assert [jpeg.orientation for jpeg in batch.jpegs] == [1, 1, 1, 1, 6]
+    assert [jpeg.area for jpeg in batch.jpegs] == [500 * 375, 500 * 375, 500 * 375, 100 * 90, 375 * 500]
     assert all(jpeg.path == paths[jpeg.position] for jpeg in batch.jpegs)
     assert all(bytes(jpeg.data.numpy()) == Path(jpeg.path).read_bytes() for jpeg in batch.jpegs)
     assert len({jpeg.data.untyped_storage().data_ptr() for jpeg in batch.jpegs}) == 1  # one block to share
@@ -189,3 +190,15 @@ def test_batches_finished_ahead_come_out_in_order() -> None:
     assert [result for result, _ in taken] == [0, 10, 20, 30, 40]
     assert all(count >= index + 1 for index, (_, count) in enumerate(taken))
     assert list(decoded_ahead(iter([]), finish)) == []  # type: ignore[arg-type]
+
+
+def test_a_batch_of_large_images_is_decoded_in_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import backbone_inspect.device_decode as device_decode
+    from backbone_inspect.device_decode import EncodedJpeg, decode_parts
+
+    jpegs = [EncodedJpeg(position, "", torch.empty(0), area=area) for position, area in enumerate([5, 5, 3, 12, 1, 9])]
+    assert [[jpeg.position for jpeg in part] for part in decode_parts(jpegs, 10)] == [[0, 1], [2], [3], [4, 5]]
+    assert decode_parts([], 10) == []
+    monkeypatch.setattr(device_decode, "DECODE_AREA", 2 * 500 * 375)
+    paths = [str(photo_jpeg(tmp_path / f"p{i}.jpg", seed=i)) for i in range(5)]
+    assert_like_the_cpu_path(paths, Preprocessing())

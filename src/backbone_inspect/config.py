@@ -71,8 +71,7 @@ def feature_config(
     *, arch: str = "resnet50", layers: Iterable[int | str] | str | int = DEFAULT_LAYERS, weights: Any = None,
     seed: int = 0, resize: int | str | None = None, crop: int | str | None = None, dtype: str = "float32",
     save_dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, topk: int = 0,
-    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto", pool: str = "none",
-    decode: str = "cpu",
+    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto", pool: str = "none", decode: str = "cpu",
 ) -> FeatureConfig:
     """Check the options and resolve them into one ``FeatureConfig`` (``UsageError`` on bad values).
 
@@ -81,8 +80,7 @@ def feature_config(
     ``resize``/``crop``: pixels, ``"none"`` to skip the step, ``None`` for the weights' own.
     ``categories``: class names, or the path of a file with one per line.
     ``pool``: ``none``, or ``avg``/``max`` to reduce each stage to a vector of its channels.
-    ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device; checked against
-    the device by ``run.plan_run``).
+    ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device, which ``plan_run`` checks).
     """
     arch = check_arch(arch)
     stages = parse_layers(layers)

@@ -30,6 +30,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 NVJPEG_MODES = ("RGB", "L")
 """Pillow modes whose JPEGs the device decodes to the same RGB as Pillow; CMYK/YCCK go to Pillow."""
+DECODE_AREA = 2**28
+"""The most pixels (W×H, summed) decoded in one call: a batch of large photos is decoded in parts,
+each resized before the next, so the device holds at most about 0.8 GB of full-size images."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class EncodedJpeg:
     path: str
     data: torch.Tensor
     orientation: int = 1
+    area: int = 0
+    """Width × height, from the header."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class FetchedImage:
     path: str
     data: torch.Tensor | None = None
     orientation: int = 1
+    area: int = 0
     loaded: LoadedImage | None = None
 
 
@@ -71,8 +77,8 @@ class EncodedBatch:
         return EncodedBatch(self.jpegs, self.decoded.pin_memory())
 
 
-def read_jpeg(path: str) -> tuple[torch.Tensor, int] | None:
-    """The bytes and EXIF orientation of a JPEG the device can decode; ``None`` for anything else.
+def read_jpeg(path: str) -> tuple[torch.Tensor, int, int] | None:
+    """The bytes, EXIF orientation and area of a JPEG the device can decode; ``None`` for anything else.
 
     The bytes decide, not the name: a PNG called ``.jpg`` is not a JPEG. A file that does not
     end with the end-of-image marker may be truncated: Pillow says whether it is (nvJPEG would
@@ -89,14 +95,14 @@ def read_jpeg(path: str) -> tuple[torch.Tensor, int] | None:
         return None
     if not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_END):
         return None
-    orientation = _jpeg_orientation(data)
-    if orientation is None:
+    header = _jpeg_header(data)
+    if header is None:
         return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), *header
 
 
-def _jpeg_orientation(data: bytes) -> int | None:
-    """EXIF orientation from the header (Pillow reads no pixels here); ``None``: not for the device."""
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """EXIF orientation and W×H from the header (Pillow reads no pixels here); ``None``: not for the device."""
     from PIL import Image
 
     try:
@@ -105,10 +111,10 @@ def _jpeg_orientation(data: bytes) -> int | None:
             with Image.open(io.BytesIO(data)) as opened:
                 if opened.format != "JPEG" or opened.mode not in NVJPEG_MODES:
                     return None
-                orientation = opened.getexif().get(0x0112, 1)
+                orientation, area = opened.getexif().get(0x0112, 1), opened.width * opened.height
     except Exception:  # noqa: BLE001 - whatever Pillow raises, the CPU path reports it properly
         return None
-    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+    return (orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1), area
 
 
 class JpegDataset:
@@ -144,7 +150,7 @@ def collate_encoded(items: Sequence[FetchedImage]) -> EncodedBatch:
     joined = torch.cat([item.data for _, item in encoded]) if encoded else torch.empty(0, dtype=torch.uint8)
     ends = itertools.accumulate(len(item.data) for _, item in encoded)  # type: ignore[arg-type]
     jpegs = tuple(
-        EncodedJpeg(position, item.path, joined[end - len(item.data):end], item.orientation)
+        EncodedJpeg(position, item.path, joined[end - len(item.data):end], item.orientation, item.area)
         for (position, item), end in zip(encoded, ends)
     )
     cpu_positions = [position for position, item in enumerate(items) if item.loaded is not None]
@@ -210,14 +216,27 @@ def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: 
     errors = dict(batch.decoded.errors)
     for group in batch.decoded.groups:
         done.update(zip(group.positions, group.pixels.to(device, non_blocking=True)))
-    decoded = decode_jpegs([jpeg.data for jpeg in batch.jpegs], device)
-    for jpeg, image in zip(batch.jpegs, decoded):
-        pixels = _jpeg_pixels(jpeg, image, preprocessing, device)
-        if isinstance(pixels, str):
-            errors[jpeg.position] = pixels
-        else:
-            done[jpeg.position] = pixels
+    for part in decode_parts(batch.jpegs, DECODE_AREA):
+        for jpeg, image in zip(part, decode_jpegs([jpeg.data for jpeg in part], device)):
+            pixels = _jpeg_pixels(jpeg, image, preprocessing, device)
+            if isinstance(pixels, str):
+                errors[jpeg.position] = pixels
+            else:
+                done[jpeg.position] = pixels
     return DecodedBatch(batch.decoded.indices, stacked_by_size(done), errors)
+
+
+def decode_parts(jpegs: Sequence[EncodedJpeg], area: int) -> list[list[EncodedJpeg]]:
+    """Consecutive parts of at most ``area`` pixels each (a larger image alone): one decode call each."""
+    parts: list[list[EncodedJpeg]] = []
+    total = area
+    for jpeg in jpegs:
+        if total + jpeg.area > area:
+            parts.append([])
+            total = 0
+        parts[-1].append(jpeg)
+        total += jpeg.area
+    return parts
 
 
 def stacked_by_size(pixels: dict[int, torch.Tensor]) -> tuple[SizeGroup, ...]:
