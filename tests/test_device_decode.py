@@ -202,3 +202,19 @@ def test_a_batch_of_large_images_is_decoded_in_parts(tmp_path: Path, monkeypatch
     monkeypatch.setattr(device_decode, "DECODE_AREA", 2 * 500 * 375)
     paths = [str(photo_jpeg(tmp_path / f"p{i}.jpg", seed=i)) for i in range(5)]
     assert_like_the_cpu_path(paths, Preprocessing())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA")
+def test_on_cuda_nvjpeg_gives_pillows_shapes_and_errors_and_close_pixels(tmp_path: Path) -> None:
+    # nvJPEG's IDCT and chroma upsampling are its own: only the mean is bounded here.
+    paths = bad_and_other_files(tmp_path / "mixed")
+    dataset = JpegDataset(paths, Preprocessing())
+    batch = finish_on_device(collate_encoded([dataset[i] for i in range(len(paths))]), Preprocessing(), "cuda")
+    assert all(group.pixels.is_cuda for group in batch.groups)
+    found = by_position(batch)
+    for position, path in enumerate(paths):
+        expected = reference(path, Preprocessing())
+        if isinstance(expected, str):
+            assert found[position] == expected
+        else:
+            assert (found[position].cpu().float() - expected.float()).abs().mean() <= 2, path

@@ -3,8 +3,9 @@
 Two halves. In the DataLoader workers (CPU), ``JpegDataset`` only reads a JPEG's bytes and its
 EXIF orientation; everything nvJPEG should not see (other formats, CMYK, files that do not end
 cleanly) is decoded and preprocessed by the CPU path there, as ``--decode cpu`` would. In the
-main process, ``finish_on_device`` decodes the batch's JPEGs with one ``decode_jpeg`` call,
-orients, resizes and crops them on the device and hands over the usual ``DecodedBatch``.
+main process, ``finish_on_device`` (in a thread, a batch ahead: ``decoded_ahead``) decodes the
+batch's JPEGs with one ``decode_jpeg`` call, orients, resizes and crops them on the device and
+hands over the usual ``DecodedBatch``.
 Everything here also runs with ``device="cpu"`` (libjpeg-turbo instead of nvJPEG): the tests do.
 """
 
