@@ -133,3 +133,28 @@ def many_images(root: Path, count: int, size: tuple[int, int] = (40, 40)) -> Pat
     for index in range(count):
         noise_image(root / f"img{index:03d}.png", size, seed=index)
     return root
+
+
+def photo_jpeg(path: Path, size: tuple[int, int] = (500, 375), seed: int = 0, *, orientation: int | None = None,
+               mode: str = "RGB", quality: int = 90) -> Path:
+    """A photo-like JPEG (W×H ``size``): smooth colour gradients, a bright off-centre disc, mild noise;
+    lopsided, so a wrong rotation or flip shows. ``orientation``: an EXIF orientation tag."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    width, height = size
+    y = torch.linspace(0, 1, height).view(height, 1)
+    x = torch.linspace(0, 1, width).view(1, width)
+    phase = torch.rand(3, generator=generator) * 6.28
+    channels = [0.5 + 0.4 * torch.sin(3 * x + 5 * y * y + p) for p in phase]
+    disc = ((x - 0.3) ** 2 + (y - 0.25) ** 2 < 0.02).float()
+    rgb = torch.stack(channels, dim=-1) * (1 - disc[..., None]) + disc[..., None] * 0.95
+    noise = torch.randn(height, width, 3, generator=generator) * 0.03
+    pixels = ((rgb + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    image = Image.frombytes("RGB", size, pixels.numpy().tobytes()).convert(mode)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, "JPEG", quality=quality, exif=exif.tobytes())
+    return path

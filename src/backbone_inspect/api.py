@@ -31,7 +31,7 @@ def dump_features(
     resize: int | str | None = None, crop: int | str | None = None, device: str = "auto",
     save_dtype: str = "float32", format: str = "pt", shard_size: int | str | None = None, pool: str = "none",
     dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32,
-    workers: int | None = None, overwrite: bool = False, shard: str | Shard | None = None,
+    workers: int | None = None, decode: str = "cpu", overwrite: bool = False, shard: str | Shard | None = None,
     engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None, ray_actor_cpus: float = 1.0,
     viz: PathLike | None = None, viz_channels: int = 16, on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RunSummary:
@@ -45,13 +45,15 @@ def dump_features(
     ``WeightsError``, ``OutputError`` when the folder cannot be written (with ``.summary`` once
     the run began) and ``RunStopped`` on SIGINT/SIGTERM (files written by then are complete;
     calling again finishes the rest). ``on_outcome`` sees each image's manifest line as it is done.
+    ``decode="gpu"``: JPEGs decoded and resized on the CUDA device (``UsageError`` without one).
     """
     from .config import feature_config
     from .inputs import plan_inputs
     from .run import make_store
 
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
-                            save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool)
+                            save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool,
+                            decode=decode)
     folder, pictures = output_folder("--save", save), _pictures(viz, viz_channels)
     found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder))
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
@@ -83,7 +85,7 @@ def inspect_images(
     arch: str = "resnet50", layers: Iterable[int | str] | str = DEFAULT_LAYERS, weights: Any = None, seed: int = 0,
     resize: int | str | None = None, crop: int | str | None = None, device: str = "auto",
     dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32,
-    workers: int | None = None, topk: int = 0, categories: Sequence[str] | PathLike | None = None,
+    workers: int | None = None, decode: str = "cpu", topk: int = 0, categories: Sequence[str] | PathLike | None = None,
     viz: PathLike | None = None, viz_channels: int = 16, pool: str = "none",
 ) -> Inspection:
     """What ``backbone-inspect INPUTS`` shows, as objects: nothing is saved (``viz`` draws pictures).
@@ -99,7 +101,7 @@ def inspect_images(
     check_flag("features", features)
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop,
                             dtype=dtype, channels_last=channels_last, compile=compile, topk=topk,
-                            categories=categories, device=device, pool=pool)
+                            categories=categories, device=device, pool=pool, decode=decode)
     pictures = _pictures(viz, viz_channels)
     found = plan_inputs(inputs, from_list=from_list, shard_from_environment=False, check_collisions=viz is not None,
                         outputs=(pictures and pictures.folder,))

@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 
 from . import __version__
 from .cli_options import (
-    Arch, BatchSize, Categories, ChannelsLast, Compile, Crop, Debug, Describe, Device, DryRun, Dtype, Engine,
+    Arch, BatchSize, Categories, ChannelsLast, Compile, Crop, Debug, Decode, Describe, Device, DryRun, Dtype, Engine,
     FromList, Images, InputSize, JsonLines, Layers, Overwrite, RayActorCpus, RayActors, RayAddress, Resize,
     Format, Pool, Save, SaveDtype, Seed, ShardSize, ShardOption, Summary, Topk, Viz, VizChannels, Weights, Workers,
 )
@@ -84,7 +84,7 @@ def inspect(
     save: Save = None, save_dtype: SaveDtype = "float32", output_format: Format = "pt", shard_size: ShardSize = "auto",
     pool: Pool = "none", overwrite: Overwrite = False, shard: ShardOption = None,
     dry_run: DryRun = False, device: Device = "auto", dtype: Dtype = "float32", channels_last: ChannelsLast = None,
-    compile_model: Compile = False, batch_size: BatchSize = 32, workers: Workers = None, viz: Viz = None,
+    compile_model: Compile = False, batch_size: BatchSize = 32, workers: Workers = None, decode: Decode = "cpu", viz: Viz = None,
     viz_channels: VizChannels = 16, topk: Topk = None, categories: Categories = None, engine: Engine = "local",
     ray_address: RayAddress = None, ray_actors: RayActors = None, ray_actor_cpus: RayActorCpus = 1.0,
     debug: Debug = False, version: Version = False,
@@ -103,7 +103,7 @@ def inspect(
         config = feature_config(
             arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
             save_dtype=save_dtype, channels_last=channels_last, compile=compile_model, topk=topk or 0,
-            categories=categories, device=device, pool=pool,
+            categories=categories, device=device, pool=pool, decode=decode,
         )
         save_folder = output_folder("--save", save) if save is not None else None
         pictures = Pictures(output_folder("--viz", viz), viz_channels) if viz is not None else None

@@ -78,6 +78,9 @@ ChannelsLast = Annotated[bool | None, _option("--channels-last/--no-channels-las
     "Run in channels_last memory format. \\[default: on for cpu and cuda, where it is faster]"))]
 Compile = Annotated[bool, _option("--compile", panel=SPEED, metavar="", help=(
     "torch.compile the extractor (slow start, faster steady state)."))]
+Decode = Annotated[str, _option("--decode", panel=SPEED, metavar="cpu|gpu", help=(
+    "Where JPEGs are decoded and resized: cpu (Pillow, in the workers) or gpu (nvJPEG on the CUDA device; "
+    "other formats on the CPU)."))]
 BatchSize = Annotated[int, _option("--batch-size", panel=SPEED, metavar="N", help=(
     "Images per forward pass (on a CPU each stage runs them in cache-sized slices)."))]
 Workers = Annotated[int | None, _option("--workers", panel=SPEED, metavar="N", show_default=False, help=(

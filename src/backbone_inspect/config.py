@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .images import MAX_SIDE, Preprocessing
-from .options import POOLINGS, check_choice, check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
+from .options import DECODERS, POOLINGS, check_choice, check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
 
@@ -45,6 +45,9 @@ class FeatureConfig:
     pool: str = "none"
     """``avg``/``max``: each stage's features are one vector [C] (global pooling over H×W on the
     device); statistics still describe the full maps."""
+    decode: str = "cpu"
+    """``gpu``: JPEGs decoded, resized and cropped on the CUDA device (``device_decode``); its
+    numbers differ slightly from Pillow's, so it is a setting of the dump."""
 
     def settings(self) -> dict[str, Any]:
         """What makes two dumps comparable: resuming into a folder needs the same settings.
@@ -60,6 +63,7 @@ class FeatureConfig:
             "dtype": self.dtype,
             "save_dtype": self.save_dtype,
             "pool": self.pool,
+            "decode": self.decode,
         }
 
 
@@ -67,7 +71,7 @@ def feature_config(
     *, arch: str = "resnet50", layers: Iterable[int | str] | str | int = DEFAULT_LAYERS, weights: Any = None,
     seed: int = 0, resize: int | str | None = None, crop: int | str | None = None, dtype: str = "float32",
     save_dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, topk: int = 0,
-    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto", pool: str = "none",
+    categories: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "auto", pool: str = "none", decode: str = "cpu",
 ) -> FeatureConfig:
     """Check the options and resolve them into one ``FeatureConfig`` (``UsageError`` on bad values).
 
@@ -76,6 +80,7 @@ def feature_config(
     ``resize``/``crop``: pixels, ``"none"`` to skip the step, ``None`` for the weights' own.
     ``categories``: class names, or the path of a file with one per line.
     ``pool``: ``none``, or ``avg``/``max`` to reduce each stage to a vector of its channels.
+    ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device, which ``plan_run`` checks).
     """
     arch = check_arch(arch)
     stages = parse_layers(layers)
@@ -100,6 +105,7 @@ def feature_config(
         categories=_category_names(categories),
         device=device,
         pool=check_choice("--pool", pool, POOLINGS),
+        decode=check_choice("--decode", decode, DECODERS),
     )
 
 

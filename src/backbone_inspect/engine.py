@@ -58,6 +58,7 @@ class RunCallbacks:
 
 class Engine(Protocol):
     supports_pictures: bool
+    supports_device_decode: bool
     """Whether ``on_outcome`` gets the features and input pixels pictures are drawn from."""
 
     def run(

@@ -179,6 +179,7 @@ class Extractor:
         features = OrderedDict((name, features[name]) for name in self.requested)
         stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
         kept = self._kept_features(features) if self.keep_features else {}
+        pixels = self._cpu_pixels(group)
         return [
             ImageResult(
                 image,
@@ -188,10 +189,17 @@ class Extractor:
                 seconds,
                 len(names),
                 top[row],
-                group.pixels[row].to("cpu"),
+                pixels[row] if pixels is not None else None,
             )
             for row, image in enumerate(names)
         ]
+
+    def _cpu_pixels(self, group: SizeGroup) -> torch.Tensor | None:
+        """The group's input on the CPU (each image's row is a view): pixels decoded on a GPU
+        (``--decode gpu``) cross in one copy per group, and only when features are kept (pictures)."""
+        if group.pixels.device.type == "cpu":
+            return group.pixels
+        return group.pixels.to("cpu") if self.keep_features else None
 
     def _kept_features(self, features: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """Each stage's batch on the CPU, contiguous, in one copy (each image's row is a view of it);

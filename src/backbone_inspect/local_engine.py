@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,6 +50,7 @@ def extract_batch(
 
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 WRITER_THREADS = 4
 """Files written at once: each waits on its fsync (the disk) while the others write."""
@@ -102,24 +103,41 @@ def _ignore_stop_signals(_: int) -> None:
 def decoded_batches(
     images: Sequence[FoundImage], extractor: Extractor, *, batch_size: int, workers: int
 ) -> Iterator[tuple[list[FoundImage], DecodedBatch]]:
-    """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward."""
-    dataset = ImageDataset([image.path for image in images], extractor.preprocessing)
+    """Decoded, preprocessed batches, in order; with ``workers`` > 0 decoding overlaps the forward.
+
+    With ``--decode gpu`` (the extractor's config) the workers leave JPEGs encoded, and a thread of this process decodes
+    them on the extractor's device, in one call per batch, a batch ahead (``device_decode``).
+    """
+    paths, preprocessing = [image.path for image in images], extractor.preprocessing
+    if extractor.config.decode == "gpu":
+        from .device_decode import JpegDataset, collate_encoded, decoded_ahead, finish_on_device
+
+        finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device)
+        loaded = _loaded_batches(JpegDataset(paths, preprocessing), collate_encoded, extractor, batch_size, workers)
+        batches: Iterator[DecodedBatch] = decoded_ahead(loaded, finish)
+    else:
+        batches = _loaded_batches(ImageDataset(paths, preprocessing), collate_batch, extractor, batch_size, workers)
+    for batch in batches:
+        yield [images[index] for index in batch.indices], batch
+
+
+def _loaded_batches(
+    dataset: Any, collate: Callable[[list[Any]], B], extractor: Extractor, batch_size: int, workers: int
+) -> Iterator[B]:
+    """``collate``d batches of ``dataset``, in order: in ``workers`` processes, or in this one (0)."""
     if workers == 0:
-        for start in range(0, len(images), batch_size):
-            indices = range(start, min(start + batch_size, len(images)))
-            yield [images[i] for i in indices], collate_batch([dataset[i] for i in indices])
+        for start in range(0, len(dataset), batch_size):
+            yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         return
-    loader = torch.utils.data.DataLoader(
+    yield from torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate_batch,
+        collate_fn=collate,
         worker_init_fn=_ignore_stop_signals,
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=2,
     )
-    for batch in loader:
-        yield [images[index] for index in batch.indices], batch
 
 
 def model_info(extractor: Extractor, *, device: str, engine: str | None = None) -> ModelInfo:
@@ -135,6 +153,7 @@ class LocalEngine:
     batch_size: int = 32
     workers: int | None = 0
     supports_pictures: bool = True
+    supports_device_decode: bool = True
 
     def run(
         self,

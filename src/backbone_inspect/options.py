@@ -109,10 +109,11 @@ def read_categories(path: str) -> list[str]:
 ENGINES: tuple[str, ...] = ("local", "ray")
 FORMATS: tuple[str, ...] = ("pt", "shards")
 POOLINGS: tuple[str, ...] = ("none", "avg", "max")
+DECODERS: tuple[str, ...] = ("cpu", "gpu")
 
 
 def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
-    """One of ``choices``, exactly (``--engine``, ``--format``, ``--pool``)."""
+    """One of ``choices``, exactly (``--engine``, ``--format``, ``--pool``, ``--decode``)."""
     if not isinstance(value, str) or value not in choices:
         raise UsageError(f"{option} {value}: expected one of {', '.join(choices)}")
     return value

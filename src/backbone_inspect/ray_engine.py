@@ -173,6 +173,7 @@ class RayEngine:
     """CPUs each actor reserves; on CPU-only actors also its torch threads (rounded up)."""
     batch_size: int = 32
     supports_pictures: bool = False
+    supports_device_decode: bool = False
 
     def label(self, device: str) -> str:
         actors = f"{self.actors} actor(s)" if self.actors else "actors: one per GPU, else 1"

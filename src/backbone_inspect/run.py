@@ -75,11 +75,25 @@ def plan_run(
         raise UsageError("--viz works with the local engine only: draw pictures of a few images without --engine ray")
     if pictures is not None and config.pool != "none":
         raise UsageError("--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own")
+    check_decode(config, engine)
     if store is None:
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
     split = store.split_done(inputs.selected, overwrite=overwrite)
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
+
+
+def check_decode(config: FeatureConfig, engine: Engine) -> None:
+    """``--decode gpu`` needs the local engine and a CUDA device (``UsageError`` before any work)."""
+    if config.decode != "gpu":
+        return
+    if not engine.supports_device_decode:
+        raise UsageError("--decode gpu works with the local engine only; use --decode cpu with --engine ray")
+    from .device import resolve_device
+
+    device = resolve_device(config.device)
+    if device.type != "cuda":
+        raise UsageError(f"--decode gpu: needs a CUDA device (this run's device is {device.type}); use --decode cpu")
 
 
 def redo_warning(redo: Sequence[FoundImage]) -> str:

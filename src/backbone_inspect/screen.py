@@ -38,6 +38,8 @@ def warnings_as_lines() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.simplefilter("ignore", ResourceWarning)  # for developers, not users
+        # torchvision 0.29 deprecates its image decoders (--decode gpu) on every call: for developers too.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         warnings.showwarning = lambda message, *_, **__: warning_line(str(message))
         yield
 

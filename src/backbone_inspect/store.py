@@ -31,7 +31,7 @@ SETTINGS_FILE = "backbone-inspect.json"
 UNSHARDED_MANIFEST = "manifest.jsonl"
 FILE_OVERHEAD_BYTES = 1536
 """About what torch.save adds to a feature file besides the tensor bytes (zip entries, meta)."""
-SETTINGS_BEFORE_THEY_EXISTED = {"format": "pt", "pool": "none"}
+SETTINGS_BEFORE_THEY_EXISTED = {"format": "pt", "pool": "none", "decode": "cpu"}
 """What a folder or file made before a setting existed was made with."""
 
 

@@ -1,0 +1,274 @@
+"""``--decode gpu``: JPEGs decoded in batches on the device (nvJPEG), resized and cropped there.
+
+Two halves. In the DataLoader workers (CPU), ``JpegDataset`` only reads a JPEG's bytes and its
+EXIF orientation; everything nvJPEG should not see (other formats, CMYK, files that do not end
+cleanly) is decoded and preprocessed by the CPU path there, as ``--decode cpu`` would. In the
+main process, ``finish_on_device`` (in a thread, a batch ahead: ``decoded_ahead``) decodes the
+batch's JPEGs with one ``decode_jpeg`` call, orients, resizes and crops them on the device and
+hands over the usual ``DecodedBatch``.
+Everything here also runs with ``device="cpu"`` (libjpeg-turbo instead of nvJPEG): the tests do.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import ImageError
+from .device_transforms import apply_orientation, preprocess_on_device
+from .images import (
+    DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch, load_image_tensor,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+NVJPEG_MODES = ("RGB", "L")
+"""Pillow modes whose JPEGs the device decodes to the same RGB as Pillow; CMYK/YCCK go to Pillow."""
+DECODE_AREA = 2**28
+"""The most pixels (W×H, summed) decoded in one call: a batch of large photos is decoded in parts,
+each resized before the next, so the device holds at most about 0.8 GB of full-size images."""
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG for the device: its bytes (uint8 [N], CPU) and EXIF orientation (1..8)."""
+
+    position: int
+    """Its position in the batch."""
+    path: str
+    data: torch.Tensor
+    orientation: int = 1
+    area: int = 0
+    """Width × height, from the header."""
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """A dataset item: a JPEG left encoded for the device (``data``), or the CPU path's result (``loaded``)."""
+
+    index: int
+    path: str
+    data: torch.Tensor | None = None
+    orientation: int = 1
+    area: int = 0
+    loaded: LoadedImage | None = None
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch as the workers hand it over: the JPEGs still encoded, the rest decoded on the CPU."""
+
+    jpegs: tuple[EncodedJpeg, ...]
+    decoded: DecodedBatch
+    """Every image but the JPEGs: stacked by size, or an error; positions are the whole batch's."""
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return self.decoded.indices
+
+    def pin_memory(self) -> EncodedBatch:
+        """Called by the DataLoader's pin-memory thread; the JPEG bytes are read by nvJPEG on the host."""
+        return EncodedBatch(self.jpegs, self.decoded.pin_memory())
+
+
+def read_jpeg(path: str) -> tuple[torch.Tensor, int, int] | None:
+    """The bytes, EXIF orientation and area of a JPEG the device can decode; ``None`` for anything else.
+
+    The bytes decide, not the name: a PNG called ``.jpg`` is not a JPEG. A file that does not
+    end with the end-of-image marker may be truncated: Pillow says whether it is (nvJPEG would
+    fill the missing part with grey). Anything that cannot be read also goes to the CPU path,
+    which names the file in the same error as ``--decode cpu``.
+    """
+    import torch
+
+    try:
+        _check_regular_file(path)
+        with open(path, "rb") as file:
+            data = file.read()
+    except (ImageError, OSError):
+        return None
+    if not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_END):
+        return None
+    header = _jpeg_header(data)
+    if header is None:
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), *header
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """EXIF orientation and W×H from the header (Pillow reads no pixels here); ``None``: not for the device."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # too large: the CPU path says so
+            with Image.open(io.BytesIO(data)) as opened:
+                if opened.format != "JPEG" or opened.mode not in NVJPEG_MODES:
+                    return None
+                orientation, area = opened.getexif().get(0x0112, 1), opened.width * opened.height
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, the CPU path reports it properly
+        return None
+    return (orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1), area
+
+
+class JpegDataset:
+    """``ImageDataset`` for ``--decode gpu``: JPEGs stay encoded, other files are decoded as usual."""
+
+    def __init__(self, paths: list[str], preprocessing: Preprocessing) -> None:
+        self.paths = paths
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> FetchedImage:
+        path = self.paths[index]
+        jpeg = read_jpeg(path)
+        if jpeg is not None:
+            return FetchedImage(index, path, *jpeg)
+        try:
+            return FetchedImage(index, path, loaded=LoadedImage(index, load_image_tensor(path, self.preprocessing)))
+        except ImageError as error:
+            return FetchedImage(index, path, loaded=LoadedImage(index, None, str(error)))
+
+
+def collate_encoded(items: Sequence[FetchedImage]) -> EncodedBatch:
+    """The workers' collate: JPEGs numbered by position, the CPU-decoded images stacked by size.
+
+    The JPEGs' bytes are views of one tensor: the batch crosses to the main process in one block
+    of shared memory rather than one per file.
+    """
+    import torch
+
+    encoded = [(position, item) for position, item in enumerate(items) if item.data is not None]
+    joined = torch.cat([item.data for _, item in encoded]) if encoded else torch.empty(0, dtype=torch.uint8)
+    ends = itertools.accumulate(len(item.data) for _, item in encoded)  # type: ignore[arg-type]
+    jpegs = tuple(
+        EncodedJpeg(position, item.path, joined[end - len(item.data):end], item.orientation, item.area)
+        for (position, item), end in zip(encoded, ends)
+    )
+    cpu_positions = [position for position, item in enumerate(items) if item.loaded is not None]
+    cpu = collate_batch([items[position].loaded for position in cpu_positions])  # type: ignore[misc]
+    groups = tuple(SizeGroup(tuple(cpu_positions[p] for p in group.positions), group.pixels) for group in cpu.groups)
+    errors = {cpu_positions[p]: error for p, error in cpu.errors.items()}
+    return EncodedBatch(jpegs, DecodedBatch(tuple(item.index for item in items), groups, errors))
+
+
+def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """RGB uint8 [3, H, W] on ``device`` per JPEG, ``None`` where the decoder fails.
+
+    One batched call (what makes nvJPEG fast); it fails as a whole when one file is bad, and
+    then each file is decoded alone to find which.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    try:
+        return [_rgb_or_none(image) for image in decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)]
+    except (RuntimeError, ValueError):
+        return [_decode_one(data, device) for data in datas]
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return _rgb_or_none(decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0])
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _rgb_or_none(image: torch.Tensor) -> torch.Tensor | None:
+    return image if image.ndim == 3 and image.shape[0] == 3 else None
+
+
+def _jpeg_pixels(
+    jpeg: EncodedJpeg, image: torch.Tensor | None, preprocessing: Preprocessing, device: torch.device
+) -> torch.Tensor | str:
+    """One JPEG's preprocessed pixels on the device, or the error naming its file.
+
+    A file the device could not decode is decoded by Pillow: it is an error only if Pillow fails too.
+    """
+    try:
+        if image is None:
+            return load_image_tensor(jpeg.path, preprocessing).to(device, non_blocking=True)
+        try:
+            return preprocess_on_device(apply_orientation(image, jpeg.orientation), preprocessing)
+        except ImageError as error:
+            raise ImageError(f"{jpeg.path}: {error}") from error
+    except ImageError as error:
+        return str(error)
+
+
+def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: torch.device | str) -> DecodedBatch:
+    """The ``DecodedBatch`` of an ``EncodedBatch``: every image's uint8 pixels on ``device``, stacked by size."""
+    import torch
+
+    device = torch.device(device)
+    done: dict[int, torch.Tensor] = {}
+    errors = dict(batch.decoded.errors)
+    for group in batch.decoded.groups:
+        done.update(zip(group.positions, group.pixels.to(device, non_blocking=True)))
+    for part in decode_parts(batch.jpegs, DECODE_AREA):
+        for jpeg, image in zip(part, decode_jpegs([jpeg.data for jpeg in part], device)):
+            pixels = _jpeg_pixels(jpeg, image, preprocessing, device)
+            if isinstance(pixels, str):
+                errors[jpeg.position] = pixels
+            else:
+                done[jpeg.position] = pixels
+    return DecodedBatch(batch.decoded.indices, stacked_by_size(done), errors)
+
+
+def decode_parts(jpegs: Sequence[EncodedJpeg], area: int) -> list[list[EncodedJpeg]]:
+    """Consecutive parts of at most ``area`` pixels each (a larger image alone): one decode call each."""
+    parts: list[list[EncodedJpeg]] = []
+    total = area
+    for jpeg in jpegs:
+        if total + jpeg.area > area:
+            parts.append([])
+            total = 0
+        parts[-1].append(jpeg)
+        total += jpeg.area
+    return parts
+
+
+def stacked_by_size(pixels: dict[int, torch.Tensor]) -> tuple[SizeGroup, ...]:
+    """One ``SizeGroup`` per size, positions in batch order: never padded."""
+    import torch
+
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for position in sorted(pixels):
+        by_size.setdefault(tuple(pixels[position].shape), []).append(position)
+    return tuple(
+        SizeGroup(tuple(positions), torch.stack([pixels[p] for p in positions])) for positions in by_size.values()
+    )
+
+
+def decoded_ahead(
+    batches: Iterator[EncodedBatch], finish: Callable[[EncodedBatch], DecodedBatch]
+) -> Iterator[DecodedBatch]:
+    """``finish`` each batch in a thread, one batch ahead of the caller, in order.
+
+    The next batch's decoding (nvJPEG's host-side work, the per-image launches, any Pillow
+    fallback) then overlaps this batch's forward pass, which mostly waits on the GPU with the
+    GIL released. The thread uses the same (default) CUDA stream, so the device work stays in
+    order without events.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as decoder:
+        ahead: Future[DecodedBatch] | None = None
+        for batch in batches:
+            current, ahead = ahead, decoder.submit(finish, batch)
+            if current is not None:
+                yield current.result()
+        if ahead is not None:
+            yield ahead.result()

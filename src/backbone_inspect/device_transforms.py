@@ -1,0 +1,68 @@
+"""Preprocessing of decoded uint8 tensors on any device, as ``images.preprocess`` does it with Pillow:
+EXIF orientation, the antialiased resize of the shorter side, the centre crop, the same size checks.
+
+torchvision's own EXIF handling (``decode_jpeg(apply_exif_orientation=True)``) is C++ for the
+CPU decoder only; the mapping here is Pillow's ``ImageOps.exif_transpose``, on tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import ImageError
+from .images import MAX_PIXELS, MAX_SIDE, Preprocessing, size_after_resize
+
+if TYPE_CHECKING:
+    import torch
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Upright pixels for an EXIF orientation, as Pillow's ``ImageOps.exif_transpose`` gives (on [..., H, W])."""
+    import torch
+
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:  # Pillow's TRANSPOSE
+        return image.transpose(-2, -1)
+    if orientation == 6:  # ROTATE_270: a quarter turn clockwise
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:  # TRANSVERSE
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:  # ROTATE_90: a quarter turn anticlockwise
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
+
+
+def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """``images.preprocess`` for a uint8 [3, H, W] tensor on any device, with the same checks and messages.
+
+    The resize runs in float32 and is rounded back to uint8, on every device: CUDA has no
+    antialiased uint8 kernel (torchvision converts the same way there), and a CPU test of this
+    function then computes what the GPU does.
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    height, width = size_after_resize(int(image.shape[-2]), int(image.shape[-1]), preprocessing.resize)
+    if height * width > MAX_PIXELS:
+        raise ImageError(
+            f"image is {height}×{width} (H×W) after resizing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
+            f"({MAX_SIDE}×{MAX_SIDE}); use a smaller --resize"
+        )
+    if preprocessing.resize is not None:
+        resized = F.resize(image.float(), [height, width], interpolation=InterpolationMode(preprocessing.interpolation),
+                           antialias=True)
+        image = resized.round_().clamp_(0, 255).to(image.dtype)
+    if preprocessing.crop is not None:
+        if preprocessing.crop > min(height, width):
+            after = " after resizing" if preprocessing.resize is not None else ""
+            raise ImageError(
+                f"image is {height}×{width} (H×W){after}, smaller than the {preprocessing.crop} px "
+                "crop; use a larger --resize or --crop none"
+            )
+        image = F.center_crop(image, [preprocessing.crop])
+    return image
