@@ -51,6 +51,16 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return home
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker process gets its share of the cores for torch's threads:
+    by default every process would start one thread per core (14 workers on 16 cores: 224)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def seeded_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
     """The reference model: torchvision's builder right after torch.manual_seed(seed)."""
     torch.manual_seed(seed)

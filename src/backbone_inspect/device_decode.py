@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ImageError
 from .device_transforms import apply_orientation, preprocess_on_device
+from .jpeg_markers import sound_jpeg
 from .images import (
     DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch, load_image_tensor,
 )
@@ -27,8 +28,6 @@ from .images import (
 if TYPE_CHECKING:
     import torch
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-JPEG_END = b"\xff\xd9"
 NVJPEG_MODES = ("RGB", "L")
 """Pillow modes whose JPEGs the device decodes to the same RGB as Pillow; CMYK/YCCK go to Pillow."""
 DECODE_AREA = 2**28
@@ -81,10 +80,11 @@ class EncodedBatch:
 def read_jpeg(path: str) -> tuple[torch.Tensor, int, int] | None:
     """The bytes, EXIF orientation and area of a JPEG the device can decode; ``None`` for anything else.
 
-    The bytes decide, not the name: a PNG called ``.jpg`` is not a JPEG. A file that does not
-    end with the end-of-image marker may be truncated: Pillow says whether it is (nvJPEG would
-    fill the missing part with grey). Anything that cannot be read also goes to the CPU path,
-    which names the file in the same error as ``--decode cpu``.
+    The bytes decide, not the name: a PNG called ``.jpg`` is not a JPEG. A file whose markers do
+    not chain from start to end (``jpeg_markers.sound_jpeg``) may be truncated or corrupt:
+    Pillow says whether it is (nvJPEG would fill what is missing with grey, or decode stray
+    markers as pixels). Anything that cannot be read also goes to the CPU path, which names the
+    file in the same error as ``--decode cpu``.
     """
     import torch
 
@@ -94,7 +94,7 @@ def read_jpeg(path: str) -> tuple[torch.Tensor, int, int] | None:
             data = file.read()
     except (ImageError, OSError):
         return None
-    if not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_END):
+    if not sound_jpeg(data):
         return None
     header = _jpeg_header(data)
     if header is None:
