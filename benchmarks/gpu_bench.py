@@ -159,22 +159,6 @@ def sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def math_flags(*, tf32: bool | None = None, autotune: bool | None = None) -> Iterator[None]:
-    """The global TF32 and cuDNN benchmark flags set for a block (None: left as they are), restored after."""
-    owners = {"matmul": torch.backends.cuda.matmul, "cudnn": torch.backends.cudnn}
-    wanted = {("matmul", "allow_tf32"): tf32, ("cudnn", "allow_tf32"): tf32, ("cudnn", "benchmark"): autotune}
-    saved = {key: getattr(owners[key[0]], key[1]) for key in wanted}
-    for (owner, name), value in wanted.items():
-        if value is not None:
-            setattr(owners[owner], name, value)
-    try:
-        yield
-    finally:
-        for (owner, name), value in saved.items():
-            setattr(owners[owner], name, value)
-
-
-@contextlib.contextmanager
 def alarm(seconds: float) -> Iterator[None]:
     """PartTimeout in this (main) thread after ``seconds``; a subprocess run_command waits on is killed by it."""
     def expire(signum: int, frame: Any) -> None:
@@ -212,12 +196,14 @@ def timed_rate(step: Callable[[], object], images_per_step: int, seconds: float,
 
 
 def ceiling_rate(base: torch.nn.Module, dtype: torch.dtype, tf32: bool, bench: Bench) -> tuple[float, int, float]:
+    from backbone_inspect.precision import cuda_math
+
     batch, device = bench.args.ceiling_batch, bench.device
     model = copy.deepcopy(base).to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, device=device, generator=generator).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    with math_flags(tf32=tf32, autotune=True), torch.inference_mode():
+    with cuda_math(tf32=tf32, autotune=True), torch.inference_mode():
         for _ in range(bench.args.warmup):  # the first autotunes cuDNN's kernels for this shape
             model(x)
         sync(device)
@@ -281,16 +267,15 @@ def part_accuracy(bench: Bench) -> None:
     for name in ACCURACY_DTYPES:
         try:
             extractor = Extractor(feature_config(**options, dtype=name), device=bench.device)
-            with math_flags():  # whatever the Extractor sets, this process's flags come back as they were
-                layer4 = extractor.forward(pixels)["layer4"]
+            layer4 = extractor.forward(pixels)["layer4"]  # the Extractor sets its own TF32 flags and restores them
         except Exception as error:  # noqa: BLE001 - a dtype not accepted (yet) is a note
             bench.report.note(f"2 accuracy, --dtype {name}: {type(error).__name__}: {str(error)[:400]}")
             continue
         error = relative_error(layer4, reference)
         bench.results[f"accuracy:{name}"] = error
         target = f" (target <= {FLOAT32_TARGET:g})" if name == "float32" else ""
-        flags = (f"; global flags meanwhile: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-                 f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}") if bench.cuda else ""
+        flags = (f"; the process's own flags meanwhile: cudnn.conv.fp32_precision={torch.backends.cudnn.conv.fp32_precision}, "
+                 f"cuda.matmul.fp32_precision={torch.backends.cuda.matmul.fp32_precision}") if bench.cuda else ""
         bench.row(title, f"--dtype {name}", f"{error:.2e} relative error{target}", "",
                   f"finite: {bool(torch.isfinite(layer4).all())}{flags}", {"relative_error": error})
         del extractor, layer4

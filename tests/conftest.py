@@ -61,6 +61,12 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def precision_state() -> tuple[object, ...]:
+    """What decides float32 maths on CUDA, read through torch's own (new) API, and the autotuning flag."""
+    return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.fp32_precision, torch.backends.cudnn.benchmark)
+
+
 def seeded_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
     """The reference model: torchvision's builder right after torch.manual_seed(seed)."""
     torch.manual_seed(seed)

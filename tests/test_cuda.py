@@ -19,7 +19,7 @@ from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.local_engine import decoded_batches
 from backbone_inspect.images import Preprocessing, load_image_tensor
-from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, seeded_resnet
+from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, precision_state, seeded_resnet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -59,15 +59,15 @@ def test_cuda_matches_a_float64_reference_at_each_dtypes_precision(dtype: str) -
 
 def test_float32_runs_without_tf32_and_autotunes_only_a_repeated_shape() -> None:
     extractor = Extractor(feature_config(**{**SMALL_OPTIONS, "device": "cuda"}, layers=(1,)), device="cuda")
-    seen: list[tuple[bool, bool]] = []
-    extractor.backbone.conv1.register_forward_hook(
-        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)))
-    users = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    seen: list[tuple[object, ...]] = []
+    extractor.backbone.conv1.register_forward_hook(lambda *_: seen.append(precision_state()))
+    users = precision_state()
     batch = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
     for pixels in (batch, batch, batch[:1], batch):
         extractor.forward(pixels)
-    assert seen == [(False, False), (False, True), (False, False), (False, True)]
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) == users
+    assert [(matmul, conv, autotune) for matmul, conv, _, autotune in seen] == [
+        ("ieee", "ieee", False), ("ieee", "ieee", True), ("ieee", "ieee", False), ("ieee", "ieee", True)]
+    assert precision_state() == users
 
 
 @pytest.mark.parametrize(("output_format", "pool"), [("pt", "none"), ("shards", "none"), ("shards", "avg")])

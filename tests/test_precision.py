@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,31 +14,60 @@ import torch
 
 from backbone_inspect.config import feature_config
 from backbone_inspect.errors import UsageError
+from backbone_inspect.extractor import Extractor
 from backbone_inspect.local_engine import LocalEngine
 from backbone_inspect.options import default_workers
-from backbone_inspect.precision import check_compute_dtype, cpu_has_native_bfloat16, cuda_math, warn_if_slow_bfloat16
-from conftest import SMALL, invoke
+from backbone_inspect.precision import check_compute_dtype, cpu_has_native_bfloat16, warn_if_slow_bfloat16
+from conftest import REPO, SMALL, invoke, precision_state
+
+SRC = REPO / "src"
 
 
-@pytest.fixture
-def tf32_flags():
-    """The process-wide flags as a library user may have set them; put back after the test."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
-    yield lambda: (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
-    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+USERS_SETTINGS = {
+    "torch's defaults": "pass",
+    "legacy: TF32 everywhere": "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True",
+    "legacy: no TF32, benchmark": "torch.backends.cudnn.allow_tf32 = False; torch.backends.cudnn.benchmark = True",
+    "matmul precision high": "torch.set_float32_matmul_precision('high')",
+    "new API, matmul": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "new API, global": "torch.backends.fp32_precision = 'tf32'",
+}
 
 
-@pytest.mark.parametrize("users", [(True, True, True), (False, False, False), (True, False, True)])
-@pytest.mark.parametrize(("tf32", "autotune"), [(False, False), (True, True), (False, True)])
-def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(tf32_flags, users, tf32: bool, autotune: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = users
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", list(USERS_SETTINGS.values()), ids=list(USERS_SETTINGS))
+def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(settings: str) -> None:
+    """In a process of its own: torch refuses to mix its legacy and new TF32 APIs once either is set."""
+    code = f"""
+import warnings; warnings.simplefilter("error")
+import torch
+from backbone_inspect.precision import cuda_math
+from conftest import precision_state
+{settings}
+users = precision_state()
+for tf32, autotune in [(False, False), (True, True), (False, True)]:
     with cuda_math(tf32=tf32, autotune=autotune):
-        assert tf32_flags() == (tf32, tf32, autotune)
-    assert tf32_flags() == users
-    with pytest.raises(RuntimeError), cuda_math(tf32=tf32, autotune=autotune):
-        raise RuntimeError("a failing forward")
-    assert tf32_flags() == users
+        inside = precision_state()
+    assert precision_state() == users, (precision_state(), users)
+    mode = "tf32" if tf32 else "ieee"
+    assert inside[:2] == (mode, mode) and inside[3] is autotune, inside
+    try:
+        with cuda_math(tf32=tf32, autotune=autotune):
+            raise KeyError("a failing forward")
+    except KeyError:
+        pass
+    assert precision_state() == users
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])})
+    assert done.stdout == "ok\n", done.stderr
+
+
+def test_a_forward_leaves_the_users_settings_as_they_were() -> None:
+    before = precision_state()
+    extractor = Extractor(feature_config(arch="resnet18", layers=(1,), device="cpu"), device="cpu")
+    extractor.forward(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert precision_state() == before
 
 
 @pytest.mark.parametrize("device", ["cpu", "mps"])

@@ -38,16 +38,37 @@ def check_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def cuda_math(*, tf32: bool, autotune: bool) -> Iterator[None]:
     """TF32 on or off and cuDNN's benchmark search on or off for a block; the settings found are restored.
 
-    ``autotune``: cuDNN times every kernel for a new input shape (1.9 s for resnet50's first
-    forward on an H200): worth it for a long run of one shape, never for a one-off.
+    ``autotune``: cuDNN times every kernel for a new input shape (about a second for resnet50's
+    first forward on an H200): worth it for a long run of one shape, never for a one-off.
+    Through torch's per-backend ``fp32_precision`` where it exists (torch 2.9 on): reading the
+    legacy ``allow_tf32`` after a user set the new API is an error there.
     """
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
-    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = tf32, tf32, autotune
+    cudnn = torch.backends.cudnn
+    saved_benchmark, cudnn.benchmark = cudnn.benchmark, autotune
+    backends = _precision_backends()
+    saved = [(backend, getattr(backend, name)) for backend, name in backends]
+    for backend, name in backends:
+        setattr(backend, name, _precision_value(name, tf32))
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+        for (backend, name), (_, value) in zip(backends, saved):
+            setattr(backend, name, value)
+        cudnn.benchmark = saved_benchmark
+
+
+def _precision_backends() -> list[tuple[object, str]]:
+    """The (object, attribute) pairs that decide TF32 for convolutions and matmuls."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision"), (conv, "fp32_precision")]
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+
+
+def _precision_value(name: str, tf32: bool) -> object:
+    if name == "fp32_precision":
+        return "tf32" if tf32 else "ieee"
+    return tf32
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
