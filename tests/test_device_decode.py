@@ -218,3 +218,20 @@ def test_on_cuda_nvjpeg_gives_pillows_shapes_and_errors_and_close_pixels(tmp_pat
             assert found[position] == expected
         else:
             assert (found[position].cpu().float() - expected.float()).abs().mean() <= 2, path
+
+
+@pytest.mark.parametrize("preprocessing", [Preprocessing(), Preprocessing(resize=100, crop=None),
+                                           Preprocessing(resize=64, crop=64, interpolation="bicubic")])
+def test_images_of_one_size_are_preprocessed_together_as_they_are_one_by_one(
+    preprocessing: Preprocessing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backbone_inspect.device_transforms as device_transforms
+    from backbone_inspect.device_transforms import preprocess_on_device, preprocess_same_size
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator) for _ in range(5)]
+    one_by_one = [preprocess_on_device(image, preprocessing) for image in images]
+    monkeypatch.setattr(device_transforms, "RESIZE_PIXELS", 2 * 375 * 500)  # slices of two, and one left
+    for together in (preprocess_same_size(images, preprocessing), device_transforms.preprocess_same_size(images[:1], preprocessing)):
+        assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))
+    assert len(preprocess_same_size(images, preprocessing)) == 5

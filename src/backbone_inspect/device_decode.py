@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
-from .device_transforms import apply_orientation, preprocess_on_device
+from .device_transforms import apply_orientation, preprocess_same_size
 from .jpeg_markers import sound_jpeg
 from .images import (
     DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch, load_image_tensor,
@@ -190,22 +190,42 @@ def _rgb_or_none(image: torch.Tensor) -> torch.Tensor | None:
     return image if image.ndim == 3 and image.shape[0] == 3 else None
 
 
-def _jpeg_pixels(
-    jpeg: EncodedJpeg, image: torch.Tensor | None, preprocessing: Preprocessing, device: torch.device
-) -> torch.Tensor | str:
-    """One JPEG's preprocessed pixels on the device, or the error naming its file.
-
-    A file the device could not decode is decoded by Pillow: it is an error only if Pillow fails too.
-    """
+def _pillow_pixels(jpeg: EncodedJpeg, preprocessing: Preprocessing, device: torch.device) -> torch.Tensor | str:
+    """A file the device could not decode, through Pillow: an error only if Pillow fails too."""
     try:
-        if image is None:
-            return load_image_tensor(jpeg.path, preprocessing).to(device, non_blocking=True)
-        try:
-            return preprocess_on_device(apply_orientation(image, jpeg.orientation), preprocessing)
-        except ImageError as error:
-            raise ImageError(f"{jpeg.path}: {error}") from error
+        return load_image_tensor(jpeg.path, preprocessing).to(device, non_blocking=True)
     except ImageError as error:
         return str(error)
+
+
+def _upright_by_size(
+    part: Sequence[EncodedJpeg], images: Sequence[torch.Tensor | None]
+) -> dict[tuple[int, ...], list[tuple[EncodedJpeg, torch.Tensor]]]:
+    """The decoded images of a part, turned upright, grouped by their shape (the undecoded left out)."""
+    by_size: dict[tuple[int, ...], list[tuple[EncodedJpeg, torch.Tensor]]] = {}
+    for jpeg, image in zip(part, images):
+        if image is not None:
+            upright = apply_orientation(image, jpeg.orientation)
+            by_size.setdefault(tuple(upright.shape), []).append((jpeg, upright))
+    return by_size
+
+
+def _preprocessed_part(
+    part: Sequence[EncodedJpeg], preprocessing: Preprocessing, device: torch.device
+) -> dict[int, torch.Tensor | str]:
+    """Each JPEG of a part by position: its pixels on the device, or the error naming its file."""
+    images = decode_jpegs([jpeg.data for jpeg in part], device)
+    done: dict[int, torch.Tensor | str] = {
+        jpeg.position: _pillow_pixels(jpeg, preprocessing, device) for jpeg, image in zip(part, images) if image is None
+    }
+    for same_size in _upright_by_size(part, images).values():
+        try:
+            pixels = preprocess_same_size([image for _, image in same_size], preprocessing)
+        except ImageError as error:
+            done.update((jpeg.position, f"{jpeg.path}: {error}") for jpeg, _ in same_size)
+        else:
+            done.update((jpeg.position, row) for (jpeg, _), row in zip(same_size, pixels))
+    return done
 
 
 def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: torch.device | str) -> DecodedBatch:
@@ -218,12 +238,11 @@ def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: 
     for group in batch.decoded.groups:
         done.update(zip(group.positions, group.pixels.to(device, non_blocking=True)))
     for part in decode_parts(batch.jpegs, DECODE_AREA):
-        for jpeg, image in zip(part, decode_jpegs([jpeg.data for jpeg in part], device)):
-            pixels = _jpeg_pixels(jpeg, image, preprocessing, device)
+        for position, pixels in _preprocessed_part(part, preprocessing, device).items():
             if isinstance(pixels, str):
-                errors[jpeg.position] = pixels
+                errors[position] = pixels
             else:
-                done[jpeg.position] = pixels
+                done[position] = pixels
     return DecodedBatch(batch.decoded.indices, stacked_by_size(done), errors)
 
 
