@@ -210,7 +210,7 @@ def test_partial_overwrite_and_broken_files_are_recomputed_on_resume(tmp_path: P
     assert invoke(photos, "--save", out, *SMALL).exit_code == 0
     # An --overwrite with crop 48 over part of the folder (b/) leaves crop-64 files elsewhere,
     # while the folder's settings now say crop 48...
-    args = ["--arch", "resnet18", "--resize", "64"]
+    args = ["--arch", "resnet18", "--resize", "64", "--device", "cpu"]
     assert invoke(photos / "b", "--save", out / "b", "--crop", "48", "--overwrite", *args).exit_code == 0
     (out / "backbone-inspect.json").write_text((out / "b" / "backbone-inspect.json").read_text())
     (out / "top.pt").write_bytes(b"x")  # ...and a broken file stands under a final name.
@@ -247,7 +247,7 @@ def test_a_file_in_the_way_of_an_output_folder(tmp_path: Path, photos: Path) -> 
     out = tmp_path / "out"
     out.mkdir()
     (out / "b").write_text("in the way")
-    result = invoke(photos, "--save", out, "--batch-size", "1", *SMALL)
+    result = invoke(photos, "--save", out, "--batch-size", "1", "--workers", "1", *SMALL)
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors and all(f"{out / 'b'} is a file, not a folder" in line for line in errors)

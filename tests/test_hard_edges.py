@@ -172,7 +172,7 @@ def test_requests_that_cannot_be_right_are_usage_errors(tmp_path: Path, chelsea:
 def test_an_image_too_large_after_resizing_is_that_images_error(tmp_path: Path, size, options, after) -> None:
     Image.new("RGB", size, (90, 120, 150)).save(tmp_path / "huge.png")
     noise_image(tmp_path / "small.png")
-    result = invoke(tmp_path / "huge.png", tmp_path / "small.png", *options, "--json", "--arch", "resnet18")
+    result = invoke(tmp_path / "huge.png", tmp_path / "small.png", *options, "--json", "--arch", "resnet18", "--device", "cpu")
     assert result.exit_code == 1
     assert error_lines(result) == [
         f"Error: {tmp_path / 'huge.png'}: image is {after} (H×W) after resizing, over the 16.8 Mpixel limit "
@@ -234,7 +234,7 @@ def test_a_name_too_long_for_a_temporary_file_or_a_folder_in_the_way_fails_that_
     noise_image(folder / "cat.png")
     noise_image(folder / "dog.png")
     (tmp_path / "out" / "cat.pt").mkdir(parents=True)
-    result = invoke(folder, "--save", tmp_path / "out", "--batch-size", "1", *SMALL)
+    result = invoke(folder, "--save", tmp_path / "out", "--batch-size", "1", "--workers", "1", *SMALL)
     assert result.exit_code == 1
     statuses = {line["output"]: line["status"] for line in manifest(tmp_path / "out")}
     assert statuses == {"n" * 250 + ".pt": "ok", "cat.pt": "error", "dog.pt": "ok"}

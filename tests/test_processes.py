@@ -57,8 +57,10 @@ def test_help_and_usage_errors_import_neither_torch_nor_torchvision() -> None:
 def test_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path: Path, signals, exit_code) -> None:
     root = many_images(tmp_path / "many", 120)
     out = tmp_path / "out"
+    # On the CPU, where resnet50 is slow enough that the signal lands mid-run (on a GPU, device auto,
+    # the 120 images could be done before it arrives).
     args = command(root, "--save", out, "--batch-size", "2", "--workers", "1", "--arch", "resnet50", "--resize", "96",
-                   "--crop", "96", "--layers", "1,4")
+                   "--crop", "96", "--device", "cpu", "--layers", "1,4")
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     manifest_path = out / "manifest.jsonl"
@@ -171,7 +173,9 @@ def test_a_full_disk_is_each_images_error_and_a_clean_end(tmp_path: Path) -> Non
 
 
 def test_a_reader_that_goes_away_leaves_a_whole_manifest(tmp_path: Path) -> None:
-    root = many_images(tmp_path / "in", 40)
+    # 120 JSON lines of over 700 bytes: more than a pipe holds (64 KiB), so the run cannot end
+    # before its reader goes away, however fast the machine.
+    root = many_images(tmp_path / "in", 120)
     out = tmp_path / "out"
     process = subprocess.Popen(command(root, "--save", out, "--json", "--batch-size", "4", "--workers", "1", *SMALL),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})

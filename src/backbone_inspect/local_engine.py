@@ -204,10 +204,11 @@ def _drive(
     try:
         for images, batch in batches:
             # A batch is written in WRITER_THREADS slices, in order: few tasks however fast the model runs.
-            for part in _slices(extract_batch(extractor, images, batch, stop), WRITER_THREADS):
-                pending.append(executor.submit(finish_images, part, store))
-            while pending and (pending[0].done() or len(pending) > 2 * WRITER_THREADS):
-                report(pending.popleft())
+            done = extract_batch(extractor, images, batch, stop)
+            with stop.shield():  # every write started is tracked, every write reported is recorded whole
+                pending.extend(executor.submit(finish_images, part, store) for part in _slices(done, WRITER_THREADS))
+                while pending and (pending[0].done() or len(pending) > 2 * WRITER_THREADS):
+                    report(pending.popleft())
             if stop() or tally.output_error is not None:
                 break
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, report what is written

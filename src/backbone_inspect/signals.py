@@ -20,9 +20,30 @@ class StopRequest:
     signal_number: int | None = None
     finishing: bool = False
     """Set once the run only finishes what it has in hand: a second Ctrl-C then has nothing to cut short."""
+    shielded: bool = False
+    """Set while the run records what is written (``shield``): a second Ctrl-C waits for its end."""
+    interrupted: bool = False
+    """A second Ctrl-C came while shielded."""
 
     def __call__(self) -> bool:
         return self.signal_number is not None
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """A block a second Ctrl-C does not cut in two: it interrupts right after the block instead.
+
+        A ``KeyboardInterrupt`` can otherwise land between writing a file and recording it (a
+        file on disk that the manifest never names), or between starting a write and keeping
+        track of it.
+        """
+        outer, self.shielded = self.shielded, True
+        try:
+            yield
+        finally:
+            self.shielded = outer
+        if self.interrupted and not outer and not self.finishing:
+            self.interrupted = False
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -41,6 +62,9 @@ def stop_on_signals(*, ignore_after_stop: bool = False) -> Iterator[StopRequest]
     def handle(number: int, _frame: object) -> None:
         if request.signal_number is not None and number == signal.SIGINT and not request.finishing:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not cut the clean-up short
+            if request.shielded:
+                request.interrupted = True
+                return
             raise KeyboardInterrupt
         request.signal_number = number
 
