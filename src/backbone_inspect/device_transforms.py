@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .errors import ImageError
-from .images import MAX_PIXELS, MAX_SIDE, Preprocessing, size_after_resize
+from .images import Preprocessing, check_sizes
 
 if TYPE_CHECKING:
     import torch
@@ -48,23 +47,12 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    height, width = size_after_resize(int(image.shape[-2]), int(image.shape[-1]), preprocessing.resize)
-    if height * width > MAX_PIXELS:
-        raise ImageError(
-            f"image is {height}×{width} (H×W) after resizing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
-            f"({MAX_SIDE}×{MAX_SIDE}); use a smaller --resize"
-        )
+    height, width = check_sizes(int(image.shape[-2]), int(image.shape[-1]), preprocessing)
     if preprocessing.resize is not None:
         resized = F.resize(image.float(), [height, width], interpolation=InterpolationMode(preprocessing.interpolation),
                            antialias=True)
         image = resized.round_().clamp_(0, 255).to(image.dtype)
     if preprocessing.crop is not None:
-        if preprocessing.crop > min(height, width):
-            after = " after resizing" if preprocessing.resize is not None else ""
-            raise ImageError(
-                f"image is {height}×{width} (H×W){after}, smaller than the {preprocessing.crop} px "
-                "crop; use a larger --resize or --crop none"
-            )
         image = F.center_crop(image, [preprocessing.crop])
     return image
 

@@ -168,29 +168,34 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    height, width = size_after_resize(image.height, image.width, preprocessing.resize)
-    if height * width > MAX_PIXELS:  # checked before resizing: a 20000×1 strip would resize to gigabytes
+    check_sizes(image.height, image.width, preprocessing)
+    if preprocessing.resize is not None:
+        image = F.resize(
+            image, [preprocessing.resize], interpolation=InterpolationMode(preprocessing.interpolation), antialias=True
+        )
+    if preprocessing.crop is not None:
+        image = F.center_crop(image, [preprocessing.crop])
+    return F.pil_to_tensor(image)
+
+
+def check_sizes(height: int, width: int, preprocessing: Preprocessing) -> tuple[int, int]:
+    """[H, W] once resized; ``ImageError`` if that is over ``MAX_PIXELS`` or smaller than the crop.
+
+    Checked before any resizing: a 20000×1 strip would resize to gigabytes.
+    """
+    height, width = size_after_resize(height, width, preprocessing.resize)
+    if height * width > MAX_PIXELS:
         raise ImageError(
             f"image is {height}×{width} (H×W) after resizing, over the {MAX_PIXELS / 1e6:.1f} Mpixel limit "
             f"({MAX_SIDE}×{MAX_SIDE}); use a smaller --resize"
         )
-    if preprocessing.resize is not None:
-        image = F.resize(
-            image,
-            [preprocessing.resize],
-            interpolation=InterpolationMode(preprocessing.interpolation),
-            antialias=True,
+    if preprocessing.crop is not None and preprocessing.crop > min(height, width):
+        resized = " after resizing" if preprocessing.resize is not None else ""
+        raise ImageError(
+            f"image is {height}×{width} (H×W){resized}, smaller than the {preprocessing.crop} px "
+            "crop; use a larger --resize or --crop none"
         )
-    if preprocessing.crop is not None:
-        width, height = image.size
-        if preprocessing.crop > min(width, height):
-            resized = " after resizing" if preprocessing.resize is not None else ""
-            raise ImageError(
-                f"image is {height}×{width} (H×W){resized}, smaller than the {preprocessing.crop} px "
-                "crop; use a larger --resize or --crop none"
-            )
-        image = F.center_crop(image, [preprocessing.crop])
-    return F.pil_to_tensor(image)
+    return height, width
 
 
 def size_after_resize(height: int, width: int, resize: int | None) -> tuple[int, int]:
