@@ -182,8 +182,8 @@ class LocalEngine:
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
         return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
 
-
     def workers_for(self, device_type: str) -> int:
+        """The decoding processes for a model on ``device_type``: ``workers``, or the device's default."""
         if self.workers is not None:
             return self.workers
         return default_workers(device_type, processes_here=local_processes_from_env() if shard_from_env(strict=False) else 1)
