@@ -135,3 +135,34 @@ def test_torchvisions_deprecation_of_its_decoders_is_no_warning_line(tmp_path: P
     with warnings_as_lines():
         (image,) = decode_jpegs([data], torch.device("cpu"))
     assert image.shape == (3, 375, 500) and "Warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_an_error_in_the_decoding_ends_the_worker_processes_with_it(tmp_path: Path, monkeypatch, decode: str) -> None:
+    """Left to the garbage collector, workers that ignore SIGTERM kept the process from exiting after such an error."""
+    import multiprocessing
+
+    import backbone_inspect.device_decode as device_decode
+    import backbone_inspect.local_engine as local_engine
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    if decode == "gpu":
+        original = device_decode.preprocess_same_size
+        monkeypatch.setattr(device_decode, "preprocess_same_size", failing)
+    else:
+        original = local_engine.collate_batch  # the same failure where the CPU path's batches arrive
+        monkeypatch.setattr(local_engine, "collate_batch", failing)
+    images = [FoundImage(str(photo_jpeg(tmp_path / f"p{i}.jpg", (96, 80), seed=i)), f"p{i}.pt") for i in range(12)]
+    extractor = Extractor(feature_config(**SMALL_OPTIONS, decode=decode), device="cpu")
+    with pytest.raises(RuntimeError, match="simulated") as failure:
+        for _ in decoded_batches(images, extractor, batch_size=2, workers=2):
+            pass
+    assert failure.value is not None  # the traceback (and the generators in it) still held here
+    assert multiprocessing.active_children() == []

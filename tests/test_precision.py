@@ -122,8 +122,8 @@ def test_emulated_bfloat16_is_one_warning_line(monkeypatch: pytest.MonkeyPatch, 
     result = invoke(chelsea, chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16", "--summary")
     assert result.exit_code == 0
     warned = [line for line in result.stderr.splitlines() if "bfloat16" in line]
-    assert warned == ["Warning: --dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 in "
-                      "/proc/cpuinfo), so it is emulated and slower than float32; use --dtype float32"]
+    assert warned == ["Warning: --dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag, "
+                      "or bf16 on Arm, in /proc/cpuinfo), so it is emulated and slower than float32; use --dtype float32"]
     monkeypatch.setattr("backbone_inspect.precision.cpu_has_native_bfloat16", lambda: True)
     assert "bfloat16" not in invoke(chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16").stderr
 
@@ -137,6 +137,12 @@ def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch, core
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
     assert default_workers(device, processes_here=processes) == expected
+
+
+def test_a_process_bound_to_its_own_cores_uses_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16, 32)), raising=False)  # Slurm: 16 of 64
+    assert default_workers("cuda", processes_here=4) == 15
 
 
 def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,25 +11,19 @@ Everything here also runs with ``device="cpu"`` (libjpeg-turbo instead of nvJPEG
 
 from __future__ import annotations
 
-import io
 import itertools
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
 from .device_transforms import apply_orientation, preprocess_same_size
-from .jpeg_markers import sound_jpeg
-from .images import (
-    DecodedBatch, LoadedImage, Preprocessing, SizeGroup, _check_regular_file, collate_batch, load_image_tensor,
-)
+from .jpeg_files import read_jpeg
+from .images import DecodedBatch, LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 
 if TYPE_CHECKING:
     import torch
 
-NVJPEG_MODES = ("RGB", "L")
-"""Pillow modes whose JPEGs the device decodes to the same RGB as Pillow; CMYK/YCCK go to Pillow."""
 DECODE_AREA = 2**28
 """The most pixels (W×H, summed) decoded in one call: a batch of large photos is decoded in parts,
 each resized before the next, so the device holds at most about 0.8 GB of full-size images."""
@@ -75,47 +69,6 @@ class EncodedBatch:
     def pin_memory(self) -> EncodedBatch:
         """Called by the DataLoader's pin-memory thread; the JPEG bytes are read by nvJPEG on the host."""
         return EncodedBatch(self.jpegs, self.decoded.pin_memory())
-
-
-def read_jpeg(path: str) -> tuple[torch.Tensor, int, int] | None:
-    """The bytes, EXIF orientation and area of a JPEG the device can decode; ``None`` for anything else.
-
-    The bytes decide, not the name: a PNG called ``.jpg`` is not a JPEG. A file whose markers do
-    not chain from start to end (``jpeg_markers.sound_jpeg``) may be truncated or corrupt:
-    Pillow says whether it is (nvJPEG would fill what is missing with grey, or decode stray
-    markers as pixels). Anything that cannot be read also goes to the CPU path, which names the
-    file in the same error as ``--decode cpu``.
-    """
-    import torch
-
-    try:
-        _check_regular_file(path)
-        with open(path, "rb") as file:
-            data = file.read()
-    except (ImageError, OSError):
-        return None
-    if not sound_jpeg(data):
-        return None
-    header = _jpeg_header(data)
-    if header is None:
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), *header
-
-
-def _jpeg_header(data: bytes) -> tuple[int, int] | None:
-    """EXIF orientation and W×H from the header (Pillow reads no pixels here); ``None``: not for the device."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # too large: the CPU path says so
-            with Image.open(io.BytesIO(data)) as opened:
-                if opened.format != "JPEG" or opened.mode not in NVJPEG_MODES:
-                    return None
-                orientation, area = opened.getexif().get(0x0112, 1), opened.width * opened.height
-    except Exception:  # noqa: BLE001 - whatever Pillow raises, the CPU path reports it properly
-        return None
-    return (orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1), area
 
 
 class JpegDataset:
@@ -283,11 +236,14 @@ def decoded_ahead(
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as decoder:
-        ahead: Future[DecodedBatch] | None = None
-        for batch in batches:
-            current, ahead = ahead, decoder.submit(finish, batch)
-            if current is not None:
-                yield current.result()
-        if ahead is not None:
-            yield ahead.result()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as decoder:
+            ahead: Future[DecodedBatch] | None = None
+            for batch in batches:
+                current, ahead = ahead, decoder.submit(finish, batch)
+                if current is not None:
+                    yield current.result()
+            if ahead is not None:
+                yield ahead.result()
+    finally:  # a decoding error, or the run's end: the batches' source (its worker processes) ends too
+        getattr(batches, "close", lambda: None)()

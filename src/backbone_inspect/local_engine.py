@@ -117,8 +117,11 @@ def decoded_batches(
         batches: Iterator[DecodedBatch] = decoded_ahead(loaded, finish)
     else:
         batches = _loaded_batches(ImageDataset(paths, preprocessing), collate_batch, extractor, batch_size, workers)
-    for batch in batches:
-        yield [images[index] for index in batch.indices], batch
+    try:
+        for batch in batches:
+            yield [images[index] for index in batch.indices], batch
+    finally:  # however the run ends, the decoding processes end with it (see _loaded_batches)
+        getattr(batches, "close", lambda: None)()
 
 
 def _loaded_batches(
@@ -129,7 +132,7 @@ def _loaded_batches(
         for start in range(0, len(dataset), batch_size):
             yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         return
-    yield from torch.utils.data.DataLoader(
+    loaded = iter(torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
@@ -137,7 +140,14 @@ def _loaded_batches(
         worker_init_fn=_ignore_stop_signals,
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=2,
-    )
+    ))
+    try:
+        yield from loaded
+    finally:
+        # The DataLoader's own shutdown, now: left to the garbage collector after an error (whose
+        # traceback holds this generator), the workers would outlive the run, and at exit, as they
+        # ignore SIGTERM (_ignore_stop_signals), the interpreter would wait for them for ever.
+        getattr(loaded, "_shutdown_workers", lambda: None)()
 
 
 def model_info(extractor: Extractor, *, device: str, engine: str | None = None) -> ModelInfo:

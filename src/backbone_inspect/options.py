@@ -145,12 +145,15 @@ def default_workers(device_type: str = "cpu", *, processes_here: int = 1) -> int
     On a CPU the model needs the cores: CPU count - 1, at least 1, at most 8. On a GPU decoding
     is what limits a run (H200, 16 cores, resnet50 float16: 8 workers decode 1,534 images/s, 15
     workers 3,729), so every usable core but one, shared among the ``processes_here`` runs on
-    this machine (torchrun's LOCAL_WORLD_SIZE).
+    this machine (torchrun's LOCAL_WORLD_SIZE) when each sees them all; a process bound to its own
+    cores (Slurm's --cpus-per-task) uses those.
     """
     if device_type != "cuda":
         return max(1, min(8, (os.cpu_count() or 1) - 1))
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable // max(1, processes_here) - 1)
+    machine = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    shared = usable // max(1, processes_here) if usable >= machine else usable
+    return max(1, shared - 1)
 
 
 def max_workers() -> int:

@@ -98,6 +98,6 @@ class SlowBfloat16Warning(UserWarning):
 def warn_if_slow_bfloat16(name: str, device: torch.device) -> None:
     if name == "bfloat16" and device.type == "cpu" and cpu_has_native_bfloat16() is False:
         warnings.warn(SlowBfloat16Warning(
-            "--dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 "
+            "--dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag, or bf16 on Arm, "
             "in /proc/cpuinfo), so it is emulated and slower than float32; use --dtype float32"
         ), stacklevel=3)
