@@ -285,7 +285,7 @@ def _old_save_features(path: Path, features: Mapping[str, torch.Tensor], meta: M
 
 def _old_write(store: Any, image: Any, result: Any) -> int:
     """PtFileStore.write as of 638e64b."""
-    from backbone_inspect.extractor import TORCH_DTYPES
+    from backbone_inspect.precision import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[store.config.save_dtype]
     features = {name: value.to(dtype) for name, value in result.features.items()}

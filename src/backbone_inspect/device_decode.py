@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import ImageError
 from .device_transforms import apply_orientation, preprocess_same_size
 from .jpeg_files import read_jpeg
-from .images import DecodedBatch, LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
+from .images import DecodedBatch, ImageDataset, LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -71,17 +71,10 @@ class EncodedBatch:
         return EncodedBatch(self.jpegs, self.decoded.pin_memory())
 
 
-class JpegDataset:
+class JpegDataset(ImageDataset):
     """``ImageDataset`` for ``--decode gpu``: JPEGs stay encoded, other files are decoded as usual."""
 
-    def __init__(self, paths: list[str], preprocessing: Preprocessing) -> None:
-        self.paths = paths
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> FetchedImage:
+    def __getitem__(self, index: int) -> FetchedImage:  # type: ignore[override]
         path = self.paths[index]
         jpeg = read_jpeg(path)
         if jpeg is not None:
@@ -186,17 +179,15 @@ def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: 
     import torch
 
     device = torch.device(device)
-    done: dict[int, torch.Tensor] = {}
-    errors = dict(batch.decoded.errors)
+    done: dict[int, torch.Tensor | str] = dict(batch.decoded.errors)
     for group in batch.decoded.groups:
         done.update(zip(group.positions, group.pixels.to(device, non_blocking=True)))
     for part in decode_parts(batch.jpegs, DECODE_AREA):
-        for position, pixels in _preprocessed_part(part, preprocessing, device).items():
-            if isinstance(pixels, str):
-                errors[position] = pixels
-            else:
-                done[position] = pixels
-    return DecodedBatch(batch.decoded.indices, stacked_by_size(done), errors)
+        done.update(_preprocessed_part(part, preprocessing, device))
+    return collate_batch([
+        LoadedImage(index, None, done[position]) if isinstance(done[position], str) else LoadedImage(index, done[position])
+        for position, index in enumerate(batch.decoded.indices)
+    ])
 
 
 def decode_parts(jpegs: Sequence[EncodedJpeg], area: int) -> list[list[EncodedJpeg]]:
@@ -210,18 +201,6 @@ def decode_parts(jpegs: Sequence[EncodedJpeg], area: int) -> list[list[EncodedJp
         parts[-1].append(jpeg)
         total += jpeg.area
     return parts
-
-
-def stacked_by_size(pixels: dict[int, torch.Tensor]) -> tuple[SizeGroup, ...]:
-    """One ``SizeGroup`` per size, positions in batch order: never padded."""
-    import torch
-
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for position in sorted(pixels):
-        by_size.setdefault(tuple(pixels[position].shape), []).append(position)
-    return tuple(
-        SizeGroup(tuple(positions), torch.stack([pixels[p] for p in positions])) for positions in by_size.values()
-    )
 
 
 def decoded_ahead(

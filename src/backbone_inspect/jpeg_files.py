@@ -106,15 +106,10 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
     except Exception:  # noqa: BLE001 - whatever Pillow raises, the CPU path reports it properly
         return None
     # As Pillow's exif_transpose looks it up: 6, 6.0 and the rational 6/1 are all orientation 6.
-    return _ORIENTATIONS.get(orientation, 1) if _hashable(orientation) else 1, area
+    try:
+        return _ORIENTATIONS.get(orientation, 1), area
+    except TypeError:  # unhashable (a tuple of lists, say): no orientation Pillow would apply
+        return 1, area
 
 
 _ORIENTATIONS = {value: value for value in range(1, 9)}
-
-
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
