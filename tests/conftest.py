@@ -67,7 +67,7 @@ def precision_state() -> tuple[object, ...]:
             torch.backends.fp32_precision, torch.backends.cudnn.benchmark)
 
 
-def seeded_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
+def seeded_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """The reference model: torchvision's builder right after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
     return torchvision.models.get_model(arch, weights=None).eval()

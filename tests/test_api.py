@@ -21,7 +21,7 @@ from backbone_inspect.images import load_rgb
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.store import ResumeSplit, Stored
 
-from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, features, invoke, manifest, many_images, seeded_resnet
+from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, features, invoke, manifest, many_images, seeded_model
 
 
 def feature_files(folder: Path) -> list[str]:
@@ -93,7 +93,7 @@ def test_inspect_images_gives_statistics_and_features_of_the_models_own_forward(
     assert (found.summary.processed, found.summary.failed) == (1, 1) and found.model.arch == "resnet18"
     x = ImageClassification(crop_size=64, resize_size=64)(load_rgb(chelsea)).unsqueeze(0)
     with torch.no_grad():
-        expected = create_feature_extractor(seeded_resnet("resnet18"), {"maxpool": "stem", "layer4": "layer4"})(x)
+        expected = create_feature_extractor(seeded_model("resnet18"), {"maxpool": "stem", "layer4": "layer4"})(x)
     result = found.results[0]
     assert list(result.features) == ["stem", "layer4"] and [s.name for s in result.stats] == ["stem", "layer4"]
     for stats in result.stats:

@@ -6,16 +6,17 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from backbone_inspect import Backbone, feature_info
+from backbone_inspect.families import family_of
 from backbone_inspect.stages import ARCHS, STAGES
 
-from conftest import seeded_resnet
+from conftest import seeded_model
 
 TORCHVISION_NODES = {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_replay_equals_create_feature_extractor_and_forward(arch: str) -> None:
-    model = seeded_resnet(arch, seed=3)
+    model = seeded_model(arch, seed=3)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 96, 80)
     reference = create_feature_extractor(model, return_nodes={TORCHVISION_NODES[s]: s for s in STAGES})
@@ -33,7 +34,7 @@ def test_replay_equals_create_feature_extractor_and_forward(arch: str) -> None:
 def test_backbone_built_from_arch_and_seed_equals_seeded_torchvision_model() -> None:
     x = torch.randn(1, 3, 64, 64)
     backbone = Backbone("resnet18", layers=(2, 4), seed=5).eval()
-    model = seeded_resnet("resnet18", seed=5)
+    model = seeded_model("resnet18", seed=5)
     with torch.no_grad():
         features = backbone(x)
         expected = create_feature_extractor(model, {"layer2": "layer2", "layer4": "layer4"})(x)
@@ -42,7 +43,7 @@ def test_backbone_built_from_arch_and_seed_equals_seeded_torchvision_model() -> 
         assert torch.equal(features[name], expected[name])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", family_of("resnet50").archs)
 def test_channels_and_strides_match_a_forward_pass(arch: str) -> None:
     with torch.device("meta"):
         model = torchvision.models.get_model(arch, weights=None)
@@ -68,7 +69,7 @@ def test_channels_and_strides_match_a_forward_pass(arch: str) -> None:
     ],
 )
 def test_replay_stops_after_the_deepest_requested_stage(layers, ran, skipped) -> None:
-    model = seeded_resnet("resnet18")
+    model = seeded_model("resnet18")
     calls: dict[str, int] = {name: 0 for name in STAGES[1:]}
     for name in calls:
         getattr(model, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
@@ -149,11 +150,12 @@ def test_invalid_layers_raise_a_usage_error_listing_valid_stages(layers) -> None
 def test_unknown_arch_lists_the_valid_ones() -> None:
     from backbone_inspect.errors import UsageError
 
-    with pytest.raises(UsageError, match="valid archs: resnet18, resnet34"):
+    with pytest.raises(UsageError, match="valid archs: resnet: resnet18, resnet34, .*; convnext: convnext_tiny, .*timm:<model name>"):
         Backbone("resnet19")
 
 
-def test_arch_list_is_torchvisions_resnet_family() -> None:
+def test_arch_list_is_every_classification_builder_of_torchvisions_cnn_families() -> None:
     names = set(torchvision.models.list_models(module=torchvision.models))
-    family = {n for n in names if n.startswith(("resnet", "resnext", "wide_resnet"))}
-    assert set(ARCHS) == family
+    prefixes = ("resnet", "resnext", "wide_resnet", "regnet", "convnext", "efficientnet", "mobilenet_v3", "swin", "maxvit")
+    assert set(ARCHS) == {n for n in names if n.startswith(prefixes)}
+    assert len(ARCHS) == len(set(ARCHS))

@@ -13,14 +13,14 @@ from torchvision.transforms._presets import ImageClassification
 from backbone_inspect import __version__
 from backbone_inspect.images import load_rgb
 
-from conftest import SAMPLES, SMALL, assert_close_scaled, invoke, seeded_resnet
+from conftest import SAMPLES, SMALL, assert_close_scaled, invoke, seeded_model
 
 VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4 (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
 
 
 def reference_features(image: Path, stages: list[str], *, arch="resnet18", seed=0, resize=64, crop=64):
     """Features computed the way a user would without this tool: torchvision's preset and feature extractor."""
-    model = seeded_resnet(arch, seed)
+    model = seeded_model(arch, seed)
     nodes = {"maxpool" if s == "stem" else s: s for s in stages}
     x = ImageClassification(crop_size=crop, resize_size=resize)(load_rgb(image)).unsqueeze(0)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_invalid_layers_exit_2_listing_valid_stages(chelsea: Path, layers: str) 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--arch", "resnet19"], "Error: unknown arch 'resnet19'; valid archs: resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2"),
+        (["--arch", "resnet19"], "Error: unknown arch 'resnet19'; valid archs: resnet: resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; regnet: regnet_x_400mf,"),
         (["--device", "gpu"], "Error: invalid --device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
         (["--device", "cuda:0"], "Error: --device cuda:0: CUDA is not available on this machine"),
         (["--device", "mps"], "Error: --device mps: MPS is not available on this machine"),
@@ -263,7 +263,7 @@ def test_checkpoint_with_another_head_says_so_in_the_header(tmp_path: Path, chel
     result = invoke(chelsea, "--weights", path, *SMALL)
     assert result.exit_code == 0, result.output
     assert f"weights {path}" in result.stdout
-    assert "classifier head not loaded: checkpoint has fc.bias [10], fc.weight [10, 512], resnet18 has [1000, 512]" in " ".join(result.stdout.split())
+    assert "classifier head not loaded: checkpoint has fc.weight [10, 512]; resnet18 has fc.weight [1000, 512]" in " ".join(result.stdout.split())
 
 
 def test_version_and_help() -> None:

@@ -19,7 +19,7 @@ from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.local_engine import decoded_batches
 from backbone_inspect.images import Preprocessing, load_image_tensor
-from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, precision_state, seeded_resnet
+from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, precision_state, seeded_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,7 +34,7 @@ def float64_reference(pixels: torch.Tensor, arch: str, stages: list[str]) -> dic
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
     x = (pixels.double() / 255 - mean) / std
     with torch.no_grad():
-        return create_feature_extractor(seeded_resnet(arch).double(), {s: s for s in stages})(x)
+        return create_feature_extractor(seeded_model(arch).double(), {s: s for s in stages})(x)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

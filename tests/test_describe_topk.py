@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from backbone_inspect import feature_info
-from backbone_inspect.backbone import Backbone, describe_stages
+from backbone_inspect import Backbone
+from backbone_inspect.anatomy import describe_stages
 from backbone_inspect.stages import STAGES, parse_layers
 
 from conftest import SMALL, invoke

@@ -18,7 +18,7 @@ from torchvision.transforms._presets import ImageClassification
 from backbone_inspect import dump_features
 from backbone_inspect.reader import open_features
 
-from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, invoke, manifest, many_images, noise_image, seeded_resnet
+from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, invoke, manifest, many_images, noise_image, seeded_model
 
 STAGES = ("layer1", "layer4")
 OPTIONS = {**SMALL_OPTIONS, "layers": "1,4", "workers": 0}
@@ -31,7 +31,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 @functools.lru_cache(maxsize=1)
 def reference_model() -> torch.nn.Module:
-    return create_feature_extractor(seeded_resnet("resnet18"), {stage: stage for stage in STAGES})
+    return create_feature_extractor(seeded_model("resnet18"), {stage: stage for stage in STAGES})
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,7 @@ from backbone_inspect.config import feature_config
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.stats import batch_stage_stats, stage_stats
 
-from conftest import SMALL, assert_close_scaled, invoke, seeded_resnet
+from conftest import SMALL, assert_close_scaled, invoke, seeded_model
 
 
 def extractor_on_cpu(**options) -> Extractor:
@@ -30,7 +30,7 @@ def reference(x_uint8: torch.Tensor, stages: list[str]) -> dict[str, torch.Tenso
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x = (x_uint8.float() / 255 - mean) / std
     with torch.no_grad():
-        return create_feature_extractor(seeded_resnet("resnet18"), {s: s for s in stages})(x)
+        return create_feature_extractor(seeded_model("resnet18"), {s: s for s in stages})(x)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -67,7 +67,7 @@ def test_bfloat16_compute_is_close_to_float32_and_stats_stay_float32() -> None:
 def test_compiled_extractor_keeps_the_replay_and_its_numbers() -> None:
     x = pixels(2)
     compiled = extractor_on_cpu(arch="resnet18", layers=(1, 3), compile=True)
-    assert compiled.backbone.layer_names == ("layer1", "layer2", "layer3")
+    assert compiled.backbone.run_order == ("stem", "layer1", "layer2", "layer3")
     features = compiled.forward(x)
     expected = reference(x, ["layer1", "layer3"])
     assert list(features) == ["layer1", "layer3"]
@@ -131,7 +131,7 @@ def test_forward_in_chunks_gives_the_models_own_features(arch: str, sizes: dict[
     from backbone_inspect import Backbone
 
     stages = ["layer1", "layer2", "layer4"]
-    model = seeded_resnet(arch)
+    model = seeded_model(arch)
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = create_feature_extractor(model, {s: s for s in stages})(x)

@@ -12,7 +12,7 @@ from backbone_inspect import Backbone
 from backbone_inspect.errors import UsageError, WeightsError
 from backbone_inspect.weights import build_model
 
-from conftest import seeded_resnet
+from conftest import seeded_model
 
 
 def trained_like(arch: str, seed: int, num_classes: int = 1000) -> torch.nn.Module:
@@ -42,7 +42,7 @@ def named_weights_file(torch_home: Path, member) -> Path:
 def test_no_weights_is_the_seeded_random_initialisation() -> None:
     model, loaded = build_model("resnet18", None, seed=4)
     assert loaded.label == "none" and loaded.kind == "none" and not loaded.head_loaded
-    assert_same_backbone(model, seeded_resnet("resnet18", seed=4))
+    assert_same_backbone(model, seeded_model("resnet18", seed=4))
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "Backbone": "backbone",
-    "StageInfo": "backbone",
+    "StageInfo": "stages",
     "feature_info": "backbone",
     "dump_features": "api",
     "open_features": "reader",
@@ -48,7 +48,8 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from .api import Inspection, dump_features, inspect_images
-    from .backbone import Backbone, StageInfo, feature_info
+    from .backbone import Backbone, feature_info
+    from .stages import StageInfo
     from .config import FeatureConfig, feature_config
     from .engine import RunCallbacks
     from .errors import InspectError, OutputError, RunStopped, UsageError, WeightsError

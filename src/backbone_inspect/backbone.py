@@ -1,257 +1,152 @@
-"""The stage-replaying extractor: torchvision's own ResNet modules, called in order, stopping early."""
+"""The stage replay: a torchvision model's own modules, called in order, stopping after the deepest stage asked for."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .stages import DEFAULT_LAYERS, STAGES, check_arch, parse_layers
+from .families import Family, family_of, is_timm
+from .errors import UsageError
+from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 
 if TYPE_CHECKING:
     from .weights import LoadedWeights
 
-STEM_MODULES: tuple[str, ...] = ("conv1", "bn1", "relu", "maxpool")
+PROBE_SIZE = 224
+"""The input side of the meta-device pass that measures channels and strides (a multiple of 32)."""
 
 
-@dataclass(frozen=True)
-class StageInfo:
-    """One stage as timm's ``feature_info`` describes it: name, channels and stride (reduction)."""
-
-    name: str
-    channels: int
-    stride: int
-
-
-def along_height(value: int | tuple[int, ...]) -> int:
-    """A convolution's or pooling's kernel size, stride or dilation along the height.
-
-    ResNets use the same value on both axes; PyTorch stores it as an int or a pair.
-    """
-    return value[0] if isinstance(value, tuple) else int(value)
-
-
-def _conv_and_pool_stride(modules: Iterable[tuple[str, nn.Module]]) -> int:
-    stride = 1
-    for qualified_name, module in modules:
-        # The downsample branch runs beside the main path, with the same stride: count it once.
-        if "downsample" in qualified_name.split("."):
-            continue
-        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-            stride *= along_height(module.stride)
-    return stride
-
-
-def _stage_modules(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
-    owners = STEM_MODULES if name == "stem" else (name,)
-    return [
-        (f"{owner}.{sub}" if sub else owner, module)
-        for owner in owners
-        for sub, module in getattr(model, owner).named_modules()
-    ]
-
-
-def stage_channels(model: nn.Module, name: str) -> int:
-    """Output channels of a stage, read from its last convolution."""
-    convs = [m for _, m in _stage_modules(model, name) if isinstance(m, nn.Conv2d)]
-    return convs[-1].out_channels
-
-
-def stage_stride(model: nn.Module, name: str) -> int:
-    """Nominal stride of a stage's output: the product of the strides on the path up to it."""
-    stride = 1
-    for stage in STAGES[: STAGES.index(name) + 1]:
-        stride *= _conv_and_pool_stride(_stage_modules(model, stage))
-    return stride
-
-
-def stage_receptive_field(model: nn.Module, name: str) -> int:
-    """Theoretical receptive field of one output position of a stage, in input pixels.
-
-    Walks the main path (the downsample branch sees a subset of the same window):
-    each convolution or pooling of kernel k, dilation d widens it by (k - 1) * d * jump,
-    where jump is the product of the strides before it.
-    """
-    field, jump = 1, 1
-    for stage in STAGES[: STAGES.index(name) + 1]:
-        for qualified_name, module in _stage_modules(model, stage):
-            if "downsample" in qualified_name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-                continue
-            kernel, stride, dilation = (along_height(v) for v in (module.kernel_size, module.stride, module.dilation))
-            field += (kernel - 1) * dilation * jump
-            jump *= stride
-    return field
-
-
-def stage_parameters(model: nn.Module, name: str) -> int:
-    """Parameters of every module up to and including a stage."""
-    return sum(
-        parameter.numel()
-        for stage in STAGES[: STAGES.index(name) + 1]
-        for owner in (STEM_MODULES if stage == "stem" else (stage,))
-        for parameter in getattr(model, owner).parameters()
-    )
-
-
-@dataclass(frozen=True)
-class StageDescription:
-    """One stage of an arch for an input size, as ``--describe`` shows it."""
-
-    name: str
-    aliases: tuple[str, ...]
-    channels: int
-    stride: int
-    output_size: tuple[int, int]
-    receptive_field: int
-    parameters: int
-    """Up to and including this stage."""
-
-    def bytes_per_image(self, element_size: int) -> int:
-        return self.channels * self.output_size[0] * self.output_size[1] * element_size
-
-
-def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
-    """Every stage of ``arch`` for one input size, built on the meta device: no weights, no compute."""
-    from torchvision import models
-
-    from .stages import STAGE_ALIASES
-
-    with torch.device("meta"):
-        # Eval mode, as the command runs: batch norm in training mode refuses a 1×1 map of one image.
-        model = models.get_model(check_arch(arch), weights=None).eval()
-        features = Backbone(arch, STAGES, model=model)(torch.empty(1, 3, *input_size))
-    return [
-        StageDescription(
-            name=name,
-            aliases=STAGE_ALIASES[name],
-            channels=stage_channels(model, name),
-            stride=stage_stride(model, name),
-            output_size=(int(features[name].shape[2]), int(features[name].shape[3])),
-            receptive_field=stage_receptive_field(model, name),
-            parameters=stage_parameters(model, name),
-        )
-        for name in STAGES
-    ]
-
-
-def stage_infos(model: nn.Module, layers: Iterable[int | str] | str = STAGES) -> list[StageInfo]:
-    return [
-        StageInfo(name, stage_channels(model, name), stage_stride(model, name))
-        for name in parse_layers(layers)
-    ]
-
-
-def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str = STAGES) -> list[StageInfo]:
-    """Channels and stride of each stage of ``arch``, read from the model built on the meta device."""
-    from torchvision import models
-
-    with torch.device("meta"):
-        model = models.get_model(check_arch(arch), weights=None)
-    return stage_infos(model, layers)
-
-
-def _backbone_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    return {
-        key: value.shape
-        for key, value in model.state_dict().items()
-        if not key.startswith("fc.") and not key.endswith("num_batches_tracked")
-    }
-
-
-def _check_is_arch(model: nn.Module, arch: str) -> None:
-    from torchvision import models
-
-    from .errors import UsageError
-
-    with torch.device("meta"):
-        reference = models.get_model(arch, weights=None)
-    if _backbone_shapes(model) != _backbone_shapes(reference):
-        raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")
+def torchvision_family(arch: str) -> Family:
+    family = family_of(check_arch(arch))
+    if family is None:
+        raise ValueError(f"{arch} is not a torchvision arch")
+    return family
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet replayed stage by stage.
+    """A torchvision backbone replayed stage by stage; ``Backbone("timm:<name>", ...)`` replays a timm model.
 
-    ``Backbone(arch="resnet50", layers=(2, 3, 4), weights=None)`` holds torchvision's own modules
-    (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1`` ... up to the deepest requested stage)
-    and returns ``OrderedDict[stage name, Tensor]``, shallow to deep. Stages deeper than the
-    deepest requested one are neither held nor run.
+    ``Backbone(arch="convnext_tiny", layers=(2, 3, 4), weights=None)`` holds torchvision's own
+    modules (``families.py`` lists them for each family) up to the deepest requested stage and
+    returns ``OrderedDict[stage name, Tensor (N, C, H, W)]``, shallow to deep. Modules deeper
+    than the deepest requested stage are neither held nor run. Stage 0 is the stem, 1-4 the
+    stride-4, 8, 16 and 32 outputs, on every arch.
 
     ``weights``: ``None``/``"none"`` (random, from ``seed``), a torchvision weights name
-    (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``) or enum member, or the path to a
-    local checkpoint. ``model``: an already built torchvision ResNet to replay instead.
-    ``head=True`` also holds the model's ``avgpool`` and ``fc`` (layer4 must be requested), for
-    ``classify``.
+    (``"DEFAULT"``, ``"IMAGENET1K_V1"`` ...) or enum member, or the path to a local checkpoint.
+    ``model``: an already built torchvision model of ``arch`` to replay instead. ``head=True``
+    also holds the modules the model's forward runs after its stride-32 stage (which must be
+    requested), for ``classify``.
     """
 
+    def __new__(cls, arch: str = "resnet50", *args: Any, **kwargs: Any) -> Any:
+        if cls is Backbone and isinstance(arch, str) and is_timm(arch):
+            from .timm_backbone import TimmBackbone
+
+            return TimmBackbone(arch, *args, **kwargs)  # the same interface, over timm's own replay
+        return super().__new__(cls)
+
     def __init__(
-        self,
-        arch: str = "resnet50",
-        layers: Iterable[int | str] | str = DEFAULT_LAYERS,
-        weights: Any = None,
-        *,
-        seed: int = 0,
-        model: nn.Module | None = None,
-        head: bool = False,
+        self, arch: str = "resnet50", layers: Iterable[int | str] | str = DEFAULT_LAYERS, weights: Any = None, *,
+        seed: int = 0, model: nn.Module | None = None, head: bool = False,
     ) -> None:
         super().__init__()
         from .weights import build_model
 
-        self.arch = check_arch(arch)
-        self.stage_names: tuple[str, ...] = parse_layers(layers)
+        parse_layers(layers, torchvision_family(arch).archs[0])  # bad names fail before anything is built
+        self.weights_info: LoadedWeights | None = None
         if model is None:
-            model, self.weights_info = build_model(self.arch, weights, seed=seed)
+            model, self.weights_info = build_model(arch, weights, seed=seed)
+            measured = model
         else:
-            _check_is_arch(model, self.arch)
-            self.weights_info = None
-        self.weights_info: LoadedWeights | None
-        self.conv1 = model.conv1
-        self.bn1 = model.bn1
-        self.relu = model.relu
-        self.maxpool = model.maxpool
-        deepest = STAGES.index(self.stage_names[-1])
-        self.layer_names: tuple[str, ...] = STAGES[1 : deepest + 1]
-        for name in self.layer_names:
-            self.add_module(name, getattr(model, name))
-        if head:
-            if self.stage_names[-1] != "layer4":
-                raise ValueError("head=True needs layer4 among the layers: the classifier runs on it")
-            self.avgpool = model.avgpool
-            self.fc = model.fc
-        self.channels: dict[str, int] = {n: stage_channels(model, n) for n in self.stage_names}
-        self.strides: dict[str, int] = {n: stage_stride(model, n) for n in self.stage_names}
+            measured = _checked_reference(model, arch)  # measured instead of the caller's model, whose hooks stay quiet
+        self._hold_stages(arch, layers, model, measured, head)
+
+    @classmethod
+    def without_weights(cls, arch: str, layers: Iterable[int | str] | str = (0, 1, 2, 3, 4)) -> Backbone:
+        """The replay over ``arch`` built without weights (``skeleton``): for shapes and parameter counts."""
+        if is_timm(arch):
+            from .timm_backbone import TimmBackbone
+
+            return TimmBackbone.without_weights(arch, layers)
+        backbone = super().__new__(cls)
+        nn.Module.__init__(backbone)
+        backbone.weights_info = None
+        built = skeleton(arch)
+        backbone._hold_stages(arch, layers, built, built, head=False)
+        return backbone
+
+    def _hold_stages(self, arch: str, layers: Iterable[int | str] | str, model: nn.Module, measured: nn.Module, head: bool) -> None:
+        self.family = torchvision_family(arch)
+        self.arch = arch
+        self.stage_names: tuple[str, ...] = parse_layers(layers, arch)
+        self.run_order: tuple[str, ...] = self.family.stage_names[: self.family.stage_names.index(self.stage_names[-1]) + 1]
+        """Every stage that runs, shallow to deep: the stem, then each up to the deepest requested."""
+        self.head_paths: tuple[str, ...] = self._head_paths(head)
+        for path in (*self.family.steps_through(self.stage_names[-1]), *self.head_paths):
+            _hold(self, path, model.get_submodule(path))
+        shapes = _stage_output_shapes(measured, self.family, self.run_order)
+        self.channels: dict[str, int] = {name: shapes[name][-1][0] for name in self.stage_names}
+        self.strides: dict[str, int] = {name: shapes[name][-1][1] for name in self.stage_names}
+        self.stage_peaks: dict[str, tuple[int, int]] = {
+            name: max(outputs, key=lambda output: output[0] / output[1] ** 2) for name, outputs in shapes.items()
+        }
+        """Per stage that runs, (channels, stride) of its largest step output: what sizes its slices on a CPU."""
+
+    def _head_paths(self, head: bool) -> tuple[str, ...]:
+        if not head:
+            return ()
+        if self.stage_names[-1] != self.family.stage_names[-1]:
+            raise ValueError(f"head=True needs {self.family.stage_names[-1]} among the layers: the classifier runs on it")
+        return tuple(path for path in self.family.head if path != "flatten")
 
     def feature_info(self) -> list[StageInfo]:
         return [StageInfo(n, self.channels[n], self.strides[n]) for n in self.stage_names]
 
-    def classify(self, layer4: torch.Tensor) -> torch.Tensor:
-        """The model's own head on layer4 features: avgpool -> flatten -> fc, as its forward does."""
-        if not hasattr(self, "fc"):
-            raise RuntimeError("this Backbone holds no head; build it with head=True")
-        return self.fc(torch.flatten(self.avgpool(layer4), 1))
+    def stage_steps(self, name: str) -> tuple[str, ...]:
+        """The module paths one stage runs: those after the previous stage's output, up to its own."""
+        steps = self.family.steps_through(name)
+        index = self.family.stage_names.index(name)
+        return steps if index == 0 else steps[len(self.family.steps_through(self.family.stage_names[index - 1])) :]
+
+    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One stage of the replay, in the model's own layout (Swin's stages are (N, H, W, C))."""
+        for path in self.stage_steps(name):
+            x = self.get_submodule(path)(x)
+        return x
+
+    def as_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """A stage's output as (N, C, H, W), whatever layout the model computes it in."""
+        return x.permute(0, 3, 1, 2) if self.family.channels_last_outputs else x
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name in self.run_order:
             x = self.run_stage(name, x)
             if name in self.stage_names:
-                features[name] = x
+                features[name] = self.as_nchw(x)
         return features
 
     @property
-    def run_order(self) -> tuple[str, ...]:
-        """Every stage that runs, shallow to deep: the stem, then layer1 .. the deepest requested."""
-        return ("stem", *self.layer_names)
+    def classes(self) -> int:
+        """The number of classes of the held head (its last linear layer)."""
+        linears = [m for path in self.head_paths for m in self.get_submodule(path).modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise RuntimeError("this Backbone holds no head; build it with head=True")
+        return linears[-1].out_features
 
-    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One stage of the replay: the stem (conv1 -> bn1 -> relu -> maxpool) or a layer."""
-        if name == "stem":
-            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return getattr(self, name)(x)
+    def classify(self, deepest: torch.Tensor) -> torch.Tensor:
+        """The model's own head on the stride-32 stage's features (N, C, H, W), as its forward runs it."""
+        if not self.head_paths:
+            raise RuntimeError("this Backbone holds no head; build it with head=True")
+        x = deepest.permute(0, 2, 3, 1) if self.family.channels_last_outputs else deepest
+        for path in self.family.head:
+            x = torch.flatten(x, 1) if path == "flatten" else self.get_submodule(path)(x)
+        return x
 
     def forward_in_chunks(self, x: torch.Tensor, chunk_sizes: Mapping[str, int]) -> OrderedDict[str, torch.Tensor]:
         """``forward``, with each stage run on slices of at most ``chunk_sizes[stage]`` images.
@@ -259,11 +154,11 @@ class Backbone(nn.Module):
         The same modules in the same order, so the same numbers up to float noise. Depth first:
         a deep stage's slice is made from its inputs' slices just computed, while they are still
         in cache. On a CPU, small slices keep the large early activations in cache, and large ones
-        share the reading of the deep stages' weights (see ``pipeline.cache_chunk_sizes``).
+        share the reading of the deep stages' weights (see ``device.cache_chunk_sizes``).
         """
         pieces: dict[str, list[torch.Tensor]] = {name: [] for name in self.stage_names}
         self._run_depth_first(x, _runs_of_equal_size(self.run_order, chunk_sizes), pieces)
-        return OrderedDict((name, _joined(parts)) for name, parts in pieces.items())
+        return OrderedDict((name, self.as_nchw(_joined(parts))) for name, parts in pieces.items())
 
     def _run_depth_first(
         self, x: torch.Tensor, runs: Sequence[tuple[tuple[str, ...], int]], pieces: dict[str, list[torch.Tensor]]
@@ -281,6 +176,80 @@ class Backbone(nn.Module):
         return outputs
 
 
+def _hold(owner: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` under its path in the model (``features.3``), so state_dict keys stay the model's."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if part not in owner._modules:
+            owner.add_module(part, nn.ModuleDict())
+        owner = owner._modules[part]  # type: ignore[assignment]
+    owner.add_module(leaf, module)
+
+
+class _StepShapes(nn.Module):
+    """Runs a model's stages step by step and returns, per stage, each step's (channels, height)."""
+
+    def __init__(self, model: nn.Module, family: Family, run_order: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.family, self.run_order = model, family, run_order
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[tuple[int, int]]]:
+        shapes: dict[str, list[tuple[int, int]]] = {}
+        done: tuple[str, ...] = ()
+        for name in self.run_order:
+            shapes[name] = []
+            for path in self.family.steps_through(name)[len(done) :]:
+                x = self.model.get_submodule(path)(x)
+                nchw = x.permute(0, 3, 1, 2) if self.family.channels_last_outputs else x
+                shapes[name].append((int(nchw.shape[1]), int(nchw.shape[2])))
+            done = self.family.steps_through(name)
+        return shapes
+
+
+def _stage_output_shapes(model: nn.Module, family: Family, run_order: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+    """Per stage that runs, each step's output (channels, stride), from a pass on the meta device: no compute."""
+    wrapper = _StepShapes(model, family, run_order)
+    state = {name: torch.empty_like(value, device="meta") for name, value in wrapper.state_dict(keep_vars=True).items()}
+    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
+    size = family.fixed_input or PROBE_SIZE
+    with torch.no_grad():
+        shapes = torch.func.functional_call(wrapper, state, (torch.empty(1, 3, size, size, dtype=dtype, device="meta"),))
+    return {name: [(channels, size // height) for channels, height in outputs] for name, outputs in shapes.items()}
+
+
+def skeleton(arch: str) -> nn.Module:
+    """``arch`` built in eval mode without weights: on the meta device (no memory, no compute), except
+    where the builder itself reads tensor values (RegNet's block widths), then on the CPU."""
+    if is_timm(arch):
+        from .timm_backbone import timm_skeleton
+
+        return timm_skeleton(arch)
+    from torchvision import models
+
+    torchvision_family(arch)
+    try:
+        with torch.device("meta"):
+            return models.get_model(arch, weights=None).eval()
+    except NotImplementedError:  # "Cannot copy out of meta tensor": RegNet's BlockParams.from_init_params
+        return models.get_model(arch, weights=None).eval()
+
+
+def _checked_reference(model: nn.Module, arch: str) -> nn.Module:
+    """``arch`` built without weights; ``UsageError`` unless ``model``'s parameters outside the head have its shapes."""
+    family, reference = torchvision_family(arch), skeleton(arch)
+    if _body_shapes(model, family) != _body_shapes(reference, family):
+        raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")
+    return reference
+
+
+def _body_shapes(model: nn.Module, family: Family) -> dict[str, torch.Size]:
+    return {
+        key: value.shape
+        for key, value in model.state_dict().items()
+        if not key.startswith(family.head_prefixes) and not key.endswith("num_batches_tracked")
+    }
+
+
 def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
@@ -293,3 +262,8 @@ def _runs_of_equal_size(names: Sequence[str], sizes: Mapping[str, int]) -> list[
         else:
             runs.append(((name,), sizes[name]))
     return runs
+
+
+def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str = (0, 1, 2, 3, 4)) -> list[StageInfo]:
+    """Channels and stride of each stage of ``arch``, measured on the model built without weights."""
+    return Backbone.without_weights(arch, layers).feature_info()

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-HEAD_PREFIX = "fc."
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _EXAMPLES_SHOWN = 5
 
@@ -105,30 +104,30 @@ def _fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torc
     return [f"{label}: {_examples(keys)}" for label, keys in labelled if keys]
 
 
-def _head_note(head: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], arch: str) -> str | None:
+def _head_note(head: Mapping[str, torch.Tensor], expected_head: Mapping[str, torch.Tensor], arch: str) -> str | None:
     """Why a checkpoint's classifier head is not loaded; ``None`` when it fits."""
     if not head:
         return "classifier head not loaded: the checkpoint has none"
-    expected_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)}
     if head.keys() == expected_head.keys() and all(head[k].shape == expected_head[k].shape for k in head):
         return None
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(head.items()))
-    return f"classifier head not loaded: checkpoint has {shapes}, {arch} has {list(expected['fc.weight'].shape)}"
+    def shapes(tensors: Mapping[str, torch.Tensor]) -> str:
+        return ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(tensors.items()) if k.endswith("weight"))
+
+    return f"classifier head not loaded: checkpoint has {shapes(head)}; {arch} has {shapes(expected_head)}"
 
 
-def load_checkpoint_into(model: nn.Module, arch: str, path: Path) -> str | None:
-    """Load the backbone of a local checkpoint; the head only when it has the model's shape.
-
-    Returns why the head was not loaded, or ``None`` when it was.
+def load_checkpoint_into(model: nn.Module, arch: str, path: Path, head_prefixes: tuple[str, ...]) -> str | None:
+    """Load the backbone of a local checkpoint; the head (the state under ``head_prefixes``) only
+    when it has the model's shapes. Returns why the head was not loaded, or ``None`` when it was.
     """
     state = read_checkpoint(path)
     expected = model.state_dict()
-    backbone = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIX)}
-    given = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    backbone = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
+    given = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
     problems = _fit_problems(backbone, given)
     if problems:
         raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
-    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    note = _head_note(head, expected, arch)
+    head = {k: v for k, v in state.items() if k.startswith(head_prefixes)}
+    note = _head_note(head, {k: v for k, v in expected.items() if k.startswith(head_prefixes)}, arch)
     model.load_state_dict({**given, **(head if note is None else {})}, strict=False)
     return note

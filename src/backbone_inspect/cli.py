@@ -165,7 +165,7 @@ def _exit_code(summary: RunSummary) -> int:
 
 
 def _describe(arch: str, input_size_text: str, json_lines: bool) -> int:
-    from .backbone import describe_stages
+    from .anatomy import describe_stages
     from .options import parse_input_size
     from .render import describe_record, render_description, stride_warning
     from .screen import stdout_console

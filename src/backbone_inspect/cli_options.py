@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .stages import ARCHS, STAGES
+from .families import FAMILIES
 
 MODEL = "Model"
 INPUTS = "Inputs and preprocessing"
@@ -31,9 +31,12 @@ Images = Annotated[
     ),
 ]
 Layers = Annotated[str, _option("--layers", "-l", panel=MODEL, metavar="LIST", help=(
-    f"Stages, comma-separated: {', '.join(f'{i}={n}' for i, n in enumerate(STAGES))}, "
-    "or aliases C2-C5, res2-res5, stage1-stage4."))]
-Arch = Annotated[str, _option("--arch", "-a", panel=MODEL, metavar="NAME", help=f"One of: {', '.join(ARCHS)}.")]
+    "Stages, comma-separated, the same on every arch: 0=stem, 1-4 = the stride-4, 8, 16, 32 outputs "
+    "(ResNet's layer1-layer4, other families' stage1-stage4); or aliases C2-C5, module paths (--describe lists them)."))]
+Arch = Annotated[str, _option("--arch", "-a", panel=MODEL, metavar="NAME", help=(
+    f"A torchvision builder of the {', '.join(family.name for family in FAMILIES)} families "
+    "(resnet50, convnext_tiny, regnet_y_400mf, efficientnet_b0, mobilenet_v3_large, swin_t, maxvit_t ...; "
+    "the README lists them all), or timm:<model name> with timm installed."))]
 Weights = Annotated[str, _option("--weights", "-w", panel=MODEL, metavar="WEIGHTS", help=(
     "none (random, from --seed), a torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2) "
     "or a checkpoint path."))]

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .images import MAX_SIDE, Preprocessing
+from .families import family_of
 from .options import DECODERS, POOLINGS, check_choice, check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
@@ -83,7 +84,6 @@ def feature_config(
     ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device, which ``plan_run`` checks).
     """
     arch = check_arch(arch)
-    stages = parse_layers(layers)
     dtype, save_dtype = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype)
     device = check_device_spec(device)
     if dtype == "tf32" and device in ("cpu", "mps"):  # auto is resolved where the model runs
@@ -91,12 +91,13 @@ def feature_config(
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
     plan = plan_weights(arch, weights)
+    preprocessing = _fixed_input(arch, _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)))
     return FeatureConfig(
         arch=arch,
-        stages=stages,
+        stages=parse_layers(layers, arch),
         weights=plan,
         seed=check_seed(seed),
-        preprocessing=_preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)),
+        preprocessing=preprocessing,
         dtype=dtype,
         save_dtype=save_dtype,
         channels_last=check_flag("--channels-last", channels_last, optional=True),
@@ -107,6 +108,16 @@ def feature_config(
         pool=check_choice("--pool", pool, POOLINGS),
         decode=check_choice("--decode", decode, DECODERS),
     )
+
+
+def _fixed_input(arch: str, preprocessing: Preprocessing) -> Preprocessing:
+    """``preprocessing``, checked against the one input size an arch may take (MaxViT)."""
+    family = family_of(arch)
+    fixed = family.fixed_input if family is not None else None
+    if fixed is not None and preprocessing.crop != fixed:
+        crop = "none" if preprocessing.crop is None else preprocessing.crop
+        raise UsageError(f"--crop {crop}: {arch} takes only {fixed}×{fixed} inputs (fixed when it is built); use --crop {fixed}")
+    return preprocessing
 
 
 def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str | None) -> Preprocessing:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .backbone import along_height, stage_channels, stage_stride
 from .errors import UsageError
 from .options import check_device_spec
 
@@ -80,10 +79,7 @@ def cache_chunk_sizes(
     budget = cache_bytes * 3 // 4
     sizes: dict[str, int] = {}
     for name in backbone.run_order:
-        if name == "stem":  # the stem's largest tensor is conv1's output, before the max pool
-            channels, stride = backbone.conv1.out_channels, along_height(backbone.conv1.stride)
-        else:
-            channels, stride = stage_channels(backbone, name), stage_stride(backbone, name)
+        channels, stride = backbone.stage_peaks[name]  # e.g. ResNet's stem: conv1's output, before the max pool
         per_image = channels * -(-height // stride) * -(-width // stride) * element_size
         size = 1
         while size * 2 * per_image <= budget:

@@ -20,6 +20,7 @@ from .device import cache_chunk_sizes, default_channels_last, last_level_cache_b
 from .errors import UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_slow_bfloat16
+from .stages import stage_names
 from .stats import StageStats, batch_stage_stats
 from .weights import LoadedWeights
 
@@ -70,7 +71,8 @@ class Extractor:
         warn_if_slow_bfloat16(config.dtype, self.device)
         self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
         self.requested: tuple[str, ...] = config.stages
-        run_layers = self.requested + (("layer4",) if config.topk and "layer4" not in self.requested else ())
+        self.deepest = stage_names(config.arch)[-1]
+        run_layers = self.requested + ((self.deepest,) if config.topk and self.deepest not in self.requested else ())
         backbone = Backbone(config.arch, run_layers, config.weights, seed=config.seed, head=config.topk > 0)
         self.backbone = backbone.eval().to(self.device, dtype=self.dtype)
         if self.channels_last:
@@ -101,7 +103,7 @@ class Extractor:
             )
         if self.weights.kind == "checkpoint" and not self.weights.head_loaded:
             raise WeightsError(f"--topk: {self.weights.head_note}; the checkpoint's classes are unknown here")
-        classes = self.backbone.fc.out_features
+        classes = self.backbone.classes
         if len(names) != classes:
             raise UsageError(f"--categories has {len(names)} names, but the classifier of {self.arch} has {classes} classes")
         if not 0 < self.topk <= classes:
@@ -114,7 +116,7 @@ class Extractor:
 
     @property
     def stage_names(self) -> tuple[str, ...]:
-        """The stages asked for (with ``topk``, layer4 also runs, for the classifier)."""
+        """The stages asked for (with ``topk``, the stride-32 stage also runs, for the classifier)."""
         return self.requested
 
     def load(self, path: str | Path) -> torch.Tensor:
@@ -175,7 +177,7 @@ class Extractor:
     def forward_group(self, names: Sequence[str], group: SizeGroup) -> list[ImageResult]:
         """One forward pass over images of one size; statistics computed batched, on the device."""
         features, seconds = self.timed_forward(group.pixels)
-        top = self._top_classes(features["layer4"]) if self.topk else [None] * len(names)
+        top = self._top_classes(features[self.deepest]) if self.topk else [None] * len(names)
         features = OrderedDict((name, features[name]) for name in self.requested)
         stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
         kept = self._kept_features(features) if self.keep_features else {}
@@ -226,10 +228,10 @@ class Extractor:
         host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
         return host.copy_(value, non_blocking=True)
 
-    def _top_classes(self, layer4: torch.Tensor) -> list[tuple[ClassScore, ...]]:
+    def _top_classes(self, deepest: torch.Tensor) -> list[tuple[ClassScore, ...]]:
         assert self.categories is not None
-        with torch.inference_mode(), self._math(tuple(layer4.shape)):
-            probabilities = self.backbone.classify(layer4).float().softmax(dim=1)
+        with torch.inference_mode(), self._math(tuple(deepest.shape)):
+            probabilities = self.backbone.classify(deepest).float().softmax(dim=1)
             values, indices = probabilities.topk(self.topk, dim=1)
         return [
             tuple(ClassScore(i, self.categories[i], p) for i, p in zip(row_indices, row_values))

@@ -25,7 +25,7 @@ def markup_safe(text: str) -> str:
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .backbone import StageDescription
+    from .stages import StageDescription
     from .engine import ModelInfo
     from .extractor import ImageResult
     from .outcomes import RunSummary

@@ -1,71 +1,101 @@
-"""Stage and architecture names. Torch-free, so option parsing and ``--help`` stay instant."""
+"""Stage and architecture names. Torch-free, so option parsing and ``--help`` stay instant.
+
+Stage indices mean the same on every arch: 0 is the stem, 1-4 are the stride-4, 8, 16 and 32
+outputs. Their names are the family's: ResNet's ``stem, layer1..layer4``, every other family's
+``stem, stage1..stage4``; each also answers to FPN's ``C2..C5`` and to its module path in the
+model (``features.3``); ResNet's also to detectron2's ``res2..res5`` and to ``stage1..stage4``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .errors import UsageError
+from .families import ARCHS, FAMILIES, STAGE_NAMES, TIMM_PREFIX, family_of, is_timm
 
-ARCHS: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
+__all__ = ["ARCHS", "DEFAULT_LAYERS", "STAGES", "StageInfo", "check_arch", "parse_layers", "stage_aliases", "stage_name", "stage_names"]
 
-STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
-"""Stage names, shallow to deep; a stage's index in this tuple is its number on the command line."""
+STAGES: tuple[str, ...] = family_of("resnet50").stage_names  # type: ignore[union-attr]
+"""ResNet's stage names, shallow to deep; a stage's index in this tuple is its number on the command line."""
 
-DEFAULT_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
+DEFAULT_LAYERS: tuple[int, ...] = (2, 3, 4)
+"""The stride-8, 16 and 32 stages of any arch: a feature pyramid's input."""
 
 
-STAGE_ALIASES: dict[str, tuple[str, ...]] = {
-    "stem": (),
-    **{
-        f"layer{number}": (f"C{number + 1}", f"res{number + 1}", f"stage{number}")
-        for number in range(1, 5)
-    },
-}
-"""Other names of the stages: FPN's C2-C5, detectron2's res2-res5, Hugging Face's stage1-stage4."""
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage as timm's ``feature_info`` describes it: name, channels and stride (reduction)."""
 
-_BY_ALIAS: dict[str, str] = {alias.lower(): name for name, aliases in STAGE_ALIASES.items() for alias in aliases}
+    name: str
+    channels: int
+    stride: int
 
 
-def valid_stages_text() -> str:
-    return (
-        ", ".join(f"{index}={name}" for index, name in enumerate(STAGES))
-        + " (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
-    )
+@dataclass(frozen=True)
+class StageDescription:
+    """One stage of an arch for an input size, as ``--describe`` shows it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    channels: int
+    stride: int
+    output_size: tuple[int, int]
+    receptive_field: int | None
+    """In input pixels, along the convolutions and poolings; ``None`` where attention mixes whole windows."""
+    parameters: int
+    """Up to and including this stage."""
+
+    def bytes_per_image(self, element_size: int) -> int:
+        return self.channels * self.output_size[0] * self.output_size[1] * element_size
 
 
-def stage_name(token: int | str) -> str:
-    """The canonical name of one stage given as an index (``2``), a name (``"layer2"``) or an alias (``"C3"``)."""
-    if isinstance(token, bool):
-        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
-    if isinstance(token, int):
-        if 0 <= token < len(STAGES):
-            return STAGES[token]
-        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
-    if not isinstance(token, str):
-        raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
-    text = token.strip()
-    if text.isascii() and text.isdigit():
-        return stage_name(int(text))
-    if text.lower() in STAGES:
-        return text.lower()
-    if text.lower() in _BY_ALIAS:
-        return _BY_ALIAS[text.lower()]
-    raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text()}")
+def stage_names(arch: str) -> tuple[str, ...]:
+    """The five stage names of ``arch``, by index."""
+    family = family_of(arch)
+    return family.stage_names if family is not None else STAGE_NAMES
 
 
-def parse_layers(layers: int | str | Iterable[int | str]) -> tuple[str, ...]:
-    """Canonical stage names, shallow to deep, without repeats.
+def stage_aliases(arch: str) -> dict[str, tuple[str, ...]]:
+    """Each stage's other names on ``arch``: C2-C5, its module path, and ResNet's res2-res5 and stage1-4."""
+    family, names = family_of(arch), stage_names(arch)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for index, name in enumerate(names):
+        others = [f"C{index + 1}"] if index else []
+        if family is not None and family.name == "resnet":
+            others += [f"res{index + 1}", f"stage{index}"] if index else []
+        elif family is not None:
+            others.append(family.stage_steps[index])
+        aliases[name] = tuple(other for other in others if other != name)
+    return aliases
+
+
+def valid_stages_text(arch: str = "resnet50") -> str:
+    names, family = stage_names(arch), family_of(arch)
+    others = f"C2-C5 for {names[1]}-{names[4]}"
+    if family is not None and family.name == "resnet":
+        others = "C2-C5, res2-res5, stage1-stage4 for layer1-layer4"
+    elif family is not None:
+        others += f"; module paths {', '.join(family.stage_steps)}"
+    return ", ".join(f"{index}={name}" for index, name in enumerate(names)) + f" (also {others})"
+
+
+def stage_name(token: int | str, arch: str = "resnet50") -> str:
+    """The canonical name on ``arch`` of one stage given as an index (``2``), a name (``"layer2"``) or an alias (``"C3"``)."""
+    names = stage_names(arch)
+    by_alias = {alias.lower(): name for name, aliases in stage_aliases(arch).items() for alias in (name, *aliases)}
+    if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < len(names):
+        return names[token]
+    text = token.strip() if isinstance(token, str) else None
+    if text is not None and text.isascii() and text.isdigit():
+        return stage_name(int(text), arch)
+    if text is not None and text.lower() in by_alias:
+        return by_alias[text.lower()]
+    raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text(arch)}")
+
+
+def parse_layers(layers: int | str | Iterable[int | str], arch: str = "resnet50") -> tuple[str, ...]:
+    """Canonical stage names of ``arch``, shallow to deep, without repeats.
 
     Accepts ``"2,3,4"``, ``"layer2,layer4"``, ``"stem,1"`` or an iterable of indices and names.
     """
@@ -77,17 +107,19 @@ def parse_layers(layers: int | str | Iterable[int | str]) -> tuple[str, ...]:
         tokens: list[int | str] = list(layers.split(","))
         if any(not str(token).strip() for token in tokens):
             raise UsageError(
-                f"invalid --layers {layers!r}: empty stage; valid stages: {valid_stages_text()}"
+                f"invalid --layers {layers!r}: empty stage; valid stages: {valid_stages_text(arch)}"
             )
     else:
         tokens = list(layers)
     if not tokens:
-        raise UsageError(f"no stages given; valid stages: {valid_stages_text()}")
-    names = {stage_name(token) for token in tokens}
-    return tuple(name for name in STAGES if name in names)
+        raise UsageError(f"no stages given; valid stages: {valid_stages_text(arch)}")
+    chosen = {stage_name(token, arch) for token in tokens}
+    return tuple(name for name in stage_names(arch) if name in chosen)
 
 
 def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
-        raise UsageError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    """``arch`` when it is a known torchvision arch or ``timm:<name>`` (a timm name is checked when built)."""
+    if not isinstance(arch, str) or not (arch in ARCHS or (is_timm(arch) and arch[len(TIMM_PREFIX) :].strip())):
+        by_family = "; ".join(f"{family.name}: {', '.join(family.archs)}" for family in FAMILIES)
+        raise UsageError(f"unknown arch {arch!r}; valid archs: {by_family}; or timm:<model name> (with timm installed)")
     return arch

@@ -283,17 +283,12 @@ def feature_bytes(config: FeatureConfig, input_sizes: Sequence[tuple[int, int]])
     From the stage shapes of a model on the meta device: nothing is computed.
     """
     import torch
-    import torchvision
 
-    from .backbone import Backbone
+    from .anatomy import stage_shapes
     from .precision import TORCH_DTYPES
 
-    with torch.device("meta"):
-        backbone = Backbone(config.arch, config.stages, model=torchvision.models.get_model(config.arch))
     element = torch.empty((), dtype=TORCH_DTYPES[config.save_dtype]).element_size()
-    per_size: dict[tuple[int, int], int] = {}
-    for size in set(input_sizes):
-        with torch.device("meta"):
-            features = backbone(torch.empty(1, 3, *size))
-        per_size[size] = element * sum(f.shape[1] if config.pool != "none" else f[0].numel() for f in features.values())
-    return per_size
+    return {
+        size: element * sum(c if config.pool != "none" else c * h * w for c, h, w in shapes.values())
+        for size, shapes in stage_shapes(config.arch, config.stages, input_sizes).items()
+    }

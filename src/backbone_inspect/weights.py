@@ -1,4 +1,4 @@
-"""Weights for a ResNet: none (seeded random), torchvision's named weights, or a local checkpoint."""
+"""Weights for a torchvision model: none (seeded random), torchvision's named weights, or a local checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from .errors import UsageError, WeightsError, first_line
 from .images import Preprocessing
+from .families import family_of
 from .stages import check_arch
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def plan_weights(arch: str, weights: Any = None) -> WeightsPlan:
 
 
 def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
-    """The torchvision ResNet ``arch`` with ``weights`` loaded, and a description of them."""
+    """The torchvision model ``arch`` with ``weights`` loaded, and a description of them."""
     plan = plan_weights(arch, weights)
     model = _random_model(arch, seed)
     if plan.kind == "none":
@@ -179,7 +180,7 @@ def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Mo
     if plan.kind == "checkpoint":
         from .checkpoints import load_checkpoint_into
 
-        note = load_checkpoint_into(model, arch, Path(plan.label))
+        note = load_checkpoint_into(model, arch, Path(plan.label), family_of(arch).head_prefixes)  # type: ignore[union-attr]
         return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
     member = _named_weights(arch, plan.label)
     model.load_state_dict(_hub_state_dict(arch, member))

@@ -1,0 +1,93 @@
+"""What an arch's stages are, measured on the model built without weights: channels, strides,
+output sizes, receptive fields and parameters (``--describe``, ``feature_info``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, torchvision_family
+from .errors import UsageError
+from .families import is_timm
+from .stages import StageDescription, stage_aliases, stage_names
+
+
+def check_input_size(arch: str, input_size: tuple[int, int]) -> None:
+    """``UsageError`` where the arch takes only the input size it was built for (MaxViT)."""
+    fixed = torchvision_family(arch).fixed_input if not is_timm(arch) else None
+    if fixed is not None and tuple(input_size) != (fixed, fixed):
+        raise UsageError(f"{arch} takes only {fixed}×{fixed} inputs (its attention windows are fixed when it is built), not {input_size[0]}×{input_size[1]}")
+
+
+def along_height(value: int | tuple[int, ...]) -> int:
+    """A convolution's or pooling's kernel size, stride or dilation along the height (PyTorch stores an int or a pair)."""
+    return value[0] if isinstance(value, tuple) else int(value)
+
+
+def _main_path(backbone: Backbone, name: str) -> Iterator[nn.Module]:
+    """The convolutions and max poolings of one stage in the order they run, projection shortcuts left out."""
+    for path in backbone.stage_steps(name):
+        for qualified_name, module in backbone.get_submodule(path).named_modules():
+            if not set(qualified_name.split(".")) & set(backbone.family.shortcuts) and isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+                yield module
+
+
+def receptive_fields(backbone: Backbone) -> dict[str, int | None]:
+    """Theoretical receptive field of one output position of each stage that runs, in input pixels.
+
+    Each convolution or pooling of kernel k and dilation d widens it by (k - 1) * d * jump, where
+    jump is the product of the strides before it. Squeeze-and-excitation's global gating
+    (RegNetY, EfficientNet, MobileNetV3) is not counted; attention families get ``None``.
+    """
+    field, jump, fields = 1, 1, {}
+    for name in backbone.run_order:
+        for module in _main_path(backbone, name):
+            kernel, stride, dilation = (along_height(v) for v in (module.kernel_size, module.stride, module.dilation))
+            field += (kernel - 1) * dilation * jump
+            jump *= stride
+        fields[name] = None if backbone.family.attention else field
+    return fields
+
+
+def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
+    """Every stage of ``arch`` for one input size, on the model built without weights."""
+    if is_timm(arch):
+        from .timm_backbone import describe_timm_stages
+
+        return describe_timm_stages(arch, input_size)
+    backbone = Backbone.without_weights(arch).eval()
+    shapes = meta_shapes(backbone, input_size)
+    fields, aliases = receptive_fields(backbone), stage_aliases(arch)
+    return [
+        StageDescription(
+            name=name, aliases=aliases[name], channels=backbone.channels[name], stride=backbone.strides[name],
+            output_size=shapes[name][1:],
+            receptive_field=fields[name], parameters=_parameters_through(backbone, name),
+        )
+        for name in stage_names(arch)
+    ]
+
+
+def meta_shapes(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
+    """Each returned stage's (C, H, W) for one input size: the replay run on the meta device, without compute."""
+    check_input_size(backbone.arch, input_size)
+    state = {key: torch.empty_like(value, device="meta") for key, value in backbone.state_dict(keep_vars=True).items()}
+    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
+    with torch.no_grad():
+        features = torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
+    return {name: (int(value.shape[1]), int(value.shape[2]), int(value.shape[3])) for name, value in features.items()}
+
+
+def stage_shapes(
+    arch: str, stages: tuple[str, ...], input_sizes: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], dict[str, tuple[int, int, int]]]:
+    """Per input size, the (C, H, W) of ``stages`` of ``arch``, from the model built once without weights."""
+    backbone = Backbone.without_weights(arch, stages).eval()
+    return {size: meta_shapes(backbone, size) for size in set(input_sizes)}
+
+
+def _parameters_through(backbone: Backbone, name: str) -> int:
+    """Parameters of every module up to and including a stage."""
+    return sum(p.numel() for path in backbone.family.steps_through(name) for p in backbone.get_submodule(path).parameters())

@@ -1,0 +1,153 @@
+"""Every declared family replays torchvision's own model: stages, head, early stop, shapes, describe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from backbone_inspect import Backbone, feature_info
+from backbone_inspect.families import ARCHS, FAMILIES, family_of
+from backbone_inspect.stages import stage_names
+
+from conftest import assert_close_scaled, invoke, seeded_model
+
+SMALLEST = [family.archs[0] for family in FAMILIES] + ["regnet_y_400mf", "swin_v2_t"]
+"""The first builder of every family (the smallest), and the second layout inside RegNet and Swin."""
+
+
+def side(arch: str) -> int:
+    fixed = family_of(arch).fixed_input
+    return fixed or 64
+
+
+def model_and_input(arch: str, batch: int = 2) -> tuple[torch.nn.Module, torch.Tensor]:
+    model = seeded_model(arch, seed=3)
+    return model, torch.randn(batch, 3, side(arch), side(arch), generator=torch.Generator().manual_seed(1))
+
+
+def as_nchw(arch: str, value: torch.Tensor) -> torch.Tensor:
+    return value.permute(0, 3, 1, 2) if family_of(arch).channels_last_outputs else value
+
+
+@pytest.mark.parametrize("arch", SMALLEST)
+def test_every_stage_equals_create_feature_extractor_and_the_head_gives_the_models_logits(arch: str) -> None:
+    family, names = family_of(arch), stage_names(arch)
+    model, x = model_and_input(arch)
+    reference = create_feature_extractor(model, {path: name for path, name in zip(family.stage_steps, names)})
+    backbone = Backbone(arch, (0, 1, 2, 3, 4), model=model, head=True).eval()
+    with torch.no_grad():
+        expected, features, logits = reference(x), backbone(x), model(x)
+        classified = backbone.classify(features[names[-1]])
+    assert list(features) == list(names)
+    for name in names:
+        assert features[name].shape[1] == backbone.channels[name]
+        assert_close_scaled(features[name], as_nchw(arch, expected[name]), rtol=1e-6)
+    assert_close_scaled(classified, logits, rtol=1e-6)
+    assert backbone.classes == logits.shape[1]
+
+
+def step_outputs(arch: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """Each step's (channels, stride) from the model's own forward, seen through forward hooks, and the side used."""
+    family = family_of(arch)
+    try:
+        with torch.device("meta"):
+            model, size = torchvision.models.get_model(arch).eval(), family.fixed_input or 224
+    except NotImplementedError:  # RegNet's builder reads tensor values: a real forward on a small input
+        model, size = torchvision.models.get_model(arch).eval(), 64
+    seen: dict[str, tuple[int, int]] = {}
+    for path in family.steps:
+        def record(module, inputs, output, path=path) -> None:
+            output = as_nchw(arch, output)
+            seen[path] = (output.shape[1], size // output.shape[2])
+
+        model.get_submodule(path).register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.empty(1, 3, size, size, device=next(model.parameters()).device))
+    return seen, size
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHS if family_of(arch).name != "regnet"] + ["regnet_x_400mf", "regnet_y_400mf"])
+def test_stages_are_the_last_steps_before_each_stride_change_with_their_measured_channels(arch: str) -> None:
+    family = family_of(arch)
+    seen, _ = step_outputs(arch)
+    strides = [seen[path][1] for path in family.stage_steps]
+    assert strides[1:] == [4, 8, 16, 32] and strides[0] in (2, 4)
+    assert family.steps.index(family.stage_steps[0]) < family.steps.index(family.stage_steps[1])
+    for path in family.stage_steps[1:]:
+        following = family.steps[family.steps.index(path) + 1 :]
+        assert not following or seen[following[0]][1] > seen[path][1], f"{path} is not the last step at its stride"
+    infos = feature_info(arch)
+    assert [(info.name, info.channels, info.stride) for info in infos] == [
+        (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)
+    ]
+
+
+@pytest.mark.parametrize("arch", SMALLEST)
+def test_modules_past_the_deepest_stage_are_neither_held_nor_run(arch: str) -> None:
+    family = family_of(arch)
+    model, x = model_and_input(arch, batch=1)
+    calls = {path: 0 for path in family.steps + tuple(p for p in family.head if p != "flatten")}
+    for path in calls:
+        model.get_submodule(path).register_forward_hook(lambda *_, path=path: calls.__setitem__(path, calls[path] + 1))
+    backbone = Backbone(arch, (2,), model=model).eval()
+    assert all(count == 0 for count in calls.values()), "building measures a model of its own, not the caller's"
+    with torch.no_grad():
+        backbone(x)
+    held = family.steps_through(stage_names(arch)[2])
+    assert [path for path, count in calls.items() if count] == list(held)
+    assert all(key.startswith(tuple(f"{path}." for path in held)) for key in backbone.state_dict())
+    assert backbone.load_state_dict(model.state_dict(), strict=False).missing_keys == []
+
+
+@pytest.mark.parametrize("arch", SMALLEST)
+def test_describe_lists_every_stage_with_its_aliases_and_measured_shapes(arch: str) -> None:
+    size = side(arch) if family_of(arch).fixed_input else 96
+    result = invoke("--describe", "--arch", arch, "--input-size", str(size), "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["stages"]
+    family, names = family_of(arch), stage_names(arch)
+    model = seeded_model(arch)
+    with torch.no_grad():
+        expected = create_feature_extractor(model, dict(zip(family.stage_steps, names)))(torch.zeros(1, 3, size, size))
+    assert [row["name"] for row in rows] == list(names)
+    for index, (row, path) in enumerate(zip(rows, family.stage_steps)):
+        channels, height, width = as_nchw(arch, expected[row["name"]])[0].shape
+        assert (row["channels"], *row["output_size"]) == (channels, height, width)
+        assert path in row["aliases"] or path == row["name"] or family.name == "resnet"
+        assert index == 0 or f"C{index + 1}" in row["aliases"]
+        assert (row["receptive_field"] is None) == family.attention
+    body = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(family.head_prefixes))
+    assert rows[-1]["parameters"] == body
+
+
+def test_describe_builds_the_regnets_whose_builder_cannot_run_on_the_meta_device() -> None:
+    result = invoke("--describe", "--arch", "regnet_x_400mf", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["stages"][-1]["stride"] == 32
+
+
+def test_receptive_field_of_a_regnet_equals_what_backpropagation_reaches() -> None:
+    from backbone_inspect.anatomy import describe_stages
+
+    model = seeded_model("regnet_x_400mf").double()
+    x = torch.randn(1, 3, 160, 160, dtype=torch.float64, requires_grad=True)
+    out = Backbone("regnet_x_400mf", (2,), model=model).eval()(x)["stage2"]
+    out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+    rows = (x.grad[0].abs().sum(dim=(0, 2)) > 0).nonzero()
+    described = {d.name: d for d in describe_stages("regnet_x_400mf", (160, 160))}
+    assert described["stage2"].receptive_field == int(rows.max() - rows.min() + 1)
+
+
+def test_stage_names_and_aliases_of_a_family_choose_the_same_stages() -> None:
+    backbone = Backbone("convnext_tiny", "C3,features.5,stage4")
+    assert backbone.stage_names == ("stage2", "stage3", "stage4")
+    assert (backbone.strides["stage2"], backbone.strides["stage3"], backbone.strides["stage4"]) == (8, 16, 32)
+
+
+def test_maxvit_refuses_inputs_of_another_size_with_a_usage_error(chelsea) -> None:
+    result = invoke(chelsea, "--arch", "maxvit_t", "--crop", "none", "--device", "cpu")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --crop none: maxvit_t takes only 224×224 inputs (fixed when it is built); use --crop 224\n"
