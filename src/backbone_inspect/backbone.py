@@ -67,8 +67,9 @@ class Backbone(nn.Module):
         self._hold_stages(arch, layers, model, measured, head)
 
     @classmethod
-    def without_weights(cls, arch: str, layers: Iterable[int | str] | str = (0, 1, 2, 3, 4)) -> Backbone:
-        """The replay over ``arch`` built without weights (``skeleton``): for shapes and parameter counts."""
+    def without_weights(cls, arch: str, layers: Iterable[int | str] | str | None = None) -> Backbone:
+        """The replay over ``arch`` built without weights (``skeleton``): for shapes and parameter counts.
+        ``layers=None``: every stage the arch has."""
         if is_timm(arch):
             from .timm_backbone import TimmBackbone
 
@@ -77,7 +78,7 @@ class Backbone(nn.Module):
         nn.Module.__init__(backbone)
         backbone.weights_info = None
         built = skeleton(arch)
-        backbone._hold_stages(arch, layers, built, built, head=False)
+        backbone._hold_stages(arch, (0, 1, 2, 3, 4) if layers is None else layers, built, built, head=False)
         return backbone
 
     def _hold_stages(self, arch: str, layers: Iterable[int | str] | str, model: nn.Module, measured: nn.Module, head: bool) -> None:
@@ -264,6 +265,6 @@ def _runs_of_equal_size(names: Sequence[str], sizes: Mapping[str, int]) -> list[
     return runs
 
 
-def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str = (0, 1, 2, 3, 4)) -> list[StageInfo]:
-    """Channels and stride of each stage of ``arch``, measured on the model built without weights."""
+def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str | None = None) -> list[StageInfo]:
+    """Channels and stride of each stage of ``arch`` (``None``: every one), measured on the model built without weights."""
     return Backbone.without_weights(arch, layers).feature_info()

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .images import MAX_SIDE, Preprocessing
-from .families import family_of
+from .families import family_of, is_timm
 from .options import DECODERS, POOLINGS, check_choice, check_device_spec, check_dtype, check_flag, check_seed, parse_size, read_categories
 from .stages import DEFAULT_LAYERS, check_arch, parse_layers
 from .weights import WeightsPlan, plan_weights
@@ -90,7 +90,7 @@ def feature_config(
         raise UsageError(f"--dtype tf32: TF32 is a CUDA mode (--device {device}); use --dtype float32")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
-    plan = plan_weights(arch, weights)
+    plan = _checked_timm_plan(arch, weights, layers, topk) if is_timm(arch) else plan_weights(arch, weights)
     preprocessing = _fixed_input(arch, _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)))
     return FeatureConfig(
         arch=arch,
@@ -108,6 +108,14 @@ def feature_config(
         pool=check_choice("--pool", pool, POOLINGS),
         decode=check_choice("--decode", decode, DECODERS),
     )
+
+
+def _checked_timm_plan(arch: str, weights: Any, layers: Iterable[int | str] | str | int, topk: int) -> WeightsPlan:
+    from .timm_models import check_timm_config, plan_timm_weights
+
+    plan = plan_timm_weights(arch, weights)  # first: names the extra when timm is missing
+    check_timm_config(arch, parse_layers(layers, arch), topk)
+    return plan
 
 
 def _fixed_input(arch: str, preprocessing: Preprocessing) -> Preprocessing:

@@ -135,7 +135,7 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
             str(stage.channels),
             str(stage.stride),
             f"{stage.output_size[0]}×{stage.output_size[1]}",
-            str(stage.receptive_field),
+            "-" if stage.receptive_field is None else str(stage.receptive_field),
             f"{stage.parameters:,}",
             human_bytes(stage.bytes_per_image(4)),
             human_bytes(stage.bytes_per_image(2)),

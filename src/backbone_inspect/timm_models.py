@@ -1,0 +1,199 @@
+"""timm's models (``--arch timm:<name>``, the optional ``[timm]`` extra): names, weights, and which
+of a model's ``feature_info`` entries are the stages.
+
+The stage rule is the torchvision families' own: stage 1-4 are the last ``feature_info`` entries
+at reductions 4, 8, 16 and 32, stage 0 the last at reduction 2. A model without all four of 4-32
+(a ViT: 16 throughout) is no feature pyramid, and is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError, WeightsError, first_line
+from .families import TIMM_PREFIX
+from .images import Preprocessing
+from .stages import STAGE_NAMES
+from .weights import LoadedWeights, WeightsPlan
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PYRAMID_REDUCTIONS: tuple[int, ...] = (2, 4, 8, 16, 32)
+"""The reduction of each stage index: the stem's, then stages 1-4's."""
+NAMED_WEIGHTS = ("DEFAULT", "PRETRAINED")
+
+
+def import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("--arch timm:...: timm is not installed; pip install 'backbone-inspect[timm]'") from None
+    return timm
+
+
+def timm_name(arch: str) -> str:
+    """The timm model name of ``timm:<name>``, checked against timm's registry."""
+    timm, name = import_timm(), arch[len(TIMM_PREFIX) :].strip()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown timm model {name!r}; {hint}timm.list_models('pattern*') lists them")
+    return name
+
+
+def stage_indices(arch: str, feature_info: list[dict[str, Any]]) -> dict[str, int]:
+    """Stage name → index into the model's ``feature_info`` (the stem only where it has a reduction-2 entry)."""
+    reductions = [int(entry["reduction"]) for entry in feature_info]
+    found = {
+        name: max(index for index, reduction in enumerate(reductions) if reduction == wanted)
+        for name, wanted in zip(STAGE_NAMES, PYRAMID_REDUCTIONS)
+        if wanted in reductions
+    }
+    if any(name not in found for name in STAGE_NAMES[1:]):
+        raise UsageError(
+            f"--arch {arch}: its feature_info has reductions {', '.join(map(str, reductions))}, not a pyramid "
+            "of stride-4, 8, 16 and 32 outputs; the stages are defined for CNN-like models"
+        )
+    return found
+
+
+def feature_dicts(model: nn.Module) -> list[dict[str, Any]]:
+    """A timm model's ``feature_info`` as a list of dicts (``num_chs``, ``reduction``, ``module``)."""
+    info = model.feature_info
+    return info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+
+
+def check_stages(arch: str, stages: tuple[str, ...], found: dict[str, int]) -> None:
+    if any(name not in found for name in stages):
+        raise UsageError(f"--arch {arch} has no stride-2 output for the stem (its first stage has stride 4): choose among 1-4")
+
+
+def check_timm_config(arch: str, stages: tuple[str, ...], topk: int) -> None:
+    """Usage errors a timm arch raises before anything is run: a stage it lacks, ``--topk``."""
+    if topk:
+        raise UsageError(f"--topk: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
+    check_stages(arch, stages, stage_indices(arch, feature_dicts(timm_skeleton(arch))))
+
+
+def timm_skeleton(arch: str) -> nn.Module:
+    """A timm model built without weights, on the meta device where its builder allows, in eval mode."""
+    import torch
+
+    timm, name = import_timm(), timm_name(arch)
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False).eval()
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values
+        return timm.create_model(name, pretrained=False).eval()
+
+
+def plan_timm_weights(arch: str, weights: Any = None) -> WeightsPlan:
+    """``none``, ``DEFAULT``/``pretrained`` (timm's pretrained weights, from its Hugging Face cache) or a checkpoint path."""
+    name = timm_name(arch)
+    if isinstance(weights, WeightsPlan):
+        if weights.arch != arch:
+            raise UsageError(f"weights planned for {weights.arch} cannot load into {arch}")
+        return weights
+    if weights is None or (isinstance(weights, str) and weights.strip().lower() == "none"):
+        return WeightsPlan(arch, "none", "none", Preprocessing())
+    if isinstance(weights, str) and weights.strip().upper() in NAMED_WEIGHTS and not Path(weights).exists():
+        return WeightsPlan(arch, "named", "DEFAULT", _timm_preprocessing(name))
+    if isinstance(weights, (str, os.PathLike)) and str(weights).strip():
+        return WeightsPlan(arch, "checkpoint", str(weights), Preprocessing())
+    raise UsageError(f"--weights {weights!r} for {arch}: give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
+
+
+def _timm_preprocessing(name: str) -> Preprocessing:
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    config = resolve_data_config(pretrained_cfg=get_pretrained_cfg(name).to_dict())
+    crop = int(config["input_size"][-1])
+    return Preprocessing(
+        resize=int(crop / config["crop_pct"]), crop=crop, interpolation=str(config["interpolation"]),
+        mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+    )
+
+
+def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
+    """The timm model of ``arch`` with its weights loaded, and a description of them."""
+    import torch
+
+    timm, plan = import_timm(), plan_timm_weights(arch, weights)
+    name = timm_name(arch)
+    if plan.kind == "named":
+        return _pretrained(timm, name), LoadedWeights("DEFAULT", "named", plan.preprocessing, head_loaded=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False)
+    if plan.kind == "none":
+        return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
+    from .checkpoints import load_checkpoint_into
+
+    head = model.pretrained_cfg.get("classifier") or "fc"
+    prefixes = tuple(f"{path}." for path in ((head,) if isinstance(head, str) else head))
+    note = load_checkpoint_into(model, arch, Path(plan.label), prefixes)
+    return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The files timm's Hugging Face repositories hold its weights in, in the order timm tries them."""
+
+
+def _pretrained(timm: Any, name: str) -> nn.Module:
+    """timm's pretrained model, read from the Hugging Face cache without a request when cached there."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    hub_id = get_pretrained_cfg(name).hf_hub_id or name
+    cached = [huggingface_hub.try_to_load_from_cache(hub_id, file, cache_dir=constants.HF_HUB_CACHE) for file in HUB_FILES]
+    found = next((path for path in cached if isinstance(path, str)), None)
+    if found is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found, "source": "file"})
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
+    missing = (
+        f"timm weights for {name} are not cached and cannot be downloaded (%s); on a machine online run "
+        f"timm.create_model({name!r}, pretrained=True), then copy {folder.name} from its Hugging Face cache into {folder.parent}"
+    )
+    if constants.HF_HUB_OFFLINE or not _resolves("huggingface.co"):
+        raise WeightsError(missing % ("offline: HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "huggingface.co cannot be resolved"))
+    try:
+        with _quiet_hub():
+            return timm.create_model(name, pretrained=True)
+    except Exception as error:
+        raise WeightsError(missing % first_line(error)) from error
+
+
+def _resolves(host: str) -> bool:
+    """Whether the host name resolves: offline machines fail here at once, not after the hub's retries."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Any:
+    """Hugging Face's progress and retry messages kept off a non-terminal stderr, where errors stay one line."""
+    import logging
+
+    hub_log, level = logging.getLogger("huggingface_hub"), logging.getLogger("huggingface_hub").level
+    chatter = sys.stderr if sys.stderr.isatty() else io.StringIO()
+    if not sys.stderr.isatty():
+        hub_log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            yield
+    finally:
+        hub_log.setLevel(level)

@@ -1,0 +1,134 @@
+"""``--arch timm:<name>``: timm's own replay (forward_intermediates) under the same stage rule."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone_inspect import Backbone, feature_info, open_features
+
+from conftest import SAMPLES, assert_close_scaled, invoke
+
+timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
+
+MODELS = {
+    "resnet18": ("stem", "stage1", "stage2", "stage3", "stage4"),  # a ResNet: act1 at reduction 2 is the stem
+    "efficientnet_b0": ("stem", "stage1", "stage2", "stage3", "stage4"),  # stages are the last blocks at a stride
+    "convnext_atto": ("stage1", "stage2", "stage3", "stage4"),  # no stride-2 output: no stem
+}
+
+
+def seeded_timm(name: str, seed: int = 2) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+@pytest.mark.parametrize(("name", "stages"), MODELS.items())
+def test_stages_equal_timms_own_features_only_model_on_the_same_weights(name: str, stages: tuple[str, ...]) -> None:
+    model = seeded_timm(name)
+    reductions = [entry["reduction"] for entry in model.feature_info]
+    indices = [max(i for i, r in enumerate(reductions) if r == wanted) for wanted in (2, 4, 8, 16, 32)[-len(stages) :]]
+    reference = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices).eval()
+    wanted = reference.state_dict()
+    # features_only flattens Sequential owners: convnext's stages.0.x is stages_0.x there.
+    state = {key if key in wanted else key.replace(".", "_", 1): value for key, value in model.state_dict().items()}
+    assert reference.load_state_dict(state, strict=False).missing_keys == []
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    backbone = Backbone(f"timm:{name}", stages, model=model).eval()
+    with torch.no_grad():
+        expected, features = reference(x), backbone(x)
+    assert list(features) == list(stages)
+    for (stage, feature), wanted, channels in zip(features.items(), expected, reference.feature_info.channels()):
+        assert_close_scaled(feature, wanted, rtol=1e-6)
+        assert backbone.channels[stage] == channels == feature.shape[1]
+        assert backbone.strides[stage] == 64 // feature.shape[-1]
+    assert [info.name for info in feature_info(f"timm:{name}")] == list(stages)
+
+
+def test_modules_past_the_deepest_stage_are_not_held() -> None:
+    backbone = Backbone("timm:resnet18", (2,))
+    keys = set(backbone.state_dict())
+    assert any(key.startswith("model.layer2.") for key in keys)
+    assert not any(key.startswith(("model.layer3.", "model.layer4.", "model.fc.")) for key in keys)
+
+
+def test_a_dump_reads_back_equal_to_the_replay_and_describe_names_the_stages(tmp_path: Path) -> None:
+    out = tmp_path / "feats"
+    result = invoke(SAMPLES, "--arch", "timm:convnext_atto", "--layers", "2,4", "--save", out, "--format", "shards",
+                    "--resize", "64", "--crop", "64", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    stored = open_features(out)
+    from backbone_inspect.images import Preprocessing, load_image_tensor
+
+    pixels = load_image_tensor(stored.images[0].image, Preprocessing(resize=64, crop=64)).unsqueeze(0).float().div(255)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = Backbone("timm:convnext_atto", (2, 4), seed=0).eval()((pixels - mean) / std)
+    features, _ = stored[0]
+    for stage in ("stage2", "stage4"):
+        assert_close_scaled(features[stage], expected[stage][0], rtol=1e-5)
+    described = invoke("--describe", "--arch", "timm:convnext_atto", "--json")
+    rows = json.loads(described.stdout)["stages"]
+    assert [(r["name"], r["stride"], r["receptive_field"]) for r in rows] == [(f"stage{i}", 2 ** (i + 1), None) for i in range(1, 5)]
+
+
+def test_a_timm_checkpoint_loads(tmp_path: Path) -> None:
+    model = seeded_timm("resnet18", seed=7)
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        loaded = Backbone("timm:resnet18", (4,), tmp_path / "r18.pth").eval()(x)["stage4"]
+        expected = Backbone("timm:resnet18", (4,), model=seeded_timm("resnet18", seed=7)).eval()(x)["stage4"]
+    assert torch.equal(loaded, expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "timm:resnet_18"], "Error: unknown timm model 'resnet_18'; did you mean resnet18"),
+        (["--arch", "timm:vit_tiny_patch16_224"], "Error: --arch timm:vit_tiny_patch16_224: its feature_info has reductions 16, 16,"),
+        (["--arch", "timm:convnext_atto", "--layers", "0"], "Error: --arch timm:convnext_atto has no stride-2 output for the stem"),
+        (["--arch", "timm:resnet18", "--topk", "3"], "Error: --topk: timm:resnet18 runs through timm's forward_intermediates"),
+    ],
+)
+def test_what_timm_cannot_do_is_a_usage_error(chelsea: Path, args: list[str], message: str) -> None:
+    result = invoke(chelsea, *args, "--device", "cpu")
+    assert result.exit_code == 2 and result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1
+
+
+def test_without_timm_the_error_names_the_extra(chelsea: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    result = invoke(chelsea, "--arch", "timm:resnet18", "--device", "cpu")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --arch timm:...: timm is not installed; pip install 'backbone-inspect[timm]'\n"
+
+
+def test_pretrained_weights_offline_name_the_cache_folder(chelsea: Path) -> None:
+    result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("Error: timm weights for resnet18 are not cached and cannot be downloaded")
+    assert "models--timm--resnet18.a1_in1k" in result.stderr
+
+
+def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    from backbone_inspect.timm_models import build_timm_model
+
+    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    trained = seeded_timm("resnet18", seed=5)
+    save_file(trained.state_dict(), snapshot / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model, loaded = build_timm_model("timm:resnet18", "DEFAULT")
+    assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "DEFAULT", 224, "bicubic")
+    assert loaded.preprocessing.resize == int(224 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
