@@ -151,3 +151,53 @@ def test_maxvit_refuses_inputs_of_another_size_with_a_usage_error(chelsea) -> No
     result = invoke(chelsea, "--arch", "maxvit_t", "--crop", "none", "--device", "cpu")
     assert result.exit_code == 2
     assert result.stderr == "Error: --crop none: maxvit_t takes only 224×224 inputs (fixed when it is built); use --crop 224\n"
+
+
+def normalised(path, size: int) -> torch.Tensor:
+    from backbone_inspect.images import Preprocessing, load_image_tensor
+
+    pixels = load_image_tensor(path, Preprocessing(resize=size, crop=size)).unsqueeze(0).float().div(255)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "efficientnet_b0"])
+def test_a_dump_with_topk_holds_the_models_own_features_and_classes(tmp_path, chelsea, arch: str) -> None:
+    from conftest import features as saved_features
+
+    model = seeded_model(arch, seed=4)
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(f"class{i}" for i in range(1000)) + "\n")
+    result = invoke(chelsea, "--arch", arch, "--weights", tmp_path / "model.pth", "--layers", "1,4", "--save", tmp_path / "out",
+                    "--topk", "3", "--categories", names, "--json", "--resize", "64", "--crop", "64", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    x = normalised(chelsea, 64)
+    family = family_of(arch)
+    with torch.no_grad():
+        expected = create_feature_extractor(model, {family.stage_steps[1]: "stage1", family.stage_steps[4]: "stage4"})(x)
+        top = model(x).softmax(dim=1).topk(3)
+    stored = saved_features(tmp_path / "out" / "chelsea.pt")
+    for stage in ("stage1", "stage4"):
+        assert_close_scaled(stored[stage], as_nchw(arch, expected[stage])[0])
+        assert stored[stage].is_contiguous()
+    record = json.loads(result.stdout.splitlines()[0])
+    assert [entry["index"] for entry in record["top"]] == top.indices[0].tolist()
+    assert [entry["probability"] for entry in record["top"]] == pytest.approx(top.values[0].tolist(), rel=1e-4)
+
+
+def test_named_weights_of_another_family_bring_their_preprocessing_and_classes(torch_home) -> None:
+    import os
+    from urllib.parse import urlparse
+
+    from backbone_inspect.weights import build_model
+
+    member = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    trained = seeded_model("mobilenet_v3_small", seed=9)
+    torch.save(trained.state_dict(), folder / os.path.basename(urlparse(member.url).path))
+    model, loaded = build_model("mobilenet_v3_small", "DEFAULT")
+    assert (loaded.kind, loaded.label, len(loaded.categories)) == ("named", member.name, 1000)
+    assert (loaded.preprocessing.resize, loaded.preprocessing.crop) == (member.transforms().resize_size[0], 224)
+    assert all(torch.equal(value, trained.state_dict()[key]) for key, value in model.state_dict().items())

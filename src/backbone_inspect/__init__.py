@@ -1,4 +1,4 @@
-"""Look inside torchvision ResNet backbones by replaying their own stages.
+"""Look inside CNN backbones (torchvision's families, timm's models) by replaying their own stages.
 
 The API, by what people do with it:
 
