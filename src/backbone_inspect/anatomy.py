@@ -11,7 +11,7 @@ from torch import nn
 from .backbone import Backbone, torchvision_family
 from .errors import UsageError
 from .families import is_timm
-from .stages import StageDescription, stage_aliases, stage_names
+from .stages import StageDescription, stage_aliases
 
 
 def check_input_size(arch: str, input_size: tuple[int, int]) -> None:
@@ -53,20 +53,16 @@ def receptive_fields(backbone: Backbone) -> dict[str, int | None]:
 
 def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
     """Every stage of ``arch`` for one input size, on the model built without weights."""
-    if is_timm(arch):
-        from .timm_backbone import describe_timm_stages
-
-        return describe_timm_stages(arch, input_size)
     backbone = Backbone.without_weights(arch).eval()
-    shapes = meta_shapes(backbone, input_size)
-    fields, aliases = receptive_fields(backbone), stage_aliases(arch)
+    shapes, counts = meta_shapes(backbone, input_size), backbone.parameters_through()
+    fields = {name: None for name in backbone.stage_names} if is_timm(arch) else receptive_fields(backbone)
+    aliases = stage_aliases(arch)
     return [
         StageDescription(
             name=name, aliases=aliases[name], channels=backbone.channels[name], stride=backbone.strides[name],
-            output_size=shapes[name][1:],
-            receptive_field=fields[name], parameters=_parameters_through(backbone, name),
+            output_size=shapes[name][1:], receptive_field=fields[name], parameters=counts[name],
         )
-        for name in stage_names(arch)
+        for name in backbone.stage_names
     ]
 
 
@@ -86,8 +82,3 @@ def stage_shapes(
     """Per input size, the (C, H, W) of ``stages`` of ``arch``, from the model built once without weights."""
     backbone = Backbone.without_weights(arch, stages).eval()
     return {size: meta_shapes(backbone, size) for size in set(input_sizes)}
-
-
-def _parameters_through(backbone: Backbone, name: str) -> int:
-    """Parameters of every module up to and including a stage."""
-    return sum(p.numel() for path in backbone.family.steps_through(name) for p in backbone.get_submodule(path).parameters())

@@ -108,6 +108,13 @@ class Backbone(nn.Module):
     def feature_info(self) -> list[StageInfo]:
         return [StageInfo(n, self.channels[n], self.strides[n]) for n in self.stage_names]
 
+    def parameters_through(self) -> dict[str, int]:
+        """Per stage held, the parameters of every module up to and including it."""
+        return {
+            name: sum(p.numel() for path in self.family.steps_through(name) for p in self.get_submodule(path).parameters())
+            for name in self.run_order
+        }
+
     def stage_steps(self, name: str) -> tuple[str, ...]:
         """The module paths one stage runs: those after the previous stage's output, up to its own."""
         steps = self.family.steps_through(name)

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .stages import DEFAULT_LAYERS, StageDescription, StageInfo, check_arch, parse_layers, stage_aliases
+from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 from .timm_models import build_timm_model, check_stages, check_timm_config, feature_dicts, stage_indices, timm_skeleton
 
 if TYPE_CHECKING:
     from .weights import LoadedWeights
 
-__all__ = ["TimmBackbone", "describe_timm_stages", "timm_skeleton"]
+__all__ = ["TimmBackbone", "timm_skeleton"]
 
 
 class TimmBackbone(nn.Module):
@@ -64,29 +64,17 @@ class TimmBackbone(nn.Module):
         features = self.model.forward_intermediates(x, indices=self.indices, stop_early=True, intermediates_only=True)
         return OrderedDict(zip(self.stage_names, features))
 
+    def parameters_through(self) -> dict[str, int]:
+        """Per stage held, the parameters of the model up to and including it (counted on pruned copies)."""
+        import copy
+
+        model, counts = copy.deepcopy(self.model), {}
+        for name, index in reversed(list(zip(self.stage_names, self.indices))):
+            model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+            counts[name] = sum(p.numel() for p in model.parameters())
+        return counts
+
     def forward_in_chunks(self, x: torch.Tensor, chunk_sizes: Mapping[str, int]) -> OrderedDict[str, torch.Tensor]:
         """``forward`` on slices of the smallest chunk size: timm's replay runs all stages at once."""
         parts = [self(part) for part in x.split(min(chunk_sizes[name] for name in self.run_order))]
         return OrderedDict((name, torch.cat([part[name] for part in parts])) for name in self.stage_names)
-
-
-def describe_timm_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
-    """Every stage a timm model has, for one input size, built on the meta device; parameters
-    counted up to each stage by pruning the model after it, deepest first."""
-    backbone = TimmBackbone.without_weights(arch)
-    state = {key: torch.empty_like(value, device="meta") for key, value in backbone.state_dict(keep_vars=True).items()}
-    with torch.no_grad():
-        features = torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, device="meta"),))
-    counts, aliases = {}, stage_aliases(arch)
-    for name, index in reversed(list(zip(backbone.stage_names, backbone.indices))):
-        backbone.model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
-        counts[name] = sum(p.numel() for p in backbone.model.parameters())
-    return [
-        StageDescription(
-            name=name, aliases=aliases[name], channels=backbone.channels[name], stride=backbone.strides[name],
-            output_size=(int(features[name].shape[2]), int(features[name].shape[3])), receptive_field=None,
-            parameters=counts[name],
-        )
-        for name in backbone.stage_names
-    ]
-
