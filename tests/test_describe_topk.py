@@ -150,3 +150,15 @@ def test_topk_errors(tmp_path: Path, chelsea: Path) -> None:
     names.write_text("\n".join(map(str, range(1000))))
     no_head = invoke(chelsea, "--weights", headless, "--topk", "1", "--categories", names, *SMALL)
     assert no_head.exit_code == 1 and "classifier head not loaded" in no_head.stderr
+
+
+def test_topk_without_per_image_output_is_refused_before_anything_is_written(tmp_path: Path, photos: Path) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(map(str, range(1000))))
+    for extra in (["--summary"], ["--save", tmp_path / "out"], []):
+        result = invoke(photos, "--topk", "2", "--categories", names, *extra, *SMALL)
+        assert result.exit_code == 2, extra
+        assert result.stderr == 'Error: --topk gives classes per image: with a folder, --save or --summary, add --json (each line then has "top")\n'
+    assert not (tmp_path / "out").exists()
+    with_json = invoke(photos, "--topk", "2", "--categories", names, "--json", *SMALL)
+    assert with_json.exit_code == 0 and all("top" in json.loads(line) for line in with_json.stdout.splitlines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,35 @@ def test_named_weights_of_another_family_bring_their_preprocessing_and_classes(t
     assert (loaded.kind, loaded.label, len(loaded.categories)) == ("named", member.name, 1000)
     assert (loaded.preprocessing.resize, loaded.preprocessing.crop) == (member.transforms().resize_size[0], 224)
     assert all(torch.equal(value, trained.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+def test_an_image_smaller_than_the_arch_takes_fails_alone(tmp_path, chelsea) -> None:
+    from PIL import Image
+
+    from conftest import manifest
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(chelsea).resize((48, 40)).save(folder / "ok.png")
+    Image.open(chelsea).resize((40, 24)).save(folder / "tiny.png")
+    result = invoke(folder, "--arch", "convnext_tiny", "--resize", "none", "--crop", "none", "--save", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 1
+    lines = {Path(line["image"]).name: line for line in manifest(tmp_path / "out")}
+    assert lines["ok.png"]["status"] == "ok" and lines["tiny.png"]["status"] == "error"
+    assert lines["tiny.png"]["error"].endswith(
+        "tiny.png: image is 24×40 (H×W) after preprocessing, smaller than convnext_tiny's smallest input 32×32; use a larger --resize")
+    too_small = invoke("--describe", "--arch", "convnext_tiny", "--input-size", "31")
+    assert too_small.exit_code == 2 and too_small.stderr == "Error: convnext_tiny takes inputs of at least 32×32 px, not 31×31\n"
+
+
+@pytest.mark.parametrize(("arch", "smallest"), [("resnet18", 1), ("convnext_tiny", 32), ("swin_t", 4)])
+def test_the_smallest_input_side_is_where_the_models_own_forward_starts_to_run(arch: str, smallest: int) -> None:
+    from backbone_inspect.anatomy import smallest_input_side
+
+    assert smallest_input_side(Backbone.without_weights(arch)) == smallest
+    model = seeded_model(arch).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, smallest, smallest))
+        if smallest > 1:
+            with pytest.raises(Exception):
+                model(torch.zeros(1, 3, smallest - 1, smallest - 1))

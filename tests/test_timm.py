@@ -132,3 +132,9 @@ def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(t
     assert loaded.preprocessing.resize == int(224 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_an_empty_timm_name_is_a_usage_error(chelsea: Path) -> None:
+    result = invoke(chelsea, "--arch", "timm:", "--device", "cpu")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --arch 'timm:' names no timm model: give timm:<model name>, e.g. timm:resnet50d\n"

@@ -14,11 +14,40 @@ from .families import is_timm
 from .stages import StageDescription, stage_aliases
 
 
-def check_input_size(arch: str, input_size: tuple[int, int]) -> None:
-    """``UsageError`` where the arch takes only the input size it was built for (MaxViT)."""
-    fixed = torchvision_family(arch).fixed_input if not is_timm(arch) else None
-    if fixed is not None and tuple(input_size) != (fixed, fixed):
-        raise UsageError(f"{arch} takes only {fixed}×{fixed} inputs (its attention windows are fixed when it is built), not {input_size[0]}×{input_size[1]}")
+def fixed_input(backbone: Backbone) -> int | None:
+    """The only input side the arch takes (MaxViT), where it is fixed when the model is built."""
+    return None if is_timm(backbone.arch) else backbone.family.fixed_input
+
+
+def smallest_input_side(backbone: Backbone, *, largest_tried: int = 256) -> int:
+    """The smallest square input side (px) the replay runs on, found on the meta device: 1 for
+    archs whose every convolution pads; 32 for ConvNeXt, whose 2×2 downsampling layers do not."""
+    fixed = fixed_input(backbone)
+    if fixed is not None:
+        return fixed
+    low, high = 1, largest_tried
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _runs_at(backbone, middle) else (middle + 1, high)
+    return low
+
+
+def _runs_at(backbone: Backbone, side: int) -> bool:
+    try:
+        _meta_forward(backbone, (side, side))
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    return True
+
+
+def check_input_size(backbone: Backbone, input_size: tuple[int, int]) -> None:
+    """``UsageError`` for an input the arch cannot take: another size than MaxViT's, or smaller than the smallest."""
+    fixed, (height, width) = fixed_input(backbone), input_size
+    if fixed is not None and (height, width) != (fixed, fixed):
+        raise UsageError(f"{backbone.arch} takes only {fixed}×{fixed} inputs (its attention windows are fixed when it is built), not {height}×{width}")
+    smallest = smallest_input_side(backbone)
+    if min(height, width) < smallest:
+        raise UsageError(f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px, not {height}×{width}")
 
 
 def along_height(value: int | tuple[int, ...]) -> int:
@@ -68,12 +97,16 @@ def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescrip
 
 def meta_shapes(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     """Each returned stage's (C, H, W) for one input size: the replay run on the meta device, without compute."""
-    check_input_size(backbone.arch, input_size)
+    check_input_size(backbone, input_size)
+    features = _meta_forward(backbone, input_size)
+    return {name: (int(value.shape[1]), int(value.shape[2]), int(value.shape[3])) for name, value in features.items()}
+
+
+def _meta_forward(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, torch.Tensor]:
     state = {key: torch.empty_like(value, device="meta") for key, value in backbone.state_dict(keep_vars=True).items()}
     dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
     with torch.no_grad():
-        features = torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
-    return {name: (int(value.shape[1]), int(value.shape[2]), int(value.shape[3])) for name, value in features.items()}
+        return torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
 
 
 def stage_shapes(

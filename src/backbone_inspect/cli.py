@@ -109,6 +109,9 @@ def inspect(
         pictures = Pictures(output_folder("--viz", viz), viz_channels) if viz is not None else None
         inputs = plan_inputs(images or [], from_list=from_list, shard=shard, check_collisions=save is not None or viz is not None,
                              outputs=(save_folder, pictures and pictures.folder))
+        tables = inputs.named_files and save is None and not summary and not json_lines
+        if topk and not (tables or json_lines):
+            raise UsageError('--topk gives classes per image: with a folder, --save or --summary, add --json (each line then has "top")')
         runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
         store = make_store(save_folder, config, format=output_format, shard=inputs.shard, shard_size=shard_size) if save_folder else None
@@ -116,7 +119,6 @@ def inspect(
                                                     ("--pool", pool, "none")) if value != default]
         if store is None and given:
             raise UsageError(f"{given[0]} needs --save DIR")
-        tables = inputs.named_files and save is None and not summary and not json_lines
         return _run(config, inputs, runner, store=store, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
                     json_lines=json_lines, tables=tables)
     except InspectError as error:

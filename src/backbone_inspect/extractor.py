@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .anatomy import smallest_input_side
 from .backbone import Backbone
 from .config import FeatureConfig
 from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
-from .errors import UsageError, WeightsError
+from .errors import ImageError, UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_slow_bfloat16
 from .stages import stage_names
@@ -78,6 +79,7 @@ class Extractor:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.backbone) if config.compile else self.backbone
+        self.smallest_side = smallest_input_side(self.backbone)
         # On a CPU each stage runs in slices sized to the cache (see cache_chunk_sizes); a
         # compiled graph and a GPU's own memory hierarchy take the whole batch.
         self._cache_bytes = last_level_cache_bytes() if self.device.type == "cpu" and not config.compile else None
@@ -118,6 +120,14 @@ class Extractor:
     def stage_names(self) -> tuple[str, ...]:
         """The stages asked for (with ``topk``, the stride-32 stage also runs, for the classifier)."""
         return self.requested
+
+    def refuses(self, input_size: tuple[int, int]) -> str | None:
+        """Why images of this size cannot run (smaller than the arch's smallest input), or ``None``."""
+        height, width = input_size
+        if min(height, width) >= self.smallest_side:
+            return None
+        side = self.smallest_side
+        return f"image is {height}×{width} (H×W) after preprocessing, smaller than {self.arch}'s smallest input {side}×{side}; use a larger --resize"
 
     def load(self, path: str | Path) -> torch.Tensor:
         """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""
@@ -175,7 +185,11 @@ class Extractor:
         return [results[position] for position in range(len(images))]
 
     def forward_group(self, names: Sequence[str], group: SizeGroup) -> list[ImageResult]:
-        """One forward pass over images of one size; statistics computed batched, on the device."""
+        """One forward pass over images of one size; statistics computed batched, on the device.
+        ``ImageError`` for a size the arch cannot take (``refuses``)."""
+        refused = self.refuses(group.input_size)
+        if refused is not None:
+            raise ImageError(f"{names[0]}: {refused}")
         features, seconds = self.timed_forward(group.pixels)
         top = self._top_classes(features[self.deepest]) if self.topk else [None] * len(names)
         features = OrderedDict((name, features[name]) for name in self.requested)

@@ -45,6 +45,10 @@ def extract_batch(
         if should_stop():
             return []
         names = [images[position].path for position in group.positions]
+        refused = extractor.refuses(group.input_size)
+        if refused is not None:
+            done.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
+            continue
         done.update(zip(group.positions, extractor.forward_group(names, group)))
     return [(images[position], done[position]) for position in range(len(images))]
 

@@ -96,7 +96,7 @@ def stride_warning(input_size: Sequence[int], stage: str, stride: int) -> str:
     height, width = input_size
     return (
         f"input {height}×{width} is not divisible by {stage}'s stride {stride}: its feature maps "
-        "round up, and the measured stride differs from the nominal one"
+        "are rounded (up or down, as the arch's layers pad), and the measured stride differs from the nominal one"
     )
 
 

@@ -121,7 +121,7 @@ def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
     except Exception as error:
         if cached.is_file():
             raise WeightsError(
-                f"cannot read cached weights {cached} for {arch} {member.name}: {first_line(error)}; "
+                f"cannot read cached weights {cached} for {arch} {member.name}: {type(error).__name__}: {first_line(error)}; "
                 "delete it to download it again"
             ) from error
         raise WeightsError(
