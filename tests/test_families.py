@@ -51,30 +51,36 @@ def test_every_stage_equals_create_feature_extractor_and_the_head_gives_the_mode
     assert backbone.classes == logits.shape[1]
 
 
-def step_outputs(arch: str) -> tuple[dict[str, tuple[int, int]], int]:
-    """Each step's (channels, stride) from the model's own forward, seen through forward hooks, and the side used."""
-    family = family_of(arch)
+def built_without_weights(arch: str) -> tuple[torch.nn.Module, torch.device]:
+    """torchvision's model on the meta device, or on the CPU where its builder reads tensor values (RegNet)."""
     try:
         with torch.device("meta"):
-            model, size = torchvision.models.get_model(arch).eval(), family.fixed_input or 224
-    except NotImplementedError:  # RegNet's builder reads tensor values: a real forward on a small input
-        model, size = torchvision.models.get_model(arch).eval(), 64
-    seen: dict[str, tuple[int, int]] = {}
+            return torchvision.models.get_model(arch).eval(), torch.device("meta")
+    except NotImplementedError:
+        return torchvision.models.get_model(arch).eval(), torch.device("cpu")
+
+
+def step_outputs(arch: str, size: int | None = None) -> tuple[dict[str, tuple[int, int, int]], int, torch.nn.Module]:
+    """Each step's output (C, H, W) in the model's own forward, seen through forward hooks; the side used; the model."""
+    family = family_of(arch)
+    model, device = built_without_weights(arch)
+    size = size or family.fixed_input or (224 if device.type == "meta" else 64)  # a real forward on the CPU: small
+    seen: dict[str, tuple[int, int, int]] = {}
     for path in family.steps:
         def record(module, inputs, output, path=path) -> None:
-            output = as_nchw(arch, output)
-            seen[path] = (output.shape[1], size // output.shape[2])
+            seen[path] = tuple(as_nchw(arch, output).shape[1:])
 
         model.get_submodule(path).register_forward_hook(record)
     with torch.no_grad():
-        model(torch.empty(1, 3, size, size, device=next(model.parameters()).device))
-    return seen, size
+        model(torch.zeros(1, 3, size, size, device=device))
+    return seen, size, model
 
 
 @pytest.mark.parametrize("arch", [arch for arch in ARCHS if family_of(arch).name != "regnet"] + ["regnet_x_400mf", "regnet_y_400mf"])
 def test_stages_are_the_last_steps_before_each_stride_change_with_their_measured_channels(arch: str) -> None:
     family = family_of(arch)
-    seen, _ = step_outputs(arch)
+    shapes, size, _ = step_outputs(arch)
+    seen = {path: (channels, size // height) for path, (channels, height, _) in shapes.items()}
     strides = [seen[path][1] for path in family.stage_steps]
     assert strides[1:] == [4, 8, 16, 32] and strides[0] in (2, 4)
     assert family.steps.index(family.stage_steps[0]) < family.steps.index(family.stage_steps[1])
@@ -111,13 +117,10 @@ def test_describe_lists_every_stage_with_its_aliases_and_measured_shapes(arch: s
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["stages"]
     family, names = family_of(arch), stage_names(arch)
-    model = seeded_model(arch)
-    with torch.no_grad():
-        expected = create_feature_extractor(model, dict(zip(family.stage_steps, names)))(torch.zeros(1, 3, size, size))
+    shapes, _, model = step_outputs(arch, size)
     assert [row["name"] for row in rows] == list(names)
     for index, (row, path) in enumerate(zip(rows, family.stage_steps)):
-        channels, height, width = as_nchw(arch, expected[row["name"]])[0].shape
-        assert (row["channels"], *row["output_size"]) == (channels, height, width)
+        assert (row["channels"], *row["output_size"]) == shapes[path]
         assert path in row["aliases"] or path == row["name"] or family.name == "resnet"
         assert index == 0 or f"C{index + 1}" in row["aliases"]
         assert (row["receptive_field"] is None) == family.attention
