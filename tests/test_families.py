@@ -87,6 +87,8 @@ def test_stages_are_the_last_steps_before_each_stride_change_with_their_measured
     for path in family.stage_steps[1:]:
         following = family.steps[family.steps.index(path) + 1 :]
         assert not following or seen[following[0]][1] > seen[path][1], f"{path} is not the last step at its stride"
+    if arch not in SMALLEST:  # the same layout as its family's first: measured once per family below
+        return
     infos = feature_info(arch)
     assert [(info.name, info.channels, info.stride) for info in infos] == [
         (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .backbone import Backbone, torchvision_family
+from .backbone import Backbone, evaluating, torchvision_family
 from .errors import UsageError
 from .families import is_timm
 from .stages import StageDescription, stage_aliases
@@ -107,7 +107,7 @@ def meta_shapes(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, tu
 def _meta_forward(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, torch.Tensor]:
     state = {key: torch.empty_like(value, device="meta") for key, value in backbone.state_dict(keep_vars=True).items()}
     dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(backbone):
         return torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
 
 

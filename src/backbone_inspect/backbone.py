@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -220,9 +221,22 @@ def _stage_output_shapes(model: nn.Module, family: Family, run_order: Sequence[s
     state = {name: torch.empty_like(value, device="meta") for name, value in wrapper.state_dict(keep_vars=True).items()}
     dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
     size = family.fixed_input or PROBE_SIZE
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(wrapper):
         shapes = torch.func.functional_call(wrapper, state, (torch.empty(1, 3, size, size, dtype=dtype, device="meta"),))
     return {name: [(channels, size // height) for channels, height in outputs] for name, outputs in shapes.items()}
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode, each submodule's own mode put back after: batch norm in training mode
+    takes a slow decomposed path on the meta device (and a meta pass must update nothing)."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def skeleton(arch: str) -> nn.Module:

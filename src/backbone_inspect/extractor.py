@@ -26,6 +26,10 @@ from .stats import StageStats, batch_stage_stats
 from .weights import LoadedWeights
 
 
+SIDE_ANY_ARCH_TAKES = 256
+"""An input side every arch runs on (``smallest_input_side`` looks no further)."""
+
+
 @dataclass(frozen=True)
 class ImageResult:
     """One image through the backbone: its CPU features [C, H, W] ([C] pooled; none when the
@@ -79,7 +83,7 @@ class Extractor:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.backbone) if config.compile else self.backbone
-        self.smallest_side = smallest_input_side(self.backbone)
+        self._smallest_side: int | None = None
         # On a CPU each stage runs in slices sized to the cache (see cache_chunk_sizes); a
         # compiled graph and a GPU's own memory hierarchy take the whole batch.
         self._cache_bytes = last_level_cache_bytes() if self.device.type == "cpu" and not config.compile else None
@@ -124,9 +128,13 @@ class Extractor:
     def refuses(self, input_size: tuple[int, int]) -> str | None:
         """Why images of this size cannot run (smaller than the arch's smallest input), or ``None``."""
         height, width = input_size
-        if min(height, width) >= self.smallest_side:
+        if min(height, width) >= SIDE_ANY_ARCH_TAKES:
             return None
-        side = self.smallest_side
+        if self._smallest_side is None:
+            self._smallest_side = smallest_input_side(self.backbone)  # a few passes on the meta device, once
+        side = self._smallest_side
+        if min(height, width) >= side:
+            return None
         return f"image is {height}×{width} (H×W) after preprocessing, smaller than {self.arch}'s smallest input {side}×{side}; use a larger --resize"
 
     def load(self, path: str | Path) -> torch.Tensor:
