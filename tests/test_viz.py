@@ -72,3 +72,15 @@ def test_cli_writes_readable_pngs_per_image_and_stage(tmp_path: Path) -> None:
     with Image.open(viz / "camera" / "layer4-heatmap.png") as heat:
         assert heat.size == (8 * 3 + 2 * HEATMAP_SIDE, HEADER + HEATMAP_SIDE + 8)
     assert not [p for p in viz.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "efficientnet_b0"])
+def test_pictures_of_other_families_are_drawn_per_stage(tmp_path: Path, arch: str) -> None:
+    result = invoke(SAMPLES / "chelsea.jpg", "--viz", tmp_path / "viz", "--arch", arch, "--layers", "1,4",
+                    "--resize", "64", "--crop", "64", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "viz" / "chelsea").iterdir())
+    assert names == ["stage1-channels.png", "stage1-heatmap.png", "stage4-channels.png", "stage4-heatmap.png"]
+    for name in names:
+        with Image.open(tmp_path / "viz" / "chelsea" / name) as picture:
+            assert picture.format == "PNG" and max(ImageStat.Stat(picture).stddev) > 10, name
