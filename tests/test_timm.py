@@ -93,6 +93,7 @@ def test_a_timm_checkpoint_loads(tmp_path: Path) -> None:
         (["--arch", "timm:vit_tiny_patch16_224"], "Error: --arch timm:vit_tiny_patch16_224: its feature_info has reductions 16, 16,"),
         (["--arch", "timm:convnext_atto", "--layers", "0"], "Error: --arch timm:convnext_atto has no stride-2 output for the stem"),
         (["--arch", "timm:resnet18", "--topk", "3"], "Error: --topk: timm:resnet18 runs through timm's forward_intermediates"),
+        (["--arch", "timm:resnet18", "--weights", "IMAGENET1K_V1"], "Error: --weights 'IMAGENET1K_V1' is torchvision's kind of name; for timm:resnet18 give none, DEFAULT"),
     ],
 )
 def test_what_timm_cannot_do_is_a_usage_error(chelsea: Path, args: list[str], message: str) -> None:

@@ -105,6 +105,8 @@ def plan_timm_weights(arch: str, weights: Any = None) -> WeightsPlan:
         return WeightsPlan(arch, "none", "none", Preprocessing())
     if isinstance(weights, str) and weights.strip().upper() in NAMED_WEIGHTS and not Path(weights).exists():
         return WeightsPlan(arch, "named", "DEFAULT", _timm_preprocessing(name))
+    if isinstance(weights, str) and weights.strip().isupper() and not Path(weights).exists():
+        raise UsageError(f"--weights {weights!r} is torchvision's kind of name; for {arch} give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
     if isinstance(weights, (str, os.PathLike)) and str(weights).strip():
         return WeightsPlan(arch, "checkpoint", str(weights), Preprocessing())
     raise UsageError(f"--weights {weights!r} for {arch}: give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
