@@ -77,22 +77,28 @@ def step_outputs(arch: str, size: int | None = None) -> tuple[dict[str, tuple[in
 
 
 @pytest.mark.parametrize("arch", [arch for arch in ARCHS if family_of(arch).name != "regnet"] + ["regnet_x_400mf", "regnet_y_400mf"])
-def test_stages_are_the_last_steps_before_each_stride_change_with_their_measured_channels(arch: str) -> None:
+def test_each_builders_forward_is_its_declared_steps_then_head_with_stages_at_the_stride_changes(arch: str) -> None:
     family = family_of(arch)
-    shapes, size, _ = step_outputs(arch)
+    shapes, size, model = step_outputs(arch)
+    declared = family.steps + family.head
+    for name, child in model.named_children():  # every module the forward runs is declared, in order
+        if name not in declared:
+            assert [path for path in declared if path.startswith(f"{name}.")] == [f"{name}.{sub}" for sub, _ in child.named_children()], name
     seen = {path: (channels, size // height) for path, (channels, height, _) in shapes.items()}
     strides = [seen[path][1] for path in family.stage_steps]
     assert strides[1:] == [4, 8, 16, 32] and strides[0] in (2, 4)
     assert family.steps.index(family.stage_steps[0]) < family.steps.index(family.stage_steps[1])
-    for path in family.stage_steps[1:]:
-        following = family.steps[family.steps.index(path) + 1 :]
-        assert not following or seen[following[0]][1] > seen[path][1], f"{path} is not the last step at its stride"
-    if arch not in SMALLEST:  # the same layout as its family's first: measured once per family below
-        return
-    infos = feature_info(arch)
-    assert [(info.name, info.channels, info.stride) for info in infos] == [
-        (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)
-    ]
+    for path in family.stage_steps[1:4]:
+        following = family.steps[family.steps.index(path) + 1]
+        assert seen[following][1] > seen[path][1], f"{path} is not the last step at its stride"
+    backbone = Backbone(arch, 4, model=model, head=True).eval()  # stage 4 is the last step before the head
+    x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+    with torch.no_grad():
+        assert backbone.classify(backbone(x)[stage_names(arch)[4]]).shape == model(x).shape
+    if arch in SMALLEST:  # feature_info measures its own model: once per family
+        assert [(info.name, info.channels, info.stride) for info in feature_info(arch)] == [
+            (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)
+        ]
 
 
 @pytest.mark.parametrize("arch", SMALLEST)

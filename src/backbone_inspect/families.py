@@ -106,11 +106,18 @@ FAMILIES: tuple[Family, ...] = (
         head=("features.8", "avgpool", "flatten", "classifier"),
     ),
     Family(
-        name="efficientnet_v2",
-        archs=_builders("efficientnet_v2_", "s", "m", "l"),
-        steps=_indexed("features", 7),
+        name="efficientnet_v2_s",
+        archs=("efficientnet_v2_s",),
+        steps=_indexed("features", 7),  # six block stages
         stage_steps=("features.1", "features.2", "features.3", "features.5", "features.6"),
         head=("features.7", "avgpool", "flatten", "classifier"),
+    ),
+    Family(
+        name="efficientnet_v2_m_l",
+        archs=("efficientnet_v2_m", "efficientnet_v2_l"),
+        steps=_indexed("features", 8),  # seven block stages: two at stride 32
+        stage_steps=("features.1", "features.2", "features.3", "features.5", "features.7"),
+        head=("features.8", "avgpool", "flatten", "classifier"),
     ),
     Family(
         name="mobilenet_v3_large",
