@@ -229,7 +229,10 @@ def test_an_image_smaller_than_the_arch_takes_fails_alone(tmp_path, chelsea) -> 
     lines = {Path(line["image"]).name: line for line in manifest(tmp_path / "out")}
     assert lines["ok.png"]["status"] == "ok" and lines["tiny.png"]["status"] == "error"
     assert lines["tiny.png"]["error"].endswith(
-        "tiny.png: image is 24×40 (H×W) after preprocessing, smaller than convnext_tiny's smallest input 32×32; use a larger --resize")
+        "tiny.png: image is 24×40 (H×W) after preprocessing: convnext_tiny takes inputs of at least 32×32 px; use another --resize")
+    planned = invoke(folder, "--arch", "convnext_tiny", "--resize", "none", "--crop", "none", "--save", tmp_path / "again",
+                     "--dry-run", "--device", "cpu")
+    assert planned.exit_code == 0 and "2 images to do" in planned.stdout, "the dry run plans what the run does"
     too_small = invoke("--describe", "--arch", "convnext_tiny", "--input-size", "31")
     assert too_small.exit_code == 2 and too_small.stderr == "Error: convnext_tiny takes inputs of at least 32×32 px, not 31×31\n"
 
@@ -245,3 +248,15 @@ def test_the_smallest_input_side_is_where_the_models_own_forward_starts_to_run(a
         if smallest > 1:
             with pytest.raises(Exception):
                 model(torch.zeros(1, 3, smallest - 1, smallest - 1))
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "convnext_tiny", "efficientnet_b0"])
+def test_cache_sized_slices_of_a_batch_give_the_models_own_features(arch: str) -> None:
+    family, names = family_of(arch), stage_names(arch)
+    model, x = model_and_input(arch, batch=5)
+    sizes = dict(zip(names, (1, 2, 4, 1, 2)))  # uneven, not dividing 5, shrinking again
+    with torch.no_grad():
+        expected = create_feature_extractor(model, dict(zip(family.stage_steps, names)))(x)
+        got = Backbone(arch, (0, 1, 2, 3, 4), model=model).eval().forward_in_chunks(x, sizes)
+    for name in names:
+        assert_close_scaled(got[name], as_nchw(arch, expected[name]), rtol=1e-6)

@@ -27,16 +27,22 @@ def seeded_timm(name: str, seed: int = 2) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
-@pytest.mark.parametrize(("name", "stages"), MODELS.items())
-def test_stages_equal_timms_own_features_only_model_on_the_same_weights(name: str, stages: tuple[str, ...]) -> None:
-    model = seeded_timm(name)
-    reductions = [entry["reduction"] for entry in model.feature_info]
-    indices = [max(i for i, r in enumerate(reductions) if r == wanted) for wanted in (2, 4, 8, 16, 32)[-len(stages) :]]
+def features_only(model: torch.nn.Module, name: str, indices: list[int]) -> torch.nn.Module:
+    """timm's own feature extractor for ``out_indices``, holding ``model``'s weights."""
     reference = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices).eval()
     wanted = reference.state_dict()
     # features_only flattens Sequential owners: convnext's stages.0.x is stages_0.x there.
     state = {key if key in wanted else key.replace(".", "_", 1): value for key, value in model.state_dict().items()}
     assert reference.load_state_dict(state, strict=False).missing_keys == []
+    return reference
+
+
+@pytest.mark.parametrize(("name", "stages"), MODELS.items())
+def test_stages_equal_timms_own_features_only_model_on_the_same_weights(name: str, stages: tuple[str, ...]) -> None:
+    model = seeded_timm(name)
+    reductions = [entry["reduction"] for entry in model.feature_info]
+    indices = [max(i for i, r in enumerate(reductions) if r == wanted) for wanted in (2, 4, 8, 16, 32)[-len(stages) :]]
+    reference = features_only(model, name, indices)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     backbone = Backbone(f"timm:{name}", stages, model=model).eval()
     with torch.no_grad():
@@ -47,6 +53,16 @@ def test_stages_equal_timms_own_features_only_model_on_the_same_weights(name: st
         assert backbone.channels[stage] == channels == feature.shape[1]
         assert backbone.strides[stage] == 64 // feature.shape[-1]
     assert [info.name for info in feature_info(f"timm:{name}")] == list(stages)
+
+
+def test_a_callers_own_model_is_replayed_unchanged_and_must_be_that_arch() -> None:
+    from backbone_inspect.errors import UsageError
+
+    model = seeded_timm("resnet18")
+    Backbone("timm:resnet18", (2,), model=model)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000), "not pruned: the caller's model still classifies"
+    with pytest.raises(UsageError, match="the model passed is not a timm:resnet18"):
+        Backbone("timm:resnet18", (2,), model=seeded_timm("resnet34"))
 
 
 def test_modules_past_the_deepest_stage_are_not_held() -> None:
@@ -66,11 +82,11 @@ def test_a_dump_reads_back_equal_to_the_replay_and_describe_names_the_stages(tmp
 
     pixels = load_image_tensor(stored.images[0].image, Preprocessing(resize=64, crop=64)).unsqueeze(0).float().div(255)
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        expected = Backbone("timm:convnext_atto", (2, 4), seed=0).eval()((pixels - mean) / std)
+    with torch.no_grad():  # the run's weights: seed 0, timm's own initialisation
+        expected = features_only(seeded_timm("convnext_atto", seed=0), "convnext_atto", [1, 3])((pixels - mean) / std)
     features, _ = stored[0]
-    for stage in ("stage2", "stage4"):
-        assert_close_scaled(features[stage], expected[stage][0], rtol=1e-5)
+    for stage, wanted in zip(("stage2", "stage4"), expected):
+        assert_close_scaled(features[stage], wanted[0], rtol=1e-5)
     described = invoke("--describe", "--arch", "timm:convnext_atto", "--json")
     rows = json.loads(described.stdout)["stages"]
     assert [(r["name"], r["stride"], r["receptive_field"]) for r in rows] == [(f"stage{i}", 2 ** (i + 1), None) for i in range(1, 5)]
@@ -93,6 +109,9 @@ def test_a_timm_checkpoint_loads(tmp_path: Path) -> None:
         (["--arch", "timm:vit_tiny_patch16_224"], "Error: --arch timm:vit_tiny_patch16_224: its feature_info has reductions 16, 16,"),
         (["--arch", "timm:convnext_atto", "--layers", "0"], "Error: --arch timm:convnext_atto has no stride-2 output for the stem"),
         (["--arch", "timm:resnet18", "--topk", "3"], "Error: --topk: timm:resnet18 runs through timm's forward_intermediates"),
+        (["--arch", "timm:resnet18.bogus_tag"], "Error: timm model 'resnet18' has no pretrained tag 'bogus_tag'; its tags: a1_in1k,"),
+        (["--arch", "timm:swin_tiny_patch4_window7_224", "--crop", "64"],
+         "Error: --crop 64: timm:swin_tiny_patch4_window7_224 takes only 224×224 inputs (fixed when it is built); use --crop 224"),
         (["--arch", "timm:resnet18", "--weights", "IMAGENET1K_V1"], "Error: --weights 'IMAGENET1K_V1' is torchvision's kind of name; for timm:resnet18 give none, DEFAULT"),
     ],
 )
@@ -139,3 +158,13 @@ def test_an_empty_timm_name_is_a_usage_error(chelsea: Path) -> None:
     result = invoke(chelsea, "--arch", "timm:", "--device", "cpu")
     assert result.exit_code == 2
     assert result.stderr == "Error: --arch 'timm:' names no timm model: give timm:<model name>, e.g. timm:resnet50d\n"
+
+
+def test_slices_of_a_batch_give_timms_own_features() -> None:
+    model = seeded_timm("convnext_atto")
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = features_only(model, "convnext_atto", [0, 3])(x)
+        got = Backbone("timm:convnext_atto", (1, 4), model=model).eval().forward_in_chunks(x, {f"stage{i}": 2 for i in range(1, 5)})
+    for stage, wanted in zip(("stage1", "stage4"), expected):
+        assert_close_scaled(got[stage], wanted, rtol=1e-6)

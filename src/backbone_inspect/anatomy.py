@@ -5,27 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import torch
 from torch import nn
 
-from .backbone import Backbone, evaluating, torchvision_family
+from .backbone import Backbone, meta_call
 from .errors import UsageError
 from .families import is_timm
 from .stages import StageDescription, stage_aliases
 
 
-def fixed_input(backbone: Backbone) -> int | None:
-    """The only input side the arch takes (MaxViT), where it is fixed when the model is built."""
-    return None if is_timm(backbone.arch) else backbone.family.fixed_input
+SIDE_ANY_ARCH_TAKES = 256
+"""An input side every arch runs on: ``smallest_input_side`` looks no further."""
 
 
 def smallest_input_side(backbone: Backbone, *, largest_tried: int = 256) -> int:
     """The smallest square input side (px) the replay runs on, found on the meta device: 1 for
-    archs whose every convolution pads; 32 for ConvNeXt, whose 2×2 downsampling layers do not."""
-    fixed = fixed_input(backbone)
-    if fixed is not None:
-        return fixed
-    if _runs_at(backbone, 1):  # most archs: every convolution pads
+    archs whose every convolution pads; 32 for ConvNeXt, whose 2×2 downsampling layers do not.
+    Not searched for timm models (1), where the sizes a model takes need not be all above one."""
+    if is_timm(backbone.arch) or _runs_at(backbone, 1):
         return 1
     low, high = 2, largest_tried
     while low < high:
@@ -36,20 +32,28 @@ def smallest_input_side(backbone: Backbone, *, largest_tried: int = 256) -> int:
 
 def _runs_at(backbone: Backbone, side: int) -> bool:
     try:
-        _meta_forward(backbone, (side, side))
-    except (RuntimeError, ValueError, IndexError):
+        meta_call(backbone, (side, side))
+    except (RuntimeError, ValueError, IndexError, AssertionError):
         return False
     return True
 
 
+def input_size_problem(backbone: Backbone, input_size: tuple[int, int]) -> str | None:
+    """Why the arch cannot take inputs of this size (H, W): not its fixed size, or under its smallest; else ``None``."""
+    fixed = backbone.fixed_input
+    if fixed is not None:
+        return None if tuple(input_size) == (fixed, fixed) else f"{backbone.arch} takes only {fixed}×{fixed} inputs (fixed when it is built)"
+    if min(input_size) >= SIDE_ANY_ARCH_TAKES:
+        return None
+    smallest = smallest_input_side(backbone, largest_tried=SIDE_ANY_ARCH_TAKES)
+    return None if min(input_size) >= smallest else f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px"
+
+
 def check_input_size(backbone: Backbone, input_size: tuple[int, int]) -> None:
-    """``UsageError`` for an input the arch cannot take: another size than MaxViT's, or smaller than the smallest."""
-    fixed, (height, width) = fixed_input(backbone), input_size
-    if fixed is not None and (height, width) != (fixed, fixed):
-        raise UsageError(f"{backbone.arch} takes only {fixed}×{fixed} inputs (its attention windows are fixed when it is built), not {height}×{width}")
-    smallest = smallest_input_side(backbone)
-    if min(height, width) < smallest:
-        raise UsageError(f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px, not {height}×{width}")
+    """``UsageError`` for an input size the arch cannot take (``input_size_problem``)."""
+    problem = input_size_problem(backbone, input_size)
+    if problem is not None:
+        raise UsageError(f"{problem}, not {input_size[0]}×{input_size[1]}")
 
 
 def along_height(value: int | tuple[int, ...]) -> int:
@@ -85,6 +89,7 @@ def receptive_fields(backbone: Backbone) -> dict[str, int | None]:
 def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescription]:
     """Every stage of ``arch`` for one input size, on the model built without weights."""
     backbone = Backbone.without_weights(arch).eval()
+    check_input_size(backbone, input_size)
     shapes, counts = meta_shapes(backbone, input_size), backbone.parameters_through()
     fields = {name: None for name in backbone.stage_names} if is_timm(arch) else receptive_fields(backbone)
     aliases = stage_aliases(arch)
@@ -99,16 +104,8 @@ def describe_stages(arch: str, input_size: tuple[int, int]) -> list[StageDescrip
 
 def meta_shapes(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     """Each returned stage's (C, H, W) for one input size: the replay run on the meta device, without compute."""
-    check_input_size(backbone, input_size)
-    features = _meta_forward(backbone, input_size)
+    features = meta_call(backbone, input_size)
     return {name: (int(value.shape[1]), int(value.shape[2]), int(value.shape[3])) for name, value in features.items()}
-
-
-def _meta_forward(backbone: Backbone, input_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    state = {key: torch.empty_like(value, device="meta") for key, value in backbone.state_dict(keep_vars=True).items()}
-    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
-    with torch.no_grad(), evaluating(backbone):
-        return torch.func.functional_call(backbone, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
 
 
 def stage_shapes(
@@ -116,4 +113,5 @@ def stage_shapes(
 ) -> dict[tuple[int, int], dict[str, tuple[int, int, int]]]:
     """Per input size, the (C, H, W) of ``stages`` of ``arch``, from the model built once without weights."""
     backbone = Backbone.without_weights(arch, stages).eval()
-    return {size: meta_shapes(backbone, size) for size in set(input_sizes)}
+    # A size the arch cannot take fails alone when the run gets to it: nothing to write for it.
+    return {size: {} if input_size_problem(backbone, size) else meta_shapes(backbone, size) for size in set(input_sizes)}

@@ -89,6 +89,8 @@ class Backbone(nn.Module):
         self.run_order: tuple[str, ...] = self.family.stage_names[: self.family.stage_names.index(self.stage_names[-1]) + 1]
         """Every stage that runs, shallow to deep: the stem, then each up to the deepest requested."""
         self.head_paths: tuple[str, ...] = self._head_paths(head)
+        self.fixed_input: int | None = self.family.fixed_input
+        """The only input side the model takes, where it is fixed when built (MaxViT)."""
         for path in (*self.family.steps_through(self.stage_names[-1]), *self.head_paths):
             _hold(self, path, model.get_submodule(path))
         shapes = _stage_output_shapes(measured, self.family, self.run_order)
@@ -217,13 +219,18 @@ class _StepShapes(nn.Module):
 
 def _stage_output_shapes(model: nn.Module, family: Family, run_order: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
     """Per stage that runs, each step's output (channels, stride), from a pass on the meta device: no compute."""
-    wrapper = _StepShapes(model, family, run_order)
-    state = {name: torch.empty_like(value, device="meta") for name, value in wrapper.state_dict(keep_vars=True).items()}
-    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
     size = family.fixed_input or PROBE_SIZE
-    with torch.no_grad(), evaluating(wrapper):
-        shapes = torch.func.functional_call(wrapper, state, (torch.empty(1, 3, size, size, dtype=dtype, device="meta"),))
+    shapes = meta_call(_StepShapes(model, family, run_order), (size, size))
     return {name: [(channels, size // height) for channels, height in outputs] for name, outputs in shapes.items()}
+
+
+def meta_call(module: nn.Module, input_size: tuple[int, int]) -> Any:
+    """``module`` run in eval mode on one (1, 3, H, W) input on the meta device, its parameters and
+    buffers replaced by meta tensors: shapes without compute, the module itself untouched."""
+    state = {name: torch.empty_like(value, device="meta") for name, value in module.state_dict(keep_vars=True).items()}
+    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
+    with torch.no_grad(), evaluating(module):
+        return torch.func.functional_call(module, state, (torch.empty(1, 3, *input_size, dtype=dtype, device="meta"),))
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def inspect(
     ray_address: RayAddress = None, ray_actors: RayActors = None, ray_actor_cpus: RayActorCpus = 1.0,
     debug: Debug = False, version: Version = False,
 ) -> int:
-    """Shapes, strides and statistics of a torchvision ResNet's stages; feature dumps with --save."""
+    """Shapes, strides and statistics of a CNN backbone's stages (torchvision's families, timm's models); feature dumps with --save."""
     try:
         if describe:
             if images or from_list is not None:

@@ -84,14 +84,14 @@ def feature_config(
     ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device, which ``plan_run`` checks).
     """
     arch = check_arch(arch)
-    dtype, save_dtype = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype)
-    device = check_device_spec(device)
+    dtype, save_dtype, device = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype), check_device_spec(device)
     if dtype == "tf32" and device in ("cpu", "mps"):  # auto is resolved where the model runs
         raise UsageError(f"--dtype tf32: TF32 is a CUDA mode (--device {device}); use --dtype float32")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
-    plan = _checked_timm_plan(arch, weights, layers, topk) if is_timm(arch) else plan_weights(arch, weights)
-    preprocessing = _fixed_input(arch, _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop)))
+    plan = plan_timm_weights(arch, weights) if is_timm(arch) else plan_weights(arch, weights)
+    preprocessing = _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop))
+    _check_arch_takes(arch, parse_layers(layers, arch), topk, preprocessing)
     return FeatureConfig(
         arch=arch,
         stages=parse_layers(layers, arch),
@@ -110,22 +110,26 @@ def feature_config(
     )
 
 
-def _checked_timm_plan(arch: str, weights: Any, layers: Iterable[int | str] | str | int, topk: int) -> WeightsPlan:
-    from .timm_models import check_timm_config, plan_timm_weights
+def plan_timm_weights(arch: str, weights: Any) -> WeightsPlan:
+    """timm's weights plan (``timm_models``; importing timm only for a timm arch, first: it names the extra when missing)."""
+    from .timm_models import plan_timm_weights as plan
 
-    plan = plan_timm_weights(arch, weights)  # first: names the extra when timm is missing
-    check_timm_config(arch, parse_layers(layers, arch), topk)
-    return plan
+    return plan(arch, weights)
 
 
-def _fixed_input(arch: str, preprocessing: Preprocessing) -> Preprocessing:
-    """``preprocessing``, checked against the one input size an arch may take (MaxViT)."""
+def _check_arch_takes(arch: str, stages: tuple[str, ...], topk: int, preprocessing: Preprocessing) -> None:
+    """Usage errors for what an arch cannot take: another input size than its fixed one (MaxViT);
+    for a timm model also a stage it lacks and ``--topk``."""
+    if is_timm(arch):
+        from .timm_models import check_timm_config
+
+        return check_timm_config(arch, stages, topk, preprocessing.crop)
     family = family_of(arch)
     fixed = family.fixed_input if family is not None else None
     if fixed is not None and preprocessing.crop != fixed:
         crop = "none" if preprocessing.crop is None else preprocessing.crop
         raise UsageError(f"--crop {crop}: {arch} takes only {fixed}×{fixed} inputs (fixed when it is built); use --crop {fixed}")
-    return preprocessing
+    return None
 
 
 def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str | None) -> Preprocessing:

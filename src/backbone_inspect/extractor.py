@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .anatomy import smallest_input_side
+from .anatomy import input_size_problem
 from .backbone import Backbone
 from .config import FeatureConfig
 from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
@@ -24,10 +24,6 @@ from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_slo
 from .stages import stage_names
 from .stats import StageStats, batch_stage_stats
 from .weights import LoadedWeights
-
-
-SIDE_ANY_ARCH_TAKES = 256
-"""An input side every arch runs on (``smallest_input_side`` looks no further)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ class Extractor:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.backbone) if config.compile else self.backbone
-        self._smallest_side: int | None = None
+        self._size_problems: dict[tuple[int, int], str | None] = {}
         # On a CPU each stage runs in slices sized to the cache (see cache_chunk_sizes); a
         # compiled graph and a GPU's own memory hierarchy take the whole batch.
         self._cache_bytes = last_level_cache_bytes() if self.device.type == "cpu" and not config.compile else None
@@ -127,15 +123,11 @@ class Extractor:
 
     def refuses(self, input_size: tuple[int, int]) -> str | None:
         """Why images of this size cannot run (smaller than the arch's smallest input), or ``None``."""
+        if input_size not in self._size_problems:  # a few passes on the meta device, once per size
+            self._size_problems[input_size] = input_size_problem(self.backbone, input_size)
+        problem = self._size_problems[input_size]
         height, width = input_size
-        if min(height, width) >= SIDE_ANY_ARCH_TAKES:
-            return None
-        if self._smallest_side is None:
-            self._smallest_side = smallest_input_side(self.backbone)  # a few passes on the meta device, once
-        side = self._smallest_side
-        if min(height, width) >= side:
-            return None
-        return f"image is {height}×{width} (H×W) after preprocessing, smaller than {self.arch}'s smallest input {side}×{side}; use a larger --resize"
+        return None if problem is None else f"image is {height}×{width} (H×W) after preprocessing: {problem}; use another --resize"
 
     def load(self, path: str | Path) -> torch.Tensor:
         """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""

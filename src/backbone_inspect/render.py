@@ -125,7 +125,7 @@ def render_description(console: Console, arch: str, input_size: Sequence[int], s
     from rich.table import Table
 
     height, width = input_size
-    table = Table(title=f"{arch}  input {height}×{width}  (meta device: no weights, no compute)", title_justify="left")
+    table = Table(title=f"{arch}  input {height}×{width}  (built without weights: nothing computed)", title_justify="left")
     for column in ("stage", "aliases", "channels", "stride", "output H×W", "receptive field", "parameters", "float32/image", "float16/image"):
         table.add_column(column, justify="left" if column in ("stage", "aliases") else "right", overflow="fold")
     for stage in stages:

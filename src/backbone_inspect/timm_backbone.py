@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
-from .timm_models import build_timm_model, check_stages, check_timm_config, feature_dicts, stage_indices, timm_skeleton
+from .timm_models import (
+    build_timm_model, check_is_timm_model, check_stages, check_timm_config, feature_dicts, fixed_input_side, stage_indices,
+    timm_skeleton,
+)
 
 if TYPE_CHECKING:
     from .weights import LoadedWeights
@@ -38,15 +41,20 @@ class TimmBackbone(nn.Module):
         self.arch = check_arch(arch)
         chosen = None if layers is None else parse_layers(layers, arch)
         self.weights_info: LoadedWeights | None = None
+        ours = model is None
         if model is None:
             model, self.weights_info = build_timm_model(arch, weights, seed=seed)
+        check_is_timm_model(model, arch)
         infos = feature_dicts(model)
         found = stage_indices(arch, infos)
         self.stage_names: tuple[str, ...] = tuple(found) if chosen is None else chosen
         check_stages(arch, self.stage_names, found)
         self.indices = [found[name] for name in self.stage_names]
-        model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
+        if ours:  # a caller's own model is left whole: the replay still stops after the deepest stage
+            model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
         self.model = model
+        self.fixed_input: int | None = fixed_input_side(model)
+        """The only input side the model takes, where timm fixes it when building (``fixed_input_size``)."""
         self.run_order: tuple[str, ...] = tuple(name for name in found if found[name] <= max(self.indices))
         self.channels: dict[str, int] = {name: int(infos[found[name]]["num_chs"]) for name in self.run_order}
         self.strides: dict[str, int] = {name: int(infos[found[name]]["reduction"]) for name in self.run_order}
@@ -55,7 +63,9 @@ class TimmBackbone(nn.Module):
     @classmethod
     def without_weights(cls, arch: str, layers: Iterable[int | str] | str | None = None) -> TimmBackbone:
         """The replay over the model built without weights; ``layers=None``: every stage it has."""
-        return cls(arch, layers, model=timm_skeleton(arch))
+        backbone = cls(arch, layers, model=timm_skeleton(arch))
+        backbone.model.prune_intermediate_layers(backbone.indices, prune_norm=True, prune_head=True)  # its own skeleton
+        return backbone
 
     def feature_info(self) -> list[StageInfo]:
         return [StageInfo(n, self.channels[n], self.strides[n]) for n in self.stage_names]

@@ -45,7 +45,25 @@ def timm_name(arch: str) -> str:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(f"unknown timm model {name!r}; {hint}timm.list_models('pattern*') lists them")
+    base, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{base}.*"):
+        tags = ", ".join(known.partition(".")[2] for known in timm.list_pretrained(f"{base}.*"))
+        raise UsageError(f"timm model {base!r} has no pretrained tag {tag!r}; its tags: {tags or 'none'}")
     return name
+
+
+def check_is_timm_model(model: nn.Module, arch: str) -> None:
+    """``UsageError`` unless ``model`` is a timm model built by the architecture ``arch`` names."""
+    built_by = getattr(getattr(model, "pretrained_cfg", None), "get", lambda key: None)("architecture")
+    name = timm_name(arch).split(".")[0]
+    if not hasattr(model, "forward_intermediates") or built_by != name:
+        raise UsageError(f"the model passed is not a {TIMM_PREFIX}{name}: pass timm.create_model({name!r}) or its arch")
+
+
+def fixed_input_side(model: nn.Module) -> int | None:
+    """The input side a timm model is built for, where its config says the size is fixed."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return int(config["input_size"][-1]) if config.get("fixed_input_size") else None
 
 
 def stage_indices(arch: str, feature_info: list[dict[str, Any]]) -> dict[str, int]:
@@ -75,11 +93,16 @@ def check_stages(arch: str, stages: tuple[str, ...], found: dict[str, int]) -> N
         raise UsageError(f"--arch {arch} has no stride-2 output for the stem (its first stage has stride 4): choose among 1-4")
 
 
-def check_timm_config(arch: str, stages: tuple[str, ...], topk: int) -> None:
-    """Usage errors a timm arch raises before anything is run: a stage it lacks, ``--topk``."""
+def check_timm_config(arch: str, stages: tuple[str, ...], topk: int, crop: int | None = None) -> None:
+    """Usage errors a timm arch raises before anything is run: a stage it lacks, ``--topk``, another
+    ``--crop`` than the input size it is fixed to."""
     if topk:
         raise UsageError(f"--topk: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
-    check_stages(arch, stages, stage_indices(arch, feature_dicts(timm_skeleton(arch))))
+    model = timm_skeleton(arch)
+    check_stages(arch, stages, stage_indices(arch, feature_dicts(model)))
+    fixed = fixed_input_side(model)
+    if fixed is not None and crop != fixed:
+        raise UsageError(f"--crop {crop or 'none'}: {arch} takes only {fixed}×{fixed} inputs (fixed when it is built); use --crop {fixed}")
 
 
 def timm_skeleton(arch: str) -> nn.Module:
