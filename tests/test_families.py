@@ -91,14 +91,15 @@ def test_each_builders_forward_is_its_declared_steps_then_head_with_stages_at_th
     for path in family.stage_steps[1:4]:
         following = family.steps[family.steps.index(path) + 1]
         assert seen[following][1] > seen[path][1], f"{path} is not the last step at its stride"
+    if arch not in SMALLEST:  # the rest is the same for every builder of a layout, whose steps were just checked
+        return
     backbone = Backbone(arch, 4, model=model, head=True).eval()  # stage 4 is the last step before the head
     x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
     with torch.no_grad():
         assert backbone.classify(backbone(x)[stage_names(arch)[4]]).shape == model(x).shape
-    if arch in SMALLEST:  # feature_info measures its own model: once per family
-        assert [(info.name, info.channels, info.stride) for info in feature_info(arch)] == [
-            (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)
-        ]
+    assert [(info.name, info.channels, info.stride) for info in feature_info(arch)] == [
+        (name, *seen[path]) for name, path in zip(stage_names(arch), family.stage_steps)
+    ]
 
 
 @pytest.mark.parametrize("arch", SMALLEST)
