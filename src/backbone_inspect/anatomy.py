@@ -17,7 +17,7 @@ SIDE_ANY_ARCH_TAKES = 256
 """An input side every arch runs on: ``smallest_input_side`` looks no further."""
 
 
-def smallest_input_side(backbone: Backbone, *, largest_tried: int = 256) -> int:
+def smallest_input_side(backbone: Backbone, *, largest_tried: int = SIDE_ANY_ARCH_TAKES) -> int:
     """The smallest square input side (px) the replay runs on, found on the meta device: 1 for
     archs whose every convolution pads; 32 for ConvNeXt, whose 2×2 downsampling layers do not.
     Not searched for timm models (1), where the sizes a model takes need not be all above one."""
@@ -45,7 +45,7 @@ def input_size_problem(backbone: Backbone, input_size: tuple[int, int]) -> str |
         return None if tuple(input_size) == (fixed, fixed) else f"{backbone.arch} takes only {fixed}×{fixed} inputs (fixed when it is built)"
     if min(input_size) >= SIDE_ANY_ARCH_TAKES:
         return None
-    smallest = smallest_input_side(backbone, largest_tried=SIDE_ANY_ARCH_TAKES)
+    smallest = smallest_input_side(backbone)
     return None if min(input_size) >= smallest else f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px"
 
 
@@ -63,7 +63,7 @@ def along_height(value: int | tuple[int, ...]) -> int:
 
 def _main_path(backbone: Backbone, name: str) -> Iterator[nn.Module]:
     """The convolutions and max poolings of one stage in the order they run, projection shortcuts left out."""
-    for path in backbone.stage_steps(name):
+    for path in backbone.family.steps_of(name):
         for qualified_name, module in backbone.get_submodule(path).named_modules():
             if not set(qualified_name.split(".")) & set(backbone.family.shortcuts) and isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
                 yield module

@@ -58,7 +58,8 @@ class Backbone(nn.Module):
         super().__init__()
         from .weights import build_model
 
-        parse_layers(layers, torchvision_family(arch).archs[0])  # bad names fail before anything is built
+        torchvision_family(arch)
+        parse_layers(layers, arch)  # bad names fail before anything is built
         self.weights_info: LoadedWeights | None = None
         if model is None:
             model, self.weights_info = build_model(arch, weights, seed=seed)
@@ -118,21 +119,15 @@ class Backbone(nn.Module):
             for name in self.run_order
         }
 
-    def stage_steps(self, name: str) -> tuple[str, ...]:
-        """The module paths one stage runs: those after the previous stage's output, up to its own."""
-        steps = self.family.steps_through(name)
-        index = self.family.stage_names.index(name)
-        return steps if index == 0 else steps[len(self.family.steps_through(self.family.stage_names[index - 1])) :]
-
     def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One stage of the replay, in the model's own layout (Swin's stages are (N, H, W, C))."""
-        for path in self.stage_steps(name):
+        for path in self.family.steps_of(name):
             x = self.get_submodule(path)(x)
         return x
 
     def as_nchw(self, x: torch.Tensor) -> torch.Tensor:
         """A stage's output as (N, C, H, W), whatever layout the model computes it in."""
-        return x.permute(0, 3, 1, 2) if self.family.channels_last_outputs else x
+        return _as_nchw(self.family, x)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -187,6 +182,10 @@ class Backbone(nn.Module):
         return outputs
 
 
+def _as_nchw(family: Family, x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2) if family.channels_last_outputs else x
+
+
 def _hold(owner: nn.Module, path: str, module: nn.Module) -> None:
     """Register ``module`` under its path in the model (``features.3``), so state_dict keys stay the model's."""
     *parents, leaf = path.split(".")
@@ -206,14 +205,12 @@ class _StepShapes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, list[tuple[int, int]]]:
         shapes: dict[str, list[tuple[int, int]]] = {}
-        done: tuple[str, ...] = ()
         for name in self.run_order:
             shapes[name] = []
-            for path in self.family.steps_through(name)[len(done) :]:
+            for path in self.family.steps_of(name):
                 x = self.model.get_submodule(path)(x)
-                nchw = x.permute(0, 3, 1, 2) if self.family.channels_last_outputs else x
+                nchw = _as_nchw(self.family, x)
                 shapes[name].append((int(nchw.shape[1]), int(nchw.shape[2])))
-            done = self.family.steps_through(name)
         return shapes
 
 

@@ -52,6 +52,12 @@ class Family:
         """The steps that run up to and including ``stage``'s output."""
         return self.steps[: self.steps.index(self.stage_path(stage)) + 1]
 
+    def steps_of(self, stage: str) -> tuple[str, ...]:
+        """The steps one stage runs: those after the previous stage's output, up to its own."""
+        index = self.stage_names.index(stage)
+        before = self.steps_through(self.stage_names[index - 1]) if index else ()
+        return self.steps_through(stage)[len(before) :]
+
     @property
     def head_prefixes(self) -> tuple[str, ...]:
         """The state_dict prefixes of the head's modules (the classifier a checkpoint may lack)."""
