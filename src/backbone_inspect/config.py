@@ -83,7 +83,7 @@ def feature_config(
     ``pool``: ``none``, or ``avg``/``max`` to reduce each stage to a vector of its channels.
     ``decode``: ``cpu`` (Pillow, in the workers) or ``gpu`` (JPEGs on the CUDA device, which ``plan_run`` checks).
     """
-    arch = check_arch(arch)
+    arch, stages = check_arch(arch), parse_layers(layers, arch)
     dtype, save_dtype, device = check_dtype("--dtype", dtype), check_dtype("--save-dtype", save_dtype), check_device_spec(device)
     if dtype == "tf32" and device in ("cpu", "mps"):  # auto is resolved where the model runs
         raise UsageError(f"--dtype tf32: TF32 is a CUDA mode (--device {device}); use --dtype float32")
@@ -91,10 +91,10 @@ def feature_config(
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
     plan = plan_timm_weights(arch, weights) if is_timm(arch) else plan_weights(arch, weights)
     preprocessing = _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop))
-    _check_arch_takes(arch, parse_layers(layers, arch), topk, preprocessing)
+    _check_arch_takes(arch, stages, topk, preprocessing)
     return FeatureConfig(
         arch=arch,
-        stages=parse_layers(layers, arch),
+        stages=stages,
         weights=plan,
         seed=check_seed(seed),
         preprocessing=preprocessing,
@@ -118,18 +118,17 @@ def plan_timm_weights(arch: str, weights: Any) -> WeightsPlan:
 
 
 def _check_arch_takes(arch: str, stages: tuple[str, ...], topk: int, preprocessing: Preprocessing) -> None:
-    """Usage errors for what an arch cannot take: another input size than its fixed one (MaxViT);
-    for a timm model also a stage it lacks and ``--topk``."""
+    """Usage errors for what an arch cannot take: another input size than its fixed one (MaxViT, some
+    timm models); for a timm model also a stage it lacks and ``--topk``."""
     if is_timm(arch):
         from .timm_models import check_timm_config
 
-        return check_timm_config(arch, stages, topk, preprocessing.crop)
-    family = family_of(arch)
-    fixed = family.fixed_input if family is not None else None
+        fixed = check_timm_config(arch, stages, topk)
+    else:
+        fixed = family_of(arch).fixed_input  # type: ignore[union-attr]
     if fixed is not None and preprocessing.crop != fixed:
         crop = "none" if preprocessing.crop is None else preprocessing.crop
         raise UsageError(f"--crop {crop}: {arch} takes only {fixed}×{fixed} inputs (fixed when it is built); use --crop {fixed}")
-    return None
 
 
 def _preprocessing(own: Preprocessing, resize: int | str | None, crop: int | str | None) -> Preprocessing:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 from .timm_models import (
-    build_timm_model, check_is_timm_model, check_stages, check_timm_config, feature_dicts, fixed_input_side, stage_indices,
+    build_timm_model, check_is_timm_model, check_stages, feature_dicts, fixed_input_side, refuse_topk, stage_indices,
     timm_skeleton,
 )
 
@@ -37,7 +37,7 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if head:
-            check_timm_config(arch, (), topk=1)
+            refuse_topk(arch)
         self.arch = check_arch(arch)
         chosen = None if layers is None else parse_layers(layers, arch)
         self.weights_info: LoadedWeights | None = None

@@ -93,16 +93,18 @@ def check_stages(arch: str, stages: tuple[str, ...], found: dict[str, int]) -> N
         raise UsageError(f"--arch {arch} has no stride-2 output for the stem (its first stage has stride 4): choose among 1-4")
 
 
-def check_timm_config(arch: str, stages: tuple[str, ...], topk: int, crop: int | None = None) -> None:
-    """Usage errors a timm arch raises before anything is run: a stage it lacks, ``--topk``, another
-    ``--crop`` than the input size it is fixed to."""
+def refuse_topk(arch: str) -> None:
+    raise UsageError(f"--topk: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
+
+
+def check_timm_config(arch: str, stages: tuple[str, ...], topk: int) -> int | None:
+    """Usage errors a timm arch raises before anything is run (a stage it lacks, ``--topk``); the input
+    side it is fixed to, where it is."""
     if topk:
-        raise UsageError(f"--topk: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
+        refuse_topk(arch)
     model = timm_skeleton(arch)
     check_stages(arch, stages, stage_indices(arch, feature_dicts(model)))
-    fixed = fixed_input_side(model)
-    if fixed is not None and crop != fixed:
-        raise UsageError(f"--crop {crop or 'none'}: {arch} takes only {fixed}×{fixed} inputs (fixed when it is built); use --crop {fixed}")
+    return fixed_input_side(model)
 
 
 def timm_skeleton(arch: str) -> nn.Module:
