@@ -119,6 +119,13 @@ def features(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["features"]
 
 
+def imagenet_normalised(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, H, W] pixels as torchvision's models take them: scaled to [0, 1], then ImageNet's mean and std."""
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=dtype).view(1, 3, 1, 1)
+    return (pixels.to(dtype) / 255 - mean) / std
+
+
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     """Equal up to float32 noise, measured against the tensor's own size.
 

@@ -19,7 +19,7 @@ from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.local_engine import decoded_batches
 from backbone_inspect.images import Preprocessing, load_image_tensor
-from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, many_images, precision_state, seeded_model
+from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, imagenet_normalised, many_images, precision_state, seeded_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,9 +30,7 @@ TF32 off 2.6e-6, TF32 1.2e-3, float16 1.4e-3, bfloat16 1.1e-2)."""
 
 def float64_reference(pixels: torch.Tensor, arch: str, stages: list[str]) -> dict[str, torch.Tensor]:
     """torchvision's own model in float64 on the CPU, fed the same normalised pixels."""
-    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
-    x = (pixels.double() / 255 - mean) / std
+    x = imagenet_normalised(pixels, torch.float64)
     with torch.no_grad():
         return create_feature_extractor(seeded_model(arch).double(), {s: s for s in stages})(x)
 

@@ -14,7 +14,7 @@ from backbone_inspect import Backbone, feature_info
 from backbone_inspect.families import ARCHS, FAMILIES, family_of
 from backbone_inspect.stages import stage_names
 
-from conftest import assert_close_scaled, invoke, seeded_model
+from conftest import assert_close_scaled, imagenet_normalised, invoke, seeded_model
 
 SMALLEST = [family.archs[0] for family in FAMILIES] + ["regnet_y_400mf", "swin_v2_t"]
 """The first builder of every family (the smallest), and the second layout inside RegNet and Swin."""
@@ -169,9 +169,7 @@ def test_maxvit_refuses_inputs_of_another_size_with_a_usage_error(chelsea) -> No
 def normalised(path, size: int) -> torch.Tensor:
     from backbone_inspect.images import Preprocessing, load_image_tensor
 
-    pixels = load_image_tensor(path, Preprocessing(resize=size, crop=size)).unsqueeze(0).float().div(255)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return imagenet_normalised(load_image_tensor(path, Preprocessing(resize=size, crop=size)).unsqueeze(0))
 
 
 @pytest.mark.parametrize("arch", ["swin_t", "efficientnet_b0"])

@@ -14,7 +14,7 @@ from backbone_inspect.config import feature_config
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.stats import batch_stage_stats, stage_stats
 
-from conftest import SMALL, assert_close_scaled, invoke, seeded_model
+from conftest import SMALL, assert_close_scaled, imagenet_normalised, invoke, seeded_model
 
 
 def extractor_on_cpu(**options) -> Extractor:
@@ -26,9 +26,7 @@ def pixels(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def reference(x_uint8: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = (x_uint8.float() / 255 - mean) / std
+    x = imagenet_normalised(x_uint8)
     with torch.no_grad():
         return create_feature_extractor(seeded_model("resnet18"), {s: s for s in stages})(x)
 

@@ -11,7 +11,7 @@ import torch
 
 from backbone_inspect import Backbone, feature_info, open_features
 
-from conftest import SAMPLES, assert_close_scaled, invoke
+from conftest import SAMPLES, assert_close_scaled, imagenet_normalised, invoke
 
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
 
@@ -80,10 +80,9 @@ def test_a_dump_reads_back_equal_to_the_replay_and_describe_names_the_stages(tmp
     stored = open_features(out)
     from backbone_inspect.images import Preprocessing, load_image_tensor
 
-    pixels = load_image_tensor(stored.images[0].image, Preprocessing(resize=64, crop=64)).unsqueeze(0).float().div(255)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = imagenet_normalised(load_image_tensor(stored.images[0].image, Preprocessing(resize=64, crop=64)).unsqueeze(0))
     with torch.no_grad():  # the run's weights: seed 0, timm's own initialisation
-        expected = features_only(seeded_timm("convnext_atto", seed=0), "convnext_atto", [1, 3])((pixels - mean) / std)
+        expected = features_only(seeded_timm("convnext_atto", seed=0), "convnext_atto", [1, 3])(x)
     features, _ = stored[0]
     for stage, wanted in zip(("stage2", "stage4"), expected):
         assert_close_scaled(features[stage], wanted[0], rtol=1e-5)
