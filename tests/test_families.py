@@ -130,7 +130,7 @@ def test_describe_lists_every_stage_with_its_aliases_and_measured_shapes(arch: s
     assert [row["name"] for row in rows] == list(names)
     for index, (row, path) in enumerate(zip(rows, family.stage_steps)):
         assert (row["channels"], *row["output_size"]) == shapes[path]
-        assert path in row["aliases"] or path == row["name"] or family.name == "resnet"
+        assert path in row["aliases"] or path == row["name"] or not family.path_aliases
         assert index == 0 or f"C{index + 1}" in row["aliases"]
         assert (row["receptive_field"] is None) == family.attention
     body = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(family.head_prefixes))

@@ -44,6 +44,10 @@ class Family:
     """Attention mixes whole windows: no receptive field is counted from convolutions."""
     fixed_input: int | None = None
     """The only input size (square) the built model takes, where it is fixed at build time."""
+    alias_patterns: tuple[str, ...] = ()
+    """More names of stages 1-4 beside FPN's ``C{c}``: ``{c}`` is the C number, ``{i}`` the index."""
+    path_aliases: bool = True
+    """Whether each stage also answers to its module path (not where the paths are the names)."""
 
     def stage_path(self, stage: str) -> str:
         return self.stage_steps[self.stage_names.index(stage)]
@@ -85,6 +89,8 @@ FAMILIES: tuple[Family, ...] = (
         head=("avgpool", "flatten", "fc"),
         stage_names=RESNET_STAGE_NAMES,
         shortcuts=("downsample",),
+        alias_patterns=("res{c}", "stage{i}"),  # detectron2's and Hugging Face's names
+        path_aliases=False,
     ),
     Family(
         name="regnet",

@@ -57,25 +57,25 @@ def stage_names(arch: str) -> tuple[str, ...]:
 
 
 def stage_aliases(arch: str) -> dict[str, tuple[str, ...]]:
-    """Each stage's other names on ``arch``: C2-C5, its module path, and ResNet's res2-res5 and stage1-4."""
+    """Each stage's other names on ``arch``: C2-C5, the family's own patterns (ResNet's res2-res5 and
+    stage1-4), its module path."""
     family, names = family_of(arch), stage_names(arch)
     aliases: dict[str, tuple[str, ...]] = {}
     for index, name in enumerate(names):
         others = [f"C{index + 1}"] if index else []
-        if family is not None and family.name == "resnet":
-            others += [f"res{index + 1}", f"stage{index}"] if index else []
-        elif family is not None:
-            others.append(family.stage_steps[index])
+        if family is not None:
+            others += [pattern.format(c=index + 1, i=index) for pattern in family.alias_patterns] if index else []
+            others += [family.stage_steps[index]] if family.path_aliases else []
         aliases[name] = tuple(other for other in others if other != name)
     return aliases
 
 
 def valid_stages_text(arch: str = "resnet50") -> str:
     names, family = stage_names(arch), family_of(arch)
-    others = f"C2-C5 for {names[1]}-{names[4]}"
-    if family is not None and family.name == "resnet":
-        others = "C2-C5, res2-res5, stage1-stage4 for layer1-layer4"
-    elif family is not None:
+    patterns = family.alias_patterns if family is not None else ()
+    ranges = ["C2-C5", *(f"{pattern.format(c=2, i=1)}-{pattern.format(c=5, i=4)}" for pattern in patterns)]
+    others = f"{', '.join(ranges)} for {names[1]}-{names[4]}"
+    if family is not None and family.path_aliases:
         others += f"; module paths {', '.join(family.stage_steps)}"
     return ", ".join(f"{index}={name}" for index, name in enumerate(names)) + f" (also {others})"
 
