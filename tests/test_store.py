@@ -16,9 +16,10 @@ from backbone_inspect.errors import OutputError, UsageError
 from backbone_inspect.extractor import ImageResult
 from backbone_inspect.inputs import FoundImage
 from backbone_inspect.outcomes import Outcome
+from backbone_inspect.pt_store import PtFileStore
 from backbone_inspect.shards import Shard
 from backbone_inspect.stats import stage_stats
-from backbone_inspect.store import SETTINGS_FILE, PtFileStore
+from backbone_inspect.store import SETTINGS_FILE
 
 from conftest import SMALL_OPTIONS, manifest
 

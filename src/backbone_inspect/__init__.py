@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "feature_config": "config",
     "plan_inputs": "inputs",
     "FeatureStore": "store",
-    "PtFileStore": "store",
+    "PtFileStore": "pt_store",
     "make_store": "run",
     "make_engine": "run",
     "RunCallbacks": "engine",
@@ -55,9 +55,10 @@ if TYPE_CHECKING:
     from .errors import InspectError, OutputError, RunStopped, UsageError, WeightsError
     from .inputs import plan_inputs
     from .outcomes import Outcome, RunSummary
+    from .pt_store import PtFileStore
     from .reader import StoredFeatures, open_features
     from .run import execute_run, make_engine, make_store, plan_run
-    from .store import FeatureStore, PtFileStore
+    from .store import FeatureStore
 
 
 def __getattr__(name: str) -> Any:

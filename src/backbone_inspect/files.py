@@ -4,25 +4,65 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+from .disk_sync import group_sync_descriptor, syncfs
 from .errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename.
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
+    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename; the bytes written.
 
     Nothing half-written is ever left under ``path``, and no temporary file is left behind.
     Safe to call from several threads at once (the umask is never touched).
     """
+    temporary, size = _write_temporary(path, write, synced_device=None)
+    _rename(temporary, path)
+    return size
+
+
+def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> list[int | OSError]:
+    """Each file written as ``atomic_write`` writes it, with one sync for them all where that is as safe;
+    in order, each one's bytes written or the ``OSError`` that kept it out (a failed sync fails all).
+
+    The temporary files are written, their filesystem synced once (``syncfs``), then each renamed:
+    every file's data is on the disk before its name is, as with a fsync each, for a fraction of
+    the cost. Where ``syncfs`` is not known to flush and report errors as fsync does (only Linux
+    5.8 on, on ext4, XFS or Btrfs, qualifies: not FUSE or network mounts), each file gets its fsync.
+    """
+    descriptor = group_sync_descriptor(writes[0][0].parent) if len(writes) > 1 else None
+    if descriptor is None:
+        return [_os_error_or(atomic_write, path, write) for path, write in writes]
+    written: list[tuple[Path, int] | OSError] = []
+    try:
+        device = os.fstat(descriptor).st_dev
+        for path, write in writes:
+            written.append(_os_error_or(_write_temporary, path, write, synced_device=device))
+        sync_failure = _os_error_or(syncfs, descriptor)
+    except BaseException:
+        _remove_temporaries(written)
+        raise
+    finally:
+        os.close(descriptor)
+    if isinstance(sync_failure, OSError):
+        _remove_temporaries(written)
+        return [sync_failure if isinstance(temporary, tuple) else temporary for temporary in written]
+    return [temporary if isinstance(temporary, OSError) else _os_error_or(_renamed, *temporary, path)
+            for temporary, (path, _) in zip(written, writes)]
+
+
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, synced_device: int | None) -> tuple[Path, int]:
+    """A temporary file beside ``path`` holding what ``write`` writes, and its size; fsynced
+    unless it lies on ``synced_device``, which the caller syncs as a whole before renaming."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
     stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
@@ -33,7 +73,17 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if os.fstat(handle.fileno()).st_dev != synced_device:
+                os.fsync(handle.fileno())
+            return temporary, handle.tell()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _rename(temporary: Path, path: Path) -> None:
+    try:
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -41,16 +91,55 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def _renamed(temporary: Path, size: int, path: Path) -> int:
+    _rename(temporary, path)
+    return size
+
+
+def _remove_temporaries(written: Sequence[tuple[Path, int] | OSError]) -> None:
+    for temporary in written:
+        if isinstance(temporary, tuple):
+            with contextlib.suppress(OSError):
+                os.unlink(temporary[0])
+
+
+R = TypeVar("R")
+
+
+def _os_error_or(function: Callable[..., R], *args: Any, **keywords: Any) -> R | OSError:
+    try:
+        return function(*args, **keywords)
+    except OSError as error:
+        return error
+
+
 _TEMPORARY_NUMBERS = itertools.count()
 """Makes each temporary name of this process unique (``next`` on a count is atomic under the GIL)."""
-
 
 def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
     """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written.
 
-    Serialised in memory first, then written: a full disk is then the operating system's own
-    error (``No space left on device``), not torch's writer failing on a short write.
+    ``OutputError`` when it cannot (``ends_run`` unless only this file's name or folder is wrong).
     """
+    [saved] = save_features_all([(path, features, meta)])
+    if isinstance(saved, OutputError):
+        raise saved
+    return saved
+
+
+def save_features_all(
+    files: Sequence[tuple[Path, Mapping[str, torch.Tensor], Mapping[str, Any]]],
+) -> list[int | OutputError]:
+    """``save_features`` for several files, committed together (``atomic_write_all``); in order,
+    each one's bytes written or its ``OutputError``."""
+    writes = [(path, functools.partial(_write_features, features, meta)) for path, features, meta in files]
+    return [saved if isinstance(saved, int) else _output_error(path, saved)
+            for saved, (path, _) in zip(atomic_write_all(writes), writes)]
+
+
+def _write_features(features: Mapping[str, torch.Tensor], meta: Mapping[str, Any], handle: IO[bytes]) -> None:
+    """Serialised in memory first, then written: a full disk is then the operating system's own
+    error (``No space left on device``), not torch's writer failing on a short write."""
     import io
 
     import torch
@@ -59,11 +148,7 @@ def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mappin
     # A row of a batch is a view: saved alone, it would drag the whole batch's storage along.
     compact = {name: value if value.untyped_storage().nbytes() == value.nbytes else value.clone() for name, value in features.items()}
     torch.save({"features": compact, "meta": dict(meta)}, buffer)
-    try:
-        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
-        return buffer.getbuffer().nbytes
-    except OSError as error:
-        raise _output_error(path, error) from error
+    handle.write(buffer.getbuffer())
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

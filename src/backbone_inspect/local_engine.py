@@ -57,7 +57,8 @@ T = TypeVar("T")
 B = TypeVar("B")
 
 WRITER_THREADS = 4
-"""Files written at once: each waits on its fsync (the disk) while the others write."""
+"""Slices of a batch written at once: each slice's files are committed together (one sync for
+all where the filesystem allows), while the other slices write theirs."""
 
 FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
@@ -65,21 +66,19 @@ Slice = Future[list[FinishedImage]]
 """A slice of a batch being written: its images' outcomes, in order."""
 
 
-def finish_image(image: FoundImage, result: ImageResult | str, store: FeatureStore | None) -> FinishedImage:
-    """Store one image's features and describe it as a manifest line.
+def finish_image(image: FoundImage, result: ImageResult | str, stored: Stored | OutputError) -> FinishedImage:
+    """One image's manifest line, from its result and where the store put it (or why it could not).
 
-    A write that fails is this image's error, and is also returned as the output error: an
+    A write that failed is this image's error, and is also returned as the output error: an
     output that cannot be written ends the run. No outcome (``None``): the store stopped taking
     images after such an error; this one is left for a re-run, and the error still ends the run.
     """
     if isinstance(result, str):
         return Outcome(image.path, image.output, "error", error=result), None, None
-    try:
-        stored = store.write(image, result) if store is not None else Stored(0)
-    except OutputStopped as error:
-        return None, None, str(error)
-    except OutputError as error:
-        return Outcome(image.path, image.output, "error", error=str(error)), None, str(error) if error.ends_run else None
+    if isinstance(stored, OutputStopped):
+        return None, None, str(stored)
+    if isinstance(stored, OutputError):
+        return Outcome(image.path, image.output, "error", error=str(stored)), None, str(stored) if stored.ends_run else None
     shapes = {stats.name: list(stats.shape) for stats in result.stats}
     outcome = Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=stored.bytes_written,
                       shard=stored.shard, row=stored.row)
@@ -246,7 +245,10 @@ def _slices(items: list[T], count: int) -> list[list[T]]:
 
 
 def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None) -> list[FinishedImage]:
-    return [finish_image(image, result, store) for image, result in done]
+    """Store the images of ``done`` that have features, together, and describe each (in order)."""
+    computed = [(image, result) for image, result in done if not isinstance(result, str)]
+    stored = iter(store.write_all(computed) if store is not None else [Stored(0)] * len(computed))
+    return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
 
 
 def _report_all(pending: collections.deque[Slice], report: Callable[[Slice], None]) -> BaseException | None:

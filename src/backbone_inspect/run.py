@@ -206,7 +206,7 @@ def make_store(folder: str | Path, config: FeatureConfig, *, format: str = "pt",
                shard_size: int | str | None = None) -> FeatureStore:
     """The store of ``--format`` (``pt`` or ``shards``) for ``folder``; ``UsageError`` on bad options."""
     from .options import FORMATS, check_choice, check_shard_size
-    from .store import PtFileStore
+    from .pt_store import PtFileStore
 
     size = check_shard_size(shard_size)
     if check_choice("--format", format, FORMATS) == "pt":

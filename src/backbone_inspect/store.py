@@ -1,7 +1,7 @@
 """Output stores: where a run's features go, what is already there, and the record of each image.
 
 ``FeatureStore`` is the interface the engines and the run use. ``FolderStore`` is what every
-folder format shares (settings file, lock, manifest); ``PtFileStore`` writes one ``.pt`` per
+folder format shares (settings file, lock, manifest); ``pt_store.PtFileStore`` writes one ``.pt`` per
 image, ``shard_store.ShardStore`` safetensors shards. ``run.make_store`` picks one by ``--format``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
-from .files import FolderLock, atomic_write, save_features
+from .files import FolderLock, atomic_write
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 SETTINGS_FILE = "backbone-inspect.json"
 UNSHARDED_MANIFEST = "manifest.jsonl"
-FILE_OVERHEAD_BYTES = 1536
-"""About what torch.save adds to a feature file besides the tensor bytes (zip entries, meta)."""
 SETTINGS_BEFORE_THEY_EXISTED = {"format": "pt", "pool": "none", "decode": "cpu"}
 """What a folder or file made before a setting existed was made with."""
 
@@ -88,6 +86,17 @@ class FeatureStore(ABC):
     @abstractmethod
     def write(self, image: FoundImage, result: ImageResult) -> Stored:
         """Store one image's features (from any thread); where. ``OutputError`` when it cannot."""
+
+    def write_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> list[Stored | OutputError]:
+        """Store several images' features (from any thread); in order, where each went or the
+        ``OutputError`` that kept it out. A store may commit them together."""
+        stored: list[Stored | OutputError] = []
+        for image, result in items:
+            try:
+                stored.append(self.write(image, result))
+            except OutputError as error:
+                stored.append(error)
+        return stored
 
     def settled(self, outcome: Outcome) -> Outcome:
         """An outcome as it stands once commits are done (an ``ok`` image of a shard that failed is an error)."""
@@ -243,38 +252,6 @@ class FolderStore(FeatureStore):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
-
-class PtFileStore(FolderStore):
-    """``folder/<output>.pt`` per image: ``{"features": {stage: tensor}, "meta": {...}}``, written atomically."""
-
-    FORMAT = "pt"
-
-    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
-        if overwrite:
-            return ResumeSplit(tuple(images), (), ())
-        todo, skipped, redo = [], [], []
-        for image in images:
-            path = self.folder / image.output
-            if not path.is_file():
-                todo.append(image)
-            elif made_with(path, self.settings):
-                skipped.append(image)
-            else:
-                redo.append(image)
-        return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
-
-    def write(self, image: FoundImage, result: ImageResult) -> Stored:
-        from .precision import TORCH_DTYPES
-
-        dtype = TORCH_DTYPES[self.config.save_dtype]
-        features = {name: value.to(dtype) for name, value in result.features.items()}
-        meta = {"image": result.image, **self.meta, "input_size": list(result.input_size)}
-        return Stored(save_features(self.folder / image.output, features, meta))
-
-    def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
-        per_size = feature_bytes(self.config, input_sizes)
-        return sum(per_size[size] + FILE_OVERHEAD_BYTES for size in input_sizes)
 
 
 def feature_bytes(config: FeatureConfig, input_sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], int]:

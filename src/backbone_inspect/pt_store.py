@@ -1,0 +1,58 @@
+"""The ``pt`` format: one ``.pt`` file per image, under the name its input maps to."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import OutputError
+from .files import save_features_all
+from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
+
+if TYPE_CHECKING:
+    from .extractor import ImageResult
+    from .inputs import FoundImage
+
+FILE_OVERHEAD_BYTES = 1536
+"""About what torch.save adds to a feature file besides the tensor bytes (zip entries, meta)."""
+
+
+class PtFileStore(FolderStore):
+    """``folder/<output>.pt`` per image: ``{"features": {stage: tensor}, "meta": {...}}``, written atomically."""
+
+    FORMAT = "pt"
+
+    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
+        if overwrite:
+            return ResumeSplit(tuple(images), (), ())
+        todo, skipped, redo = [], [], []
+        for image in images:
+            path = self.folder / image.output
+            if not path.is_file():
+                todo.append(image)
+            elif made_with(path, self.settings):
+                skipped.append(image)
+            else:
+                redo.append(image)
+        return ResumeSplit(tuple(todo + redo), tuple(skipped), tuple(redo))
+
+    def write(self, image: FoundImage, result: ImageResult) -> Stored:
+        [stored] = self.write_all([(image, result)])
+        if isinstance(stored, OutputError):
+            raise stored
+        return stored
+
+    def write_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> list[Stored | OutputError]:
+        """The files written together: one sync for all where the filesystem allows (``files.atomic_write_all``)."""
+        from .precision import TORCH_DTYPES
+
+        dtype = TORCH_DTYPES[self.config.save_dtype]
+        files = [(self.folder / image.output,
+                  {name: value.to(dtype) for name, value in result.features.items()},
+                  {"image": result.image, **self.meta, "input_size": list(result.input_size)})
+                 for image, result in items]
+        return [Stored(saved) if isinstance(saved, int) else saved for saved in save_features_all(files)]
+
+    def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
+        per_size = feature_bytes(self.config, input_sizes)
+        return sum(per_size[size] + FILE_OVERHEAD_BYTES for size in input_sizes)

@@ -1,0 +1,156 @@
+"""Writing a group of .pt files with one sync: every file whole or absent, as with a fsync each."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone_inspect import files
+from backbone_inspect.disk_sync import group_sync_descriptor
+from backbone_inspect.errors import OutputError
+from backbone_inspect.inputs import FoundImage
+from backbone_inspect.store import Stored
+
+from conftest import SMALL, features, invoke, manifest, many_images
+from test_store import fake_result, opened, store_for
+
+SYNCFS_TYPES = {"ext2", "ext3", "ext4", "xfs", "btrfs"}
+
+
+def mount_type(path: Path) -> str:
+    """The filesystem type of the mount holding ``path``, from /proc/self/mountinfo (longest mount point)."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].replace("\\040", " ")
+        separator = fields.index("-")
+        if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, fields[separator + 1]
+    return kind
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+def groups_sync_here(folder: Path) -> bool:
+    descriptor = group_sync_descriptor(folder)
+    if descriptor is not None:
+        os.close(descriptor)
+    return descriptor is not None
+
+
+@pytest.fixture
+def counted_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many fsync and syncfs calls the writes make (both still done for real)."""
+    counts = {"fsync": 0, "syncfs": 0}
+    real_fsync, real_syncfs = os.fsync, files.syncfs
+
+    def fsync(descriptor: int) -> None:
+        counts["fsync"] += 1
+        real_fsync(descriptor)
+
+    def syncfs(descriptor: int) -> None:
+        counts["syncfs"] += 1
+        real_syncfs(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(files, "syncfs", syncfs)
+    return counts
+
+
+@pytest.mark.skipif(not Path("/proc/self/mountinfo").exists(), reason="needs Linux's /proc/self/mountinfo")
+@pytest.mark.parametrize("where", ["tmp", "/dev/shm"])
+def test_a_group_is_synced_at_once_only_on_filesystems_whose_syncfs_reports_errors(tmp_path: Path, where: str) -> None:
+    folder = tmp_path if where == "tmp" else Path(where)
+    if not folder.is_dir():
+        pytest.skip(f"{where} does not exist here")
+    expected = mount_type(folder) in SYNCFS_TYPES and kernel_at_least(5, 8)
+    assert groups_sync_here(folder) == expected, mount_type(folder)
+
+
+def test_a_group_of_files_is_synced_once_and_each_reads_back_whole(tmp_path: Path, counted_syncs: dict[str, int]) -> None:
+    store = opened(store_for(tmp_path))
+    counted_syncs.update(fsync=0, syncfs=0)  # the settings file's own write aside
+    items = [(FoundImage(f"{name}.jpg", f"{name}.pt"), fake_result(f"{name}.jpg", seed=seed))
+             for seed, name in enumerate(["a", "sub/b", "sub/deeper/c", "d"])]
+    stored = store.write_all(items)
+    assert all(isinstance(place, Stored) for place in stored)
+    for (image, result), place in zip(items, stored):
+        path = tmp_path / image.output
+        assert place.bytes_written == path.stat().st_size
+        saved = features(path)
+        assert list(saved) == list(result.features)
+        assert all(torch.equal(saved[name], result.features[name]) for name in saved)
+    assert not [p for p in tmp_path.rglob("*.tmp")], "no temporary file left"
+    one_sync = groups_sync_here(tmp_path)
+    assert counted_syncs == ({"fsync": 0, "syncfs": 1} if one_sync else {"fsync": 4, "syncfs": 0})
+
+
+def test_where_the_filesystem_does_not_qualify_each_file_gets_its_fsync(
+    tmp_path: Path, counted_syncs: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(files, "group_sync_descriptor", lambda folder: None)
+    store = opened(store_for(tmp_path))
+    counted_syncs.update(fsync=0, syncfs=0)
+    stored = store.write_all([(FoundImage(f"{n}.jpg", f"{n}.pt"), fake_result(f"{n}.jpg")) for n in "abc"])
+    assert [type(place) for place in stored] == [Stored] * 3
+    assert counted_syncs == {"fsync": 3, "syncfs": 0}
+
+
+def test_a_failed_sync_fails_the_whole_group_and_leaves_old_files_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not groups_sync_here(tmp_path):
+        pytest.skip("this filesystem gets a fsync per file: no group sync to fail")
+    store = opened(store_for(tmp_path))
+    old = FoundImage("old.jpg", "old.pt")
+    store.write(old, fake_result("old.jpg", seed=1))
+    before = (tmp_path / "old.pt").read_bytes()
+
+    def failing_syncfs(descriptor: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(files, "syncfs", failing_syncfs)
+    stored = store.write_all([(FoundImage("new.jpg", "new.pt"), fake_result("new.jpg")), (old, fake_result("old.jpg", seed=2))])
+    assert [str(error) for error in stored] == [f"cannot write {tmp_path / name}: Input/output error" for name in ("new.pt", "old.pt")]
+    assert all(isinstance(error, OutputError) and error.ends_run for error in stored)
+    assert (tmp_path / "old.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.jsonl.lock", "backbone-inspect.json", "manifest.jsonl", "old.pt"]
+
+
+def test_one_file_that_cannot_be_written_is_its_own_error_and_the_others_are_written(tmp_path: Path) -> None:
+    store = opened(store_for(tmp_path))
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    names = ["a.pt", "blocked/b.pt", "c.pt"]
+    stored = store.write_all([(FoundImage(name, name), fake_result(name)) for name in names])
+    assert isinstance(stored[0], Stored) and isinstance(stored[2], Stored)
+    assert isinstance(stored[1], OutputError) and not stored[1].ends_run
+    assert str(stored[1]) == f"cannot write {tmp_path / 'blocked/b.pt'}: {tmp_path / 'blocked'} is a file, not a folder"
+    assert (tmp_path / "a.pt").is_file() and (tmp_path / "c.pt").is_file()
+
+
+def test_a_disk_full_at_the_group_sync_of_a_folder_dump_is_reported_and_loses_nothing_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not groups_sync_here(tmp_path):
+        pytest.skip("this filesystem gets a fsync per file: no group sync to fail")
+    images, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files, "syncfs", disk_full)
+    result = invoke(images, "--save", out, "--batch-size", "8", "--workers", "0", *SMALL)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors and all(line.endswith(": No space left on device") for line in errors)
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.tmp"))
+    assert all(line["status"] != "ok" for line in manifest(out))
+    monkeypatch.undo()
+    rerun = invoke(images, "--save", out, "--batch-size", "8", "--workers", "0", *SMALL)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert sorted(p.name for p in out.glob("*.pt")) == [f"img{index:03d}.pt" for index in range(6)]
