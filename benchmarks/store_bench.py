@@ -298,9 +298,9 @@ def _old_write(store: Any, image: Any, result: Any) -> int:
 
 def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
     from backbone_inspect.config import feature_config
-    from backbone_inspect.extractor import ImageResult
+    from backbone_inspect.results import ImageResult
     from backbone_inspect.inputs import FoundImage
-    from backbone_inspect.local_engine import WRITER_THREADS, _slices, finish_images
+    from backbone_inspect.batch_work import WRITER_THREADS, finish_images, slices
     from backbone_inspect.stats import stage_stats
     from backbone_inspect.pt_store import PtFileStore
 
@@ -322,9 +322,9 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
 
     def now(folder: Path) -> int:
         store = PtFileStore(folder, config)
-        slices = [part for start in range(0, len(items), 32) for part in _slices(items[start : start + 32], WRITER_THREADS)]
+        parts = [part for start in range(0, len(items), 32) for part in slices(items[start : start + 32], WRITER_THREADS)]
         with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
-            return sum(outcome.bytes_written for part in writers.map(finish_images, slices, [store] * len(slices))
+            return sum(outcome.bytes_written for part in writers.map(finish_images, parts, [store] * len(parts))
                        for outcome, _, _ in part)
 
     def now_fsync_each(folder: Path) -> int:

@@ -290,7 +290,7 @@ def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch)
     def broken(self, names, group):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Extractor, "forward_group", broken)
+    monkeypatch.setattr(Extractor, "launch_group", broken)
     result = invoke(chelsea, *SMALL)
     assert result.exit_code == 1
     assert result.stderr == "Error: RuntimeError: boom second line (run with --debug for the traceback)\n"

@@ -13,6 +13,7 @@ from backbone_inspect import files
 from backbone_inspect.disk_sync import group_sync_descriptor
 from backbone_inspect.errors import OutputError
 from backbone_inspect.inputs import FoundImage
+from backbone_inspect.outcomes import Outcome
 from backbone_inspect.store import Stored
 
 from conftest import SMALL, features, invoke, manifest, many_images
@@ -89,7 +90,8 @@ def test_a_group_of_files_is_synced_once_and_each_reads_back_whole(tmp_path: Pat
         assert all(torch.equal(saved[name], result.features[name]) for name in saved)
     assert not [p for p in tmp_path.rglob("*.tmp")], "no temporary file left"
     one_sync = groups_sync_here(tmp_path)
-    assert counted_syncs == ({"fsync": 0, "syncfs": 1} if one_sync else {"fsync": 4, "syncfs": 0})
+    # One sync for the group (and the folder's own fsync after it), or a fsync per file.
+    assert counted_syncs == ({"fsync": 1, "syncfs": 1} if one_sync else {"fsync": 4, "syncfs": 0})
 
 
 def test_where_the_filesystem_does_not_qualify_each_file_gets_its_fsync(
@@ -154,3 +156,53 @@ def test_a_disk_full_at_the_group_sync_of_a_folder_dump_is_reported_and_loses_no
     rerun = invoke(images, "--save", out, "--batch-size", "8", "--workers", "0", *SMALL)
     assert rerun.exit_code == 0, rerun.stderr
     assert sorted(p.name for p in out.glob("*.pt")) == [f"img{index:03d}.pt" for index in range(6)]
+
+
+def test_a_rerun_removes_what_a_killed_run_left_of_its_own_images_and_nothing_else(tmp_path: Path) -> None:
+    images, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    out.mkdir()
+    left = [out / ".img001.pt.4242-17-3.tmp", out / ".img002.pt.4242-17-4.tmp"]  # as a SIGKILL leaves them
+    others = [out / ".elsewhere.pt.4243-1-0.tmp", out / "notes.tmp", out / ".img001.pt.tmp"]
+    for path in left + others:
+        path.write_bytes(b"half a feature file")
+    dry = invoke(images, "--save", out, "--dry-run", *SMALL)
+    assert dry.exit_code == 0 and all(path.exists() for path in left), "a dry run removes nothing"
+    result = invoke(images, "--save", out, *SMALL)
+    assert result.exit_code == 0, result.stderr
+    assert not any(path.exists() for path in left)
+    assert all(path.exists() for path in others), "another run's files, or files not named like ours, stay"
+    assert sorted(p.name for p in out.glob("*.pt")) == ["img000.pt", "img001.pt", "img002.pt"]
+
+
+def test_an_interrupt_during_the_renames_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not groups_sync_here(tmp_path):
+        pytest.skip("this filesystem gets a fsync per file: no group renames")
+    real_replace, calls = os.replace, []
+
+    def interrupted_at_the_second(source, target) -> None:
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_at_the_second)
+    writes = [(tmp_path / f"{name}.bin", lambda handle: handle.write(b"whole")) for name in "abcd"]
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_all(writes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"whole"
+
+
+def test_a_manifest_that_can_no_longer_be_written_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = store_for(tmp_path)
+    store.claim(overwrite=False)
+    store.open()
+
+    def read_only(*_: object) -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(store._manifest, "tell", read_only)
+    with pytest.raises(OutputError, match=f"^cannot write manifest {tmp_path / 'manifest.jsonl'}: Read-only file system$"):
+        store.record(Outcome("a.jpg", "a.pt", "error", error="a.jpg: empty file"))
+    monkeypatch.undo()
+    store.close()
+    assert store._lock is None

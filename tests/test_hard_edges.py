@@ -49,15 +49,16 @@ def test_nan_features_give_strict_json_with_a_count_and_a_warning(tmp_path: Path
     assert result.stderr.startswith(f"Warning: {chelsea}: layer4 has 2048 NaN or infinite values")
 
 
-def test_control_characters_and_markup_in_names_cannot_reach_the_terminal(tmp_path: Path) -> None:
-    hostile = tmp_path / "\x1b[2J\x1b]0;owned\x07 [red]junk.jpg"
+def test_control_characters_and_markup_in_names_cannot_reach_the_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # short names: a long temporary folder would shorten the table's title
+    hostile = Path("\x1b[2J\x1b]0;owned\x07 [red]junk.jpg")
     hostile.write_bytes(b"not an image")
-    good = tmp_path / "[bold]x\x1b[31m.png"
+    good = Path("[bold]x\x1b[31m.png")
     noise_image(good)
     result = invoke(hostile, good, *SMALL)
     assert result.exit_code == 1
     assert "\x1b" not in result.output and "\x07" not in result.output
-    assert error_lines(result) == [f"Error: {tmp_path}/\\x1b[2J\\x1b]0;owned\\x07 [red]junk.jpg: not an image Pillow can read"]
+    assert error_lines(result) == ["Error: \\x1b[2J\\x1b]0;owned\\x07 [red]junk.jpg: not an image Pillow can read"]
     assert "[bold]x\\x1b[31m.png input 64×64" in " ".join(result.stdout.split()), "the title as named, not styled"
 
 

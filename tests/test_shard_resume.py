@@ -101,7 +101,7 @@ def test_writers_wait_for_the_disk_instead_of_holding_more_shards(tmp_path: Path
 
     import backbone_inspect.shard_store as shard_store
     from backbone_inspect.config import feature_config
-    from backbone_inspect.extractor import ImageResult
+    from backbone_inspect.results import ImageResult
     from backbone_inspect.inputs import FoundImage
 
     config = feature_config(**{key: value for key, value in OPTIONS.items() if key != "workers"})

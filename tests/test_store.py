@@ -13,7 +13,7 @@ import torch
 
 from backbone_inspect.config import feature_config
 from backbone_inspect.errors import OutputError, UsageError
-from backbone_inspect.extractor import ImageResult
+from backbone_inspect.results import ImageResult
 from backbone_inspect.inputs import FoundImage
 from backbone_inspect.outcomes import Outcome
 from backbone_inspect.pt_store import PtFileStore

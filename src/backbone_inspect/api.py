@@ -18,7 +18,7 @@ from .stages import DEFAULT_LAYERS
 
 if TYPE_CHECKING:
     from .engine import ModelInfo
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .outcomes import Outcome, RunSummary
     from .shards import Shard
 

@@ -73,3 +73,6 @@ def syncfs(descriptor: int) -> None:
     if function is None or function(descriptor) != 0:
         number = ctypes.get_errno() if function is not None else 0
         raise OSError(number, os.strerror(number) if number else "syncfs is not available")
+    # The folder's own fsync flushes the disk's write cache, which ext2's syncfs (it shares ext4's
+    # magic number) leaves unflushed; where syncfs flushed it already, it finds nothing to do.
+    os.fsync(descriptor)

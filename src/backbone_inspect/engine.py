@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome, RunSummary
     from .signals import StopRequest

@@ -1,6 +1,7 @@
 """The per-batch work: a Backbone on its device, normalisation, statistics and top-k classes.
 
-Built from a ``FeatureConfig``; both engines drive the same ``forward_group``.
+Built from a ``FeatureConfig``; both engines drive the same ``launch_group`` (``forward_group``:
+launched and waited for).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,33 +22,9 @@ from .errors import ImageError, UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_slow_bfloat16
 from .stages import stage_names
-from .stats import StageStats, batch_stage_stats
+from .results import ForwardClock, ImageResult, InFlightGroup, TopClasses
+from .stats import stat_columns
 from .weights import LoadedWeights
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One image through the backbone: its CPU features [C, H, W] ([C] pooled; none when the
-    Extractor keeps no features) and the statistics of the full maps."""
-
-    image: str
-    input_size: tuple[int, int]
-    features: OrderedDict[str, torch.Tensor]
-    stats: tuple[StageStats, ...]
-    seconds: float
-    """Time of the forward pass of the group this image ran in."""
-    group_size: int = 1
-    top: tuple[ClassScore, ...] | None = None
-    """The most probable classes, with ``topk``."""
-    pixels: torch.Tensor | None = None
-    """The preprocessed input, uint8 [3, H, W] on the CPU (what the model saw, before normalising)."""
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    index: int
-    label: str
-    probability: float
 
 
 class Extractor:
@@ -59,11 +35,14 @@ class Extractor:
     then cpu). ``keep_features=False``: results carry statistics only (``features`` empty),
     sparing a copy of every feature map when nothing is saved or drawn. ``feature_dtype``: the
     dtype features are kept in (cast on the device, before the copy); ``None``: the compute dtype.
+    ``keep_pixels``: whether results carry the input pixels when they were decoded on the device
+    (a copy per batch, for pictures; pixels decoded on the CPU are always there); ``None``: as
+    ``keep_features``.
     """
 
     def __init__(
         self, config: FeatureConfig, *, device: torch.device | str | None = None, keep_features: bool = True,
-        feature_dtype: str | None = None,
+        feature_dtype: str | None = None, keep_pixels: bool | None = None,
     ) -> None:
         self.config = config
         self.feature_dtype = TORCH_DTYPES[feature_dtype] if feature_dtype is not None else None
@@ -91,6 +70,7 @@ class Extractor:
         self.seed = config.seed
         self.topk = config.topk
         self.keep_features = keep_features
+        self.keep_pixels = keep_features if keep_pixels is None else keep_pixels
         self.categories = self._check_categories(config.categories) if config.topk else None
         self.preprocessing: Preprocessing = config.preprocessing
         shape = (1, 3, 1, 1)
@@ -185,37 +165,35 @@ class Extractor:
         return [results[position] for position in range(len(images))]
 
     def forward_group(self, names: Sequence[str], group: SizeGroup) -> list[ImageResult]:
-        """One forward pass over images of one size; statistics computed batched, on the device.
-        ``ImageError`` for a size the arch cannot take (``refuses``)."""
+        """One forward pass over images of one size, and its results. ``ImageError`` for a size the
+        arch cannot take (``refuses``)."""
+        return self.launch_group(names, group).results()
+
+    def launch_group(self, names: Sequence[str], group: SizeGroup) -> InFlightGroup:
+        """Queue one group's work on the device: the forward pass, statistics computed batched, the
+        copies of what is kept to the host; nothing waits for it (see ``results``)."""
         refused = self.refuses(group.input_size)
         if refused is not None:
             raise ImageError(f"{names[0]}: {refused}")
-        features, seconds = self.timed_forward(group.pixels)
-        top = self._top_classes(features[self.deepest]) if self.topk else [None] * len(names)
+        clock = ForwardClock(self.device)
+        features = self.forward(group.pixels)
+        clock.stop()
+        top = self._top_classes(features[self.deepest]) if self.topk else None
         features = OrderedDict((name, features[name]) for name in self.requested)
-        stats = {name: batch_stage_stats(name, value, group.input_size) for name, value in features.items()}
-        kept = self._kept_features(features) if self.keep_features else {}
-        pixels = self._cpu_pixels(group)
-        return [
-            ImageResult(
-                image,
-                group.input_size,
-                OrderedDict((name, value[row]) for name, value in kept.items()),
-                tuple(stats[name][row] for name in features),
-                seconds,
-                len(names),
-                top[row],
-                pixels[row] if pixels is not None else None,
-            )
-            for row, image in enumerate(names)
-        ]
+        with torch.inference_mode():
+            columns = OrderedDict((name, self._to_host(stat_columns(value))) for name, value in features.items())
+        kept = self._kept_features(features) if self.keep_features else OrderedDict()
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return InFlightGroup(tuple(names), group.input_size, features, columns, kept, clock, done, top, self._cpu_pixels(group))
 
     def _cpu_pixels(self, group: SizeGroup) -> torch.Tensor | None:
         """The group's input on the CPU (each image's row is a view): pixels decoded on a GPU
-        (``--decode gpu``) cross in one copy per group, and only when features are kept (pictures)."""
+        (``--decode gpu``) cross in one copy per group, and only with ``keep_pixels`` (pictures)."""
         if group.pixels.device.type == "cpu":
             return group.pixels
-        return group.pixels.to("cpu") if self.keep_features else None
+        return self._to_host(group.pixels) if self.keep_pixels else None
 
     def _kept_features(self, features: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """Each stage's batch on the CPU, contiguous, in one copy (each image's row is a view of it);
@@ -230,27 +208,22 @@ class Extractor:
                     value = value.amax(dim=(-2, -1))
                 # Cast and made contiguous where the features are (a GPU does it in microseconds), then one plain copy.
                 kept[name] = self._to_host(value.to(dtype=dtype, memory_format=torch.contiguous_format))
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the copies into pinned memory are done
         return kept
 
     def _to_host(self, value: torch.Tensor) -> torch.Tensor:
         """A CPU copy; from a GPU into pinned memory without waiting (several times faster than into
-        pageable memory: 1.4 MB an image for resnet50's layers 2,3,4), synchronised once per batch."""
+        pageable memory: 1.4 MB an image for resnet50's layers 2,3,4): ready once the group is done."""
         if self.device.type != "cuda":
             return value.to("cpu")
         host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
         return host.copy_(value, non_blocking=True)
 
-    def _top_classes(self, deepest: torch.Tensor) -> list[tuple[ClassScore, ...]]:
+    def _top_classes(self, deepest: torch.Tensor) -> TopClasses:
         assert self.categories is not None
         with torch.inference_mode(), self._math(tuple(deepest.shape)):
             probabilities = self.backbone.classify(deepest).float().softmax(dim=1)
             values, indices = probabilities.topk(self.topk, dim=1)
-        return [
-            tuple(ClassScore(i, self.categories[i], p) for i, p in zip(row_indices, row_values))
-            for row_indices, row_values in zip(indices.tolist(), values.tolist())
-        ]
+            return TopClasses(self._to_host(values), self._to_host(indices), self.categories)
 
     def inspect(self, path: str | Path) -> ImageResult:
         """One image: decode, preprocess, forward, statistics."""

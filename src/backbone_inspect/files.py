@@ -7,8 +7,9 @@ import errno
 import functools
 import itertools
 import os
+import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -56,17 +57,21 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]])
     if isinstance(sync_failure, OSError):
         _remove_temporaries(written)
         return [sync_failure if isinstance(temporary, tuple) else temporary for temporary in written]
-    return [temporary if isinstance(temporary, OSError) else _os_error_or(_renamed, *temporary, path)
-            for temporary, (path, _) in zip(written, writes)]
+    renamed: list[int | OSError] = []
+    try:
+        for temporary, (path, _) in zip(written, writes):
+            renamed.append(temporary if isinstance(temporary, OSError) else _os_error_or(_renamed, *temporary, path))
+    except BaseException:  # e.g. Ctrl-C in a caller's main thread: the files not yet renamed go
+        _remove_temporaries(written[len(renamed) :])
+        raise
+    return renamed
 
 
 def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, synced_device: int | None) -> tuple[Path, int]:
     """A temporary file beside ``path`` holding what ``write`` writes, and its size; fsynced
     unless it lies on ``synced_device``, which the caller syncs as a whole before renaming."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
-    stem = path.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
-    temporary = path.parent / f".{stem}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
+    temporary = path.parent / f".{_temporary_stem(path.name)}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
     # O_EXCL: never through a link or over another file; 0o666 is filtered by the umask, as open() is.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
@@ -115,6 +120,30 @@ def _os_error_or(function: Callable[..., R], *args: Any, **keywords: Any) -> R |
 
 _TEMPORARY_NUMBERS = itertools.count()
 """Makes each temporary name of this process unique (``next`` on a count is atomic under the GIL)."""
+_TEMPORARY_NAME = re.compile(r"\.(.+)\.\d+-\d+-\d+\.tmp", re.DOTALL)
+
+
+def _temporary_stem(name: str) -> str:
+    # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
+    return name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+
+
+def remove_leftover_temporaries(paths: Iterable[Path]) -> int:
+    """Remove the temporary files that a killed run left beside these final paths, and no other
+    (another run may be writing its own files into the same folders); how many were removed."""
+    stems: dict[Path, set[str]] = {}
+    for path in paths:
+        stems.setdefault(path.parent, set()).add(_temporary_stem(path.name))
+    removed = 0
+    for folder, owned in stems.items():
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                match = _TEMPORARY_NAME.fullmatch(entry.name)
+                if match and match.group(1) in owned and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
 
 def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
     """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written.

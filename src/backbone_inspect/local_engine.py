@@ -1,7 +1,8 @@
-"""The local engine: decoding in DataLoader workers, the model in this process, writes in a thread.
+"""The local engine: decoding in DataLoader workers, the model in this process, writes in threads.
 
-``process_batch`` is the unit of work, decoded images in, stored features and outcomes out;
-the Ray engine's actors call the same function.
+Each batch goes through ``batch_work``'s steps (launch, collect, finish), the unit of work the
+Ray engine's actors run too; here, on a GPU, the next batch is launched before this one is
+collected, so the device never waits for the interpreter.
 """
 
 from __future__ import annotations
@@ -19,82 +20,20 @@ import torch
 from .config import FeatureConfig
 from .device import keep_freed_memory, resolve_device
 from .engine import ModelInfo, RunCallbacks
-from .errors import OutputError, OutputStopped
-from .extractor import Extractor, ImageResult
+from .batch_work import WRITER_THREADS, Slice, collect_batch, finish_images, launch_batch, slices
+from .errors import OutputError
+from .extractor import Extractor
+from .results import ImageResult
 from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
 from .outcomes import Outcome, RunSummary, RunTally
 from .options import default_workers
 from .shards import local_processes_from_env, local_rank_from_env, shard_from_env
 from .signals import StopRequest
-from .store import FeatureStore, Stored
+from .store import FeatureStore
 
 
-def extract_batch(
-    extractor: Extractor,
-    images: Sequence[FoundImage],
-    batch: DecodedBatch,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> list[tuple[FoundImage, ImageResult | str]]:
-    """Forward one decoded batch: per image, in order, its result or why it failed.
-
-    Returns nothing more once ``should_stop()`` is true before a forward pass.
-    """
-    done: dict[int, ImageResult | str] = dict(batch.errors)
-    for group in batch.groups:
-        if should_stop():
-            return []
-        names = [images[position].path for position in group.positions]
-        refused = extractor.refuses(group.input_size)
-        if refused is not None:
-            done.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
-            continue
-        done.update(zip(group.positions, extractor.forward_group(names, group)))
-    return [(images[position], done[position]) for position in range(len(images))]
-
-
-T = TypeVar("T")
 B = TypeVar("B")
-
-WRITER_THREADS = 4
-"""Slices of a batch written at once: each slice's files are committed together (one sync for
-all where the filesystem allows), while the other slices write theirs."""
-
-FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
-"""An image's manifest line, its result (when it has one) and the output error that should end the run."""
-Slice = Future[list[FinishedImage]]
-"""A slice of a batch being written: its images' outcomes, in order."""
-
-
-def finish_image(image: FoundImage, result: ImageResult | str, stored: Stored | OutputError) -> FinishedImage:
-    """One image's manifest line, from its result and where the store put it (or why it could not).
-
-    A write that failed is this image's error, and is also returned as the output error: an
-    output that cannot be written ends the run. No outcome (``None``): the store stopped taking
-    images after such an error; this one is left for a re-run, and the error still ends the run.
-    """
-    if isinstance(result, str):
-        return Outcome(image.path, image.output, "error", error=result), None, None
-    if isinstance(stored, OutputStopped):
-        return None, None, str(stored)
-    if isinstance(stored, OutputError):
-        return Outcome(image.path, image.output, "error", error=str(stored)), None, str(stored) if stored.ends_run else None
-    shapes = {stats.name: list(stats.shape) for stats in result.stats}
-    outcome = Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=stored.bytes_written,
-                      shard=stored.shard, row=stored.row)
-    return outcome, result, None
-
-
-def process_batch(
-    extractor: Extractor, images: Sequence[FoundImage], batch: DecodedBatch, store: FeatureStore | None
-) -> list[FinishedImage]:
-    """The whole unit of work: one decoded batch in, stored features and outcomes out, in order
-    (without the images a store stopped taking after an output error)."""
-    parts = _slices(extract_batch(extractor, images, batch), WRITER_THREADS)
-    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
-        written = writers.map(finish_images, parts, [store] * len(parts))
-        return [finished for part in written for finished in part if finished[0] is not None]
-
 
 def _ignore_stop_signals(_: int) -> None:
     # Ctrl-C, and a scheduler's SIGTERM to the whole process group (Slurm, systemd, Kubernetes),
@@ -161,10 +100,13 @@ def model_info(extractor: Extractor, *, device: str, engine: str | None = None) 
 @dataclass(frozen=True)
 class LocalEngine:
     """Runs in this process: ``workers`` decoding processes (0: decode in-process; ``None``: the
-    default for the device, see ``options.default_workers``), batches of ``batch_size``."""
+    default for the device, see ``options.default_workers``), batches of ``batch_size``.
+    ``overlap``: launch each batch on the device before the previous one's results are built
+    (``None``: on CUDA, where the forward runs asynchronously; on a CPU it only holds a batch longer)."""
 
     batch_size: int = 32
     workers: int | None = 0
+    overlap: bool | None = None
     supports_pictures: bool = True
     supports_device_decode: bool = True
 
@@ -189,11 +131,17 @@ class LocalEngine:
         local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
         keep = store is not None or callbacks.keep_features
         extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep,
-                              feature_dtype=config.save_dtype if store is not None else None)
+                              feature_dtype=config.save_dtype if store is not None else None,
+                              keep_pixels=callbacks.keep_features)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers_for(extractor.device.type) if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
-        return _drive(extractor, batches, store, callbacks.on_outcome, stop, len(todo))
+        writes = _Writes(store, callbacks.on_outcome)
+        overlap = self.overlap if self.overlap is not None else extractor.device.type == "cuda"
+        _drive(extractor, batches, writes, stop, overlap=overlap)
+        if writes.failure is not None:
+            raise writes.failure
+        return writes.tally.summary(stop.signal_number, len(todo))
 
     def workers_for(self, device_type: str) -> int:
         """The decoding processes for a model on ``device_type``: ``workers``, or the device's default."""
@@ -205,50 +153,60 @@ class LocalEngine:
 def _drive(
     extractor: Extractor,
     batches: Iterator[tuple[list[FoundImage], DecodedBatch]],
-    store: FeatureStore | None,
-    on_outcome: Callable[[Outcome, ImageResult | None], None],
+    writes: _Writes,
     stop: StopRequest,
-    total: int,
-) -> RunSummary:
-    tally = RunTally()
-    pending: collections.deque[Slice] = collections.deque()
-    executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
-    report = functools.partial(_report, tally=tally, on_outcome=on_outcome)
+    *,
+    overlap: bool,
+) -> None:
+    """Each batch launched, collected and handed to the writers, in order. With ``overlap``, a
+    batch is collected only once the next one is launched: the device computes the next batch
+    while this one's results are built. A stop, a second Ctrl-C or an output error ends the run."""
+    in_flight = None
     try:
         for images, batch in batches:
-            # A batch is written in WRITER_THREADS slices, in order: few tasks however fast the model runs.
-            done = extract_batch(extractor, images, batch, stop)
-            with stop.shield():  # every write started is tracked, every write reported is recorded whole
-                pending.extend(executor.submit(finish_images, part, store) for part in _slices(done, WRITER_THREADS))
-                while pending and (pending[0].done() or len(pending) > 2 * WRITER_THREADS):
-                    report(pending.popleft())
-            if stop() or tally.output_error is not None:
+            launched = launch_batch(extractor, images, batch, stop)
+            ready, in_flight = (in_flight, launched) if overlap else (launched, None)
+            writes.write(collect_batch(ready), stop)
+            if stop() or writes.tally.output_error is not None:
                 break
+        if writes.tally.output_error is None:  # the batch still on the device is computed: kept too
+            writes.write(collect_batch(in_flight), stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, report what is written
         stop.signal_number = signal.SIGINT
-        for future in pending:
-            future.cancel()
+        writes.cancel()
     finally:
         # Whatever ends the run, every file written is reported (and so recorded) first.
         stop.finishing = True
         getattr(batches, "close", lambda: None)()
-        failure = _report_all(pending, report)
-        executor.shutdown(wait=True)
-    if failure is not None:
-        raise failure
-    return tally.summary(stop.signal_number, total)
+        writes.finish()
 
 
-def _slices(items: list[T], count: int) -> list[list[T]]:
-    size = -(-len(items) // count)
-    return [items[start : start + size] for start in range(0, len(items), size)] if items else []
+class _Writes:
+    """The writer threads: each batch written in ``WRITER_THREADS`` slices, reported in order."""
 
+    def __init__(self, store: FeatureStore | None, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
+        self.store = store
+        self.tally = RunTally()
+        self._report = functools.partial(_report, tally=self.tally, on_outcome=on_outcome)
+        self._pending: collections.deque[Slice] = collections.deque()
+        self._executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
+        self.failure: BaseException | None = None
 
-def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None) -> list[FinishedImage]:
-    """Store the images of ``done`` that have features, together, and describe each (in order)."""
-    computed = [(image, result) for image, result in done if not isinstance(result, str)]
-    stored = iter(store.write_all(computed) if store is not None else [Stored(0)] * len(computed))
-    return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
+    def write(self, done: list[tuple[FoundImage, ImageResult | str]], stop: StopRequest) -> None:
+        # In WRITER_THREADS slices, in order: few tasks however fast the model runs.
+        with stop.shield():  # every write started is tracked, every write reported is recorded whole
+            self._pending.extend(self._executor.submit(finish_images, part, self.store) for part in slices(done, WRITER_THREADS))
+            while self._pending and (self._pending[0].done() or len(self._pending) > 2 * WRITER_THREADS):
+                self._report(self._pending.popleft())
+
+    def cancel(self) -> None:
+        for future in self._pending:
+            future.cancel()
+
+    def finish(self) -> None:
+        """Report every write still pending (keeping the first failure to report), then stop the threads."""
+        self.failure = _report_all(self._pending, self._report)
+        self._executor.shutdown(wait=True)
 
 
 def _report_all(pending: collections.deque[Slice], report: Callable[[Slice], None]) -> BaseException | None:

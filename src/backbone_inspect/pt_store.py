@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import OutputError
-from .files import save_features_all
+from .files import remove_leftover_temporaries, save_features_all
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
 
 if TYPE_CHECKING:
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .inputs import FoundImage
 
 FILE_OVERHEAD_BYTES = 1536
@@ -23,6 +23,8 @@ class PtFileStore(FolderStore):
     FORMAT = "pt"
 
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
+        if self._lock is not None:  # this run holds the folder (not a dry run): what a killed run left of these images goes
+            remove_leftover_temporaries(self.folder / image.output for image in images)
         if overwrite:
             return ResumeSplit(tuple(images), (), ())
         todo, skipped, redo = [], [], []

@@ -2,7 +2,7 @@
 
 Reading and decoding run as Ray tasks on CPUs; the model runs in a pool of actors
 (``map_batches`` with a class), each doing exactly what the local engine does per batch:
-``local_engine.process_batch``, which writes each image to the store. The driver only checks
+``batch_work.process_batch``, which writes each image to the store. The driver only checks
 the weights and reports each outcome it gets back to the run, which records it. Inputs and the
 output folder must be on storage every node reaches.
 """
@@ -110,7 +110,7 @@ class FeatureActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .local_engine import process_batch
+        from .batch_work import process_batch
 
         images = [FoundImage(str(path), str(output)) for path, output in zip(batch["path"], batch["output"])]
         loaded, finished = _loaded_images(batch), []

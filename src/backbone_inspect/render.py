@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .stages import StageDescription
     from .engine import ModelInfo
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .outcomes import RunSummary
     from .stats import StageSummary
 

@@ -24,7 +24,7 @@ from .stats import SummaryAccumulator
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .inputs import FoundImage, InputPlan
     from .shards import Shard
     from .store import FeatureStore

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .engine import ModelInfo
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .outcomes import Outcome, RunSummary
     from .run import DumpEstimate
 

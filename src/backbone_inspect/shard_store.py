@@ -30,7 +30,7 @@ from .store import FolderStore, ResumeSplit, Stored, feature_bytes, settings_dif
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome
     from .shards import Shard

@@ -82,22 +82,36 @@ def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, 
 
     One reduction per statistic over the whole batch, on the batch's device.
     """
+    return stats_from_columns(name, features, stat_columns(features).tolist(), input_size)
+
+
+def stat_columns(features: torch.Tensor) -> torch.Tensor:
+    """Per image of [N, C, H, W]: sum, norm, min, max and nonzero count, as one float64 [N, 5]
+    tensor on the features' device (computed there; nothing waits for it)."""
     import torch
 
     values = features.detach().float()
-    _, channels, height, width = values.shape
-    count = channels * height * width
     dims = (1, 2, 3)
     # Tensor.std is a slow single pass per image; sums of values and of squares are parallel
     # and cheap, and in float64 the variance from them is exact enough for activations.
     # One tensor, one copy to the host (on a GPU, one synchronisation instead of five).
-    columns = torch.stack([
+    return torch.stack([
         values.sum(dim=dims).double(),
         torch.linalg.vector_norm(values, dim=dims).double(),
         values.amin(dim=dims).double(),
         values.amax(dim=dims).double(),
         _count_nonzero(values, dims).double(),
-    ], dim=1).tolist()
+    ], dim=1)
+
+
+def stats_from_columns(
+    name: str, features: torch.Tensor, columns: list[list[float]], input_size: tuple[int, int]
+) -> list[StageStats]:
+    """Each image's ``StageStats`` from its ``stat_columns`` row (``features``: the maps they came from)."""
+    import torch
+
+    _, channels, height, width = features.shape
+    count = channels * height * width
     stride = measured_stride(input_size, (height, width))
     dtype = str(features.dtype).removeprefix("torch.")
     return [
@@ -105,7 +119,7 @@ def batch_stage_stats(name: str, features: torch.Tensor, input_size: tuple[int, 
             name, (channels, height, width), stride, dtype,
             total / count, _unbiased_std(total, norm, count), low, high, (count - nonzero) / count,
             # NaN and inf reach the sum: only then are the elements counted, one image at a time.
-            0 if math.isfinite(total) else int((~torch.isfinite(values[row])).sum()),
+            0 if math.isfinite(total) else int((~torch.isfinite(features[row].float())).sum()),
         )
         for row, (total, norm, low, high, nonzero) in enumerate(columns)
     ]

@@ -22,7 +22,7 @@ from .files import FolderLock, atomic_write
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
-    from .extractor import ImageResult
+    from .results import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome
     from .shards import Shard
@@ -235,23 +235,29 @@ class FolderStore(FeatureStore):
         """One whole line, or none: a line cut short by a full disk is taken back."""
         with self._recording:
             assert self._manifest is not None, "open() the store first"
-            size = self._manifest.tell()
+            size = None
             try:
+                size = self._manifest.tell()
                 self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
                 self._manifest.flush()
             except OSError as error:
-                with contextlib.suppress(OSError):
-                    os.truncate(self.manifest_path, size)
+                if size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.manifest_path, size)
                 raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
 
     def close(self) -> None:
-        with self._recording:
-            if self._manifest is not None:
-                self._manifest.close()
-                self._manifest = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            with self._recording:
+                manifest, self._manifest = self._manifest, None
+                if manifest is not None:
+                    manifest.close()
+        except OSError as error:
+            raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 def feature_bytes(config: FeatureConfig, input_sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], int]:

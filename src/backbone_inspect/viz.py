@@ -15,7 +15,7 @@ from .files import atomic_write
 if TYPE_CHECKING:
     import torch
 
-    from .extractor import ImageResult
+    from .results import ImageResult
 
 VIRIDIS_ANCHORS: tuple[tuple[int, int, int], ...] = (
     (68, 1, 84), (65, 68, 135), (42, 120, 142), (34, 168, 132), (122, 209, 81), (253, 231, 37),

@@ -1,0 +1,133 @@
+"""The unit of work both engines share: a decoded batch launched on the device, collected, written.
+
+``launch_batch`` queues a batch's groups on the device and returns at once (on a GPU); its
+``collect_batch`` waits for them and gives each image's result or error. ``finish_images``
+stores the features and turns each image into its manifest line. ``process_batch`` is all of it
+for one batch, which is what a Ray actor runs; the local engine interleaves the steps of
+consecutive batches (see ``local_engine``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import OutputError, OutputStopped
+from .extractor import Extractor
+from .images import DecodedBatch
+from .inputs import FoundImage
+from .outcomes import Outcome
+from .results import ImageResult, InFlightGroup
+from .store import FeatureStore, Stored
+
+T = TypeVar("T")
+
+WRITER_THREADS = 4
+"""Slices of a batch written at once: each slice's files are committed together (one sync for
+all where the filesystem allows), while the other slices write theirs."""
+
+FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
+"""An image's manifest line, its result (when it has one) and the output error that should end the run."""
+Slice = Future[list[FinishedImage]]
+"""A slice of a batch being written: its images' outcomes, in order."""
+
+
+@dataclass(frozen=True)
+class LaunchedBatch:
+    """A decoded batch whose groups are queued on the device."""
+
+    images: Sequence[FoundImage]
+    known: dict[int, str]
+    """Positions already settled as errors: files that did not decode, sizes the arch refuses."""
+    in_flight: tuple[tuple[tuple[int, ...], InFlightGroup], ...]
+    """Each group's positions in the batch, and its work on the device."""
+
+
+def launch_batch(
+    extractor: Extractor,
+    images: Sequence[FoundImage],
+    batch: DecodedBatch,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> LaunchedBatch | None:
+    """Queue each group of one decoded batch on the device; ``None`` once ``should_stop()`` is
+    true before a forward pass (nothing of the batch is then kept)."""
+    known: dict[int, str] = dict(batch.errors)
+    in_flight = []
+    for group in batch.groups:
+        if should_stop():
+            return None
+        names = [images[position].path for position in group.positions]
+        refused = extractor.refuses(group.input_size)
+        if refused is not None:
+            known.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
+            continue
+        in_flight.append((group.positions, extractor.launch_group(names, group)))
+    return LaunchedBatch(images, known, tuple(in_flight))
+
+
+def collect_batch(launched: LaunchedBatch | None) -> list[tuple[FoundImage, ImageResult | str]]:
+    """Per image of a launched batch, in order, its result or why it failed (waits for the device)."""
+    if launched is None:
+        return []
+    done: dict[int, ImageResult | str] = dict(launched.known)
+    for positions, group in launched.in_flight:
+        done.update(zip(positions, group.results()))
+    return [(launched.images[position], done[position]) for position in range(len(launched.images))]
+
+
+def extract_batch(
+    extractor: Extractor,
+    images: Sequence[FoundImage],
+    batch: DecodedBatch,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[tuple[FoundImage, ImageResult | str]]:
+    """Forward one decoded batch: per image, in order, its result or why it failed.
+
+    Returns nothing once ``should_stop()`` is true before a forward pass.
+    """
+    return collect_batch(launch_batch(extractor, images, batch, should_stop))
+
+
+def finish_image(image: FoundImage, result: ImageResult | str, stored: Stored | OutputError) -> FinishedImage:
+    """One image's manifest line, from its result and where the store put it (or why it could not).
+
+    A write that failed is this image's error, and is also returned as the output error: an
+    output that cannot be written ends the run. No outcome (``None``): the store stopped taking
+    images after such an error; this one is left for a re-run, and the error still ends the run.
+    """
+    if isinstance(result, str):
+        return Outcome(image.path, image.output, "error", error=result), None, None
+    if isinstance(stored, OutputStopped):
+        return None, None, str(stored)
+    if isinstance(stored, OutputError):
+        return Outcome(image.path, image.output, "error", error=str(stored)), None, str(stored) if stored.ends_run else None
+    shapes = {stats.name: list(stats.shape) for stats in result.stats}
+    outcome = Outcome(image.path, image.output, "ok", shapes=shapes, bytes_written=stored.bytes_written,
+                      shard=stored.shard, row=stored.row)
+    return outcome, result, None
+
+
+def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None) -> list[FinishedImage]:
+    """Store the images of ``done`` that have features, together, and describe each (in order)."""
+    computed = [(image, result) for image, result in done if not isinstance(result, str)]
+    stored = iter(store.write_all(computed) if store is not None else [Stored(0)] * len(computed))
+    return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
+
+
+def process_batch(
+    extractor: Extractor, images: Sequence[FoundImage], batch: DecodedBatch, store: FeatureStore | None
+) -> list[FinishedImage]:
+    """The whole unit of work: one decoded batch in, stored features and outcomes out, in order
+    (without the images a store stopped taking after an output error)."""
+    parts = slices(extract_batch(extractor, images, batch), WRITER_THREADS)
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
+        written = writers.map(finish_images, parts, [store] * len(parts))
+        return [finished for part in written for finished in part if finished[0] is not None]
+
+
+def slices(items: list[T], count: int) -> list[list[T]]:
+    """``items`` in at most ``count`` consecutive slices of (nearly) equal size."""
+    size = -(-len(items) // count)
+    return [items[start : start + size] for start in range(0, len(items), size)] if items else []

@@ -1,0 +1,102 @@
+"""Overlapped batches (the default on CUDA): the next batch is launched before this one's results
+are built. Forced on here, on the CPU, it must dump exactly what batch-by-batch running dumps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone_inspect.config import feature_config
+from backbone_inspect.engine import RunCallbacks
+from backbone_inspect.extractor import Extractor
+from backbone_inspect.inputs import plan_inputs
+from backbone_inspect.local_engine import LocalEngine
+from backbone_inspect.reader import open_features
+from backbone_inspect.run import execute_run, make_store, plan_run
+from backbone_inspect.signals import StopRequest
+
+from conftest import SMALL_OPTIONS, manifest, many_images, noise_image
+from test_shards import reference
+
+
+def mixed_images(root: Path) -> Path:
+    """Seven images of three sizes in a row that mixes them, and an unreadable file among them."""
+    for index, size in enumerate([(64, 64), (80, 64), (64, 64), (96, 72), (64, 64), (80, 64), (64, 64)]):
+        noise_image(root / f"img{index:03d}.png", size, seed=index)
+    (root / "img003b.png").write_bytes(b"not an image")
+    return root
+
+
+def dump(root: Path, out: Path, *, overlap: bool, format: str = "pt", stop: StopRequest | None = None,
+         on_outcome=None, batch_size: int = 3, **options) -> object:
+    config = feature_config(**{**SMALL_OPTIONS, "layers": "1,4", "resize": "none", "crop": "none", **options})
+    store = make_store(out, config, format=format, shard_size=3 if format == "shards" else None)
+    plan = plan_run(config, plan_inputs(root, outputs=(out,)), LocalEngine(batch_size=batch_size, workers=0, overlap=overlap), store)
+    callbacks = RunCallbacks(on_outcome=on_outcome) if on_outcome is not None else RunCallbacks()
+    return execute_run(plan, callbacks=callbacks, stop=stop)
+
+
+def stored(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    dumped = open_features(out)
+    return {image.image: dumped[index][0] for index, image in enumerate(dumped.images)}
+
+
+@pytest.mark.parametrize("format", ["pt", "shards"])
+def test_overlapped_batches_dump_exactly_what_batch_by_batch_running_dumps(tmp_path: Path, format: str) -> None:
+    root = mixed_images(tmp_path / "in")
+    summaries = {overlap: dump(root, tmp_path / str(overlap), overlap=overlap, format=format) for overlap in (False, True)}
+    assert summaries[True].processed == summaries[False].processed == 7 and summaries[True].failed == 1
+    lines = {overlap: manifest(tmp_path / str(overlap)) for overlap in (False, True)}
+    # (Shards record their images as each shard commits, in the background: compare them as sets.)
+    assert sorted((line["image"], line["status"]) for line in lines[True]) == sorted((line["image"], line["status"]) for line in lines[False])
+    overlapped, one_by_one = stored(tmp_path / "True"), stored(tmp_path / "False")
+    assert overlapped.keys() == one_by_one.keys() and len(overlapped) == 7
+    for image, features in overlapped.items():
+        assert all(torch.equal(features[stage], one_by_one[image][stage]) for stage in ("layer1", "layer4"))
+    image = str(root / "img003.png")  # 96×72, a batch of its own size: against the model itself
+    expected = reference(image, native=True)
+    assert all(torch.allclose(overlapped[image][stage], expected[stage], rtol=1e-4, atol=1e-4) for stage in expected)
+
+
+def test_a_stop_still_writes_the_batch_already_launched_and_a_rerun_finishes(tmp_path: Path, monkeypatch) -> None:
+    root, out = many_images(tmp_path / "in", 8), tmp_path / "out"
+    launched = []
+    launch_group = Extractor.launch_group
+
+    def counted(self, names, group):
+        launched.extend(names)
+        return launch_group(self, names, group)
+
+    monkeypatch.setattr(Extractor, "launch_group", counted)
+    stop = StopRequest()
+
+    def stop_at_the_first(outcome, result) -> None:
+        stop.signal_number = 2  # as SIGINT would
+
+    first = dump(root, out, overlap=True, stop=stop, on_outcome=stop_at_the_first, batch_size=1)
+    written = {line["output"] for line in manifest(out) if line["status"] == "ok"}
+    assert 2 <= first.processed < 8 and first.processed == len(written) == len(list(out.glob("*.pt")))
+    # Every batch launched was written, the one on the device when the stop came too: none was lost.
+    assert len(launched) == first.processed
+    assert all(torch.load(out / name, weights_only=True)["features"] for name in written)
+    rest = dump(root, out, overlap=True, batch_size=1)
+    assert rest.skipped == first.processed and rest.processed + rest.skipped == 8
+    straight = tmp_path / "straight"
+    dump(root, straight, overlap=False, batch_size=1)
+    resumed, expected = stored(out), stored(straight)
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[image][stage], expected[image][stage]) for image in expected for stage in expected[image])
+
+
+def test_each_result_carries_the_time_of_its_own_groups_forward(tmp_path: Path) -> None:
+    root = mixed_images(tmp_path / "in")
+    seen = []
+    config = feature_config(**{**SMALL_OPTIONS, "layers": "4", "resize": "none", "crop": "none"})
+    plan = plan_run(config, plan_inputs(root), LocalEngine(batch_size=3, workers=0, overlap=True))
+    execute_run(plan, callbacks=RunCallbacks(on_outcome=lambda outcome, result: seen.append(result)))
+    results = [result for result in seen if result is not None]
+    assert len(results) == 7 and all(0 < result.seconds < 60 for result in results)
+    # Batches of 3: [64, 80×64, 64] [96×72, unreadable, 64] [80×64, 64]: one group of two, five alone.
+    assert sorted(result.group_size for result in results) == [1, 1, 1, 1, 1, 2, 2]
