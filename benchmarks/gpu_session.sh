@@ -2,10 +2,12 @@
 # One GPU session's checks, in the order of their value, with logs under $OUT (or ./gpu-session):
 #   1. benchmarks/gpu_bench.py (under five minutes): the figures of issues 12 and 13;
 #   2. the CUDA test modules, each test's name and result in the log (a cut-off run still names them);
-#   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed.
+#   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed;
+#   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py).
 # Usage on the device machine, from the repository root:
 #   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 290 s)
 #   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 250 s on an H200 with 16 cores)
+#   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 90 s)
 set -uo pipefail
 OUT="${OUT:-gpu-session}"
 mkdir -p "$OUT"
@@ -34,4 +36,10 @@ if [[ "$PART" == all || "$PART" == tests ]]; then
   echo "suite exit $? (124: cut off after $BUDGET s; the log names every test that finished)"
   grep -E "(FAILED|ERROR) tests/" "$OUT/suite.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -30
   tail -n 3 "$OUT/suite.log"
+fi
+
+if [[ "$PART" == all || "$PART" == profile ]]; then
+  timeout 150 python benchmarks/profile_run.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+  echo "profile exit $?"
+  grep -E "^## " "$OUT/profile.log"
 fi
