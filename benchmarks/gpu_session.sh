@@ -25,7 +25,8 @@ if [[ "$PART" == all || "$PART" == bench ]]; then
 fi
 
 if [[ "$PART" == all || "$PART" == tests ]]; then
-  workers=""
+  # pyproject's addopts ask for pytest-xdist; without it there, they are replaced.
+  workers="-o addopts=-ra"
   if python -c "import xdist" 2>/dev/null; then workers="-n $(( $(nproc) - 2 ))"; fi
   common=(-p no:cacheprovider -p no:benchmark -v -rfE --tb=short --durations=15)
   timeout 90 python -m pytest "${common[@]}" $workers tests/test_cuda.py tests/test_device_decode.py \
