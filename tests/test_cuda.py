@@ -14,10 +14,12 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from backbone_inspect import dump_features, open_features
 from backbone_inspect.config import feature_config
-from backbone_inspect.device import resolve_device
+from backbone_inspect.device import resolve_device, warm_up_cuda
+from backbone_inspect.engine import RunCallbacks
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
-from backbone_inspect.local_engine import decoded_batches
+from backbone_inspect.local_engine import LocalEngine, decoded_batches
+from backbone_inspect.signals import StopRequest
 from backbone_inspect.images import Preprocessing, load_image_tensor
 from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, imagenet_normalised, many_images, precision_state, seeded_model
 
@@ -94,3 +96,29 @@ def test_batches_for_a_gpu_arrive_in_pinned_memory(tmp_path: Path) -> None:
 def test_torchruns_local_rank_picks_the_gpu(local_rank: int) -> None:
     assert resolve_device("auto", local_rank=local_rank) == torch.device("cuda", local_rank % torch.cuda.device_count())
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_the_warm_up_starts_cuda_without_touching_the_precision_flags() -> None:
+    users = precision_state()
+    thread = warm_up_cuda(torch.device("cuda"), torch.float16)
+    assert thread is not None
+    thread.join(timeout=120)
+    assert not thread.is_alive() and torch.cuda.is_initialized()
+    assert precision_state() == users
+
+
+def test_a_long_dump_on_cuda_overlaps_batches_and_reads_back_like_one_batch_at_a_time(tmp_path: Path) -> None:
+    images = plan_inputs([many_images(tmp_path / "images", 24)]).selected
+    config = feature_config(**{**SMALL_OPTIONS, "device": "cuda"}, layers=(1, 4))
+    kept: dict[bool, dict[str, dict[str, torch.Tensor]]] = {}
+    for overlap in (True, False):
+        seen: dict[str, dict[str, torch.Tensor]] = {}
+        callbacks = RunCallbacks(on_outcome=lambda outcome, result: seen.update({outcome.image: dict(result.features)}),
+                                 keep_features=True)
+        summary = LocalEngine(batch_size=5, workers=1, overlap=overlap).run(config, images, None, callbacks=callbacks, stop=StopRequest())
+        assert summary.processed == 24
+        kept[overlap] = seen
+    assert list(kept[True]) == list(kept[False]) == [image.path for image in images]
+    for path, features in kept[False].items():
+        for name, expected in features.items():
+            assert_close_scaled(kept[True][path][name], expected, rtol=TOLERANCE["float32"])

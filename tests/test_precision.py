@@ -7,18 +7,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from backbone_inspect.config import feature_config
+from backbone_inspect.device import warm_up_cuda
 from backbone_inspect.errors import UsageError
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.local_engine import LocalEngine
 from backbone_inspect.options import default_workers
 from backbone_inspect.precision import check_compute_dtype, cpu_has_native_bfloat16, warn_if_slow_bfloat16
-from conftest import REPO, SMALL, invoke, precision_state
+from conftest import REPO, SAMPLES, SMALL, invoke, precision_state
 
 SRC = REPO / "src"
 
@@ -154,3 +156,17 @@ def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: p
     assert LocalEngine(workers=2).workers_for("cuda") == 2
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert LocalEngine(workers=None).workers_for("cuda") == 3
+
+
+def test_warming_up_cuda_is_nothing_on_a_cpu_and_never_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert warm_up_cuda(torch.device("cpu"), torch.float32) is None
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA warms up for real (test_cuda.py)")
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    thread = warm_up_cuda(torch.device("cuda"), torch.float16)  # no CUDA here: the thread meets the error
+    assert thread is not None
+    thread.join(timeout=60)
+    assert not thread.is_alive() and escaped == [], "the run reports a missing device itself, in words"
+    result = invoke(SAMPLES / "chelsea.jpg", *SMALL[:-2], "--device", "cuda")
+    assert result.exit_code != 0 and result.stderr.startswith("Error:") and "Traceback" not in result.output

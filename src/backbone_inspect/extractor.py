@@ -184,8 +184,8 @@ class Extractor:
             columns = OrderedDict((name, self._to_host(stat_columns(value))) for name, value in features.items())
         kept = self._kept_features(features) if self.keep_features else OrderedDict()
         done = torch.cuda.Event() if self.device.type == "cuda" else None
-        if done is not None:
-            done.record()
+        if done is not None:  # on the device's own stream, after the copies to the host
+            done.record(torch.cuda.current_stream(self.device))
         return InFlightGroup(tuple(names), group.input_size, features, columns, kept, clock, done, top, self._cpu_pixels(group))
 
     def _cpu_pixels(self, group: SizeGroup) -> torch.Tensor | None:

@@ -11,23 +11,24 @@ import collections
 import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from .config import FeatureConfig
-from .device import keep_freed_memory, resolve_device
-from .engine import ModelInfo, RunCallbacks
 from .batch_work import WRITER_THREADS, Slice, collect_batch, finish_images, launch_batch, slices
+from .config import FeatureConfig
+from .device import keep_freed_memory, resolve_device, warm_up_cuda
+from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
 from .extractor import Extractor
-from .results import ImageResult
 from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
-from .outcomes import Outcome, RunSummary, RunTally
 from .options import default_workers
+from .outcomes import Outcome, RunSummary, RunTally
+from .precision import TORCH_DTYPES
+from .results import ImageResult
 from .shards import local_processes_from_env, local_rank_from_env, shard_from_env
 from .signals import StopRequest
 from .store import FeatureStore
@@ -130,9 +131,14 @@ class LocalEngine:
         # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
         local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
         keep = store is not None or callbacks.keep_features
-        extractor = Extractor(config, device=resolve_device(config.device, local_rank=local_rank), keep_features=keep,
-                              feature_dtype=config.save_dtype if store is not None else None,
-                              keep_pixels=callbacks.keep_features)
+        device = resolve_device(config.device, local_rank=local_rank)
+        warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
+        try:
+            extractor = Extractor(config, device=device, keep_features=keep, keep_pixels=callbacks.keep_features,
+                                  feature_dtype=config.save_dtype if store is not None else None)
+        finally:
+            if warming is not None:
+                warming.join()  # before any decoding process is forked
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers_for(extractor.device.type) if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)

@@ -49,14 +49,17 @@ class ForwardClock:
     done, so timing never makes the host wait), elsewhere the wall time around it."""
 
     def __init__(self, device: torch.device) -> None:
-        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else None
+        # On the device's own stream: under torchrun, cuda:N need not be the current device.
+        cuda = device.type == "cuda"
+        self._stream = torch.cuda.current_stream(device) if cuda else None
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
         if self._events is not None:
-            self._events[0].record()
+            self._events[0].record(self._stream)
         self._start, self._elapsed = time.perf_counter(), 0.0
 
     def stop(self) -> ForwardClock:
         if self._events is not None:
-            self._events[1].record()
+            self._events[1].record(self._stream)
         self._elapsed = time.perf_counter() - self._start
         return self
 
