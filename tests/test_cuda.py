@@ -21,7 +21,8 @@ from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.local_engine import LocalEngine, decoded_batches
 from backbone_inspect.signals import StopRequest
 from backbone_inspect.images import Preprocessing, load_image_tensor
-from conftest import SAMPLES, SMALL_OPTIONS, assert_close_scaled, imagenet_normalised, many_images, precision_state, seeded_model
+from conftest import (SAMPLES, SMALL_OPTIONS, assert_close_scaled, imagenet_normalised, many_images, photo_jpeg, precision_state,
+                      seeded_model)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -122,3 +123,16 @@ def test_a_long_dump_on_cuda_overlaps_batches_and_reads_back_like_one_batch_at_a
     for path, features in kept[False].items():
         for name, expected in features.items():
             assert_close_scaled(kept[True][path][name], expected, rtol=TOLERANCE["float32"])
+
+
+def test_pixels_decoded_on_the_gpu_reach_the_results_whole(tmp_path: Path) -> None:
+    for index in range(3):
+        photo_jpeg(tmp_path / f"photo{index}.jpg", seed=index)
+    config = feature_config(**{**SMALL_OPTIONS, "device": "cuda"}, layers=(1,), decode="gpu")
+    extractor = Extractor(config, device="cuda", keep_pixels=True)
+    images = plan_inputs([tmp_path]).selected
+    [(found, batch)] = list(decoded_batches(images, extractor, batch_size=4, workers=0))
+    for group in batch.groups:
+        assert group.pixels.device.type == "cuda"
+        results = extractor.launch_group([found[position].path for position in group.positions], group).results()
+        assert all(torch.equal(result.pixels, group.pixels[row].cpu()) for row, result in enumerate(results))

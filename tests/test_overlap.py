@@ -3,6 +3,8 @@ are built. Forced on here, on the CPU, it must dump exactly what batch-by-batch 
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,37 @@ def test_each_result_carries_the_time_of_its_own_groups_forward(tmp_path: Path) 
     assert len(results) == 7 and all(0 < result.seconds < 60 for result in results)
     # Batches of 3: [64, 80×64, 64] [96×72, unreadable, 64] [80×64, 64]: one group of two, five alone.
     assert sorted(result.group_size for result in results) == [1, 1, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_launch_still_writes_every_batch_computed_before_it(tmp_path: Path, monkeypatch, overlap: bool) -> None:
+    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+    launch_group, launches = Extractor.launch_group, []
+
+    def out_of_memory_at_the_fourth(self, names, group):
+        launches.append(names)
+        if len(launches) == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return launch_group(self, names, group)
+
+    monkeypatch.setattr(Extractor, "launch_group", out_of_memory_at_the_fourth)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dump(root, out, overlap=overlap, batch_size=1)
+    written = [line["output"] for line in manifest(out) if line["status"] == "ok"]
+    assert written == ["img000.pt", "img001.pt", "img002.pt"] and len(list(out.glob("*.pt"))) == 3
+
+
+@pytest.mark.parametrize(("overlap", "most_alive"), [(False, 0), (True, 1)])
+def test_a_batchs_maps_leave_the_device_once_it_is_collected(tmp_path: Path, monkeypatch, overlap: bool, most_alive: int) -> None:
+    launch_group, groups, alive_at_launch = Extractor.launch_group, [], []
+
+    def tracked(self, names, group):
+        gc.collect()
+        alive_at_launch.append(sum(ref() is not None for ref in groups))
+        launched = launch_group(self, names, group)
+        groups.append(weakref.ref(launched))
+        return launched
+
+    monkeypatch.setattr(Extractor, "launch_group", tracked)
+    dump(many_images(tmp_path / "in", 6), tmp_path / "out", overlap=overlap, batch_size=1)
+    assert len(alive_at_launch) == 6 and max(alive_at_launch) == most_alive

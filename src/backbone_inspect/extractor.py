@@ -183,10 +183,11 @@ class Extractor:
         with torch.inference_mode():
             columns = OrderedDict((name, self._to_host(stat_columns(value))) for name, value in features.items())
         kept = self._kept_features(features) if self.keep_features else OrderedDict()
+        pixels = self._cpu_pixels(group)
         done = torch.cuda.Event() if self.device.type == "cuda" else None
-        if done is not None:  # on the device's own stream, after the copies to the host
+        if done is not None:  # on the device's own stream, after every copy to the host
             done.record(torch.cuda.current_stream(self.device))
-        return InFlightGroup(tuple(names), group.input_size, features, columns, kept, clock, done, top, self._cpu_pixels(group))
+        return InFlightGroup(tuple(names), group.input_size, features, columns, kept, clock, done, top, pixels)
 
     def _cpu_pixels(self, group: SizeGroup) -> torch.Tensor | None:
         """The group's input on the CPU (each image's row is a view): pixels decoded on a GPU

@@ -8,6 +8,7 @@ collected, so the device never waits for the interpreter.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -122,9 +123,9 @@ class LocalEngine:
     ) -> RunSummary:
         """Run every image of ``todo``; ``callbacks.on_outcome`` sees each, in order, once it is written.
 
-        Files are written by ``WRITER_THREADS`` background threads while the next batch computes;
-        at most about two batches of features are held at once (plus the shards not yet
-        committed), so memory stays flat. A stop request, a second Ctrl-C or an output error ends
+        Files are written by ``WRITER_THREADS`` background threads while the next batch computes.
+        Memory stays flat: at most two batches of features wait for the writers, one is being
+        collected and, with ``overlap``, one more is on the device (plus the shards not yet committed). A stop request, a second Ctrl-C or an output error ends
         the run, and every file written by then is reported.
         """
         keep_freed_memory()
@@ -144,7 +145,10 @@ class LocalEngine:
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
         writes = _Writes(store, callbacks.on_outcome)
         overlap = self.overlap if self.overlap is not None else extractor.device.type == "cuda"
-        _drive(extractor, batches, writes, stop, overlap=overlap)
+        # Under torchrun each process's GPU is its current device for the run, or the DataLoader's
+        # pinning thread would open a CUDA context on GPU 0 in every process.
+        with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext():
+            _drive(extractor, batches, writes, stop, overlap=overlap)
         if writes.failure is not None:
             raise writes.failure
         return writes.tally.summary(stop.signal_number, len(todo))
@@ -173,13 +177,19 @@ def _drive(
             launched = launch_batch(extractor, images, batch, stop)
             ready, in_flight = (in_flight, launched) if overlap else (launched, None)
             writes.write(collect_batch(ready), stop)
+            ready = launched = None  # a batch's maps leave the device once it is collected
             if stop() or writes.tally.output_error is not None:
                 break
         if writes.tally.output_error is None:  # the batch still on the device is computed: kept too
-            writes.write(collect_batch(in_flight), stop)
+            in_flight, last = None, in_flight
+            writes.write(collect_batch(last), stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, report what is written
         stop.signal_number = signal.SIGINT
         writes.cancel()
+    except Exception:  # the next batch failed (e.g. out of memory): the one already computed is still kept
+        with contextlib.suppress(Exception):
+            writes.write(collect_batch(in_flight), stop)
+        raise
     finally:
         # Whatever ends the run, every file written is reported (and so recorded) first.
         stop.finishing = True
