@@ -125,8 +125,9 @@ class LocalEngine:
 
         Files are written by ``WRITER_THREADS`` background threads while the next batch computes.
         Memory stays flat: at most two batches of features wait for the writers, one is being
-        collected and, with ``overlap``, one more is on the device (plus the shards not yet committed). A stop request, a second Ctrl-C or an output error ends
-        the run, and every file written by then is reported.
+        collected and, with ``overlap``, one more is on the device (plus the shards not yet
+        committed). A stop request, a second Ctrl-C or an output error ends the run, and every
+        file written by then is reported.
         """
         keep_freed_memory()
         # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
