@@ -3,11 +3,12 @@
 #   1. benchmarks/gpu_bench.py (under five minutes): the figures of issues 12 and 13;
 #   2. the CUDA test modules, each test's name and result in the log (a cut-off run still names them);
 #   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed;
-#   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py).
+#   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py), and
+#      the run loop's own ceiling with the work precomputed (host_ceiling.py).
 # Usage on the device machine, from the repository root:
 #   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 290 s)
 #   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 250 s on an H200 with 16 cores)
-#   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 90 s)
+#   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 100 s)
 set -uo pipefail
 OUT="${OUT:-gpu-session}"
 mkdir -p "$OUT"
@@ -43,4 +44,6 @@ if [[ "$PART" == all || "$PART" == profile ]]; then
   timeout 150 python benchmarks/profile_run.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
   echo "profile exit $?"
   grep -E "^## " "$OUT/profile.log"
+  # The run loop's own ceiling on this machine's CPU (model, decoding and statistics precomputed).
+  for save in "" "--save shards"; do timeout 60 python benchmarks/host_ceiling.py $save 2>&1 | tail -n 1; done | tee "$OUT/host_ceiling.log"
 fi

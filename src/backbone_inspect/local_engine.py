@@ -130,17 +130,7 @@ class LocalEngine:
         file written by then is reported.
         """
         keep_freed_memory()
-        # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
-        local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
-        keep = store is not None or callbacks.keep_features
-        device = resolve_device(config.device, local_rank=local_rank)
-        warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
-        try:
-            extractor = Extractor(config, device=device, keep_features=keep, keep_pixels=callbacks.keep_features,
-                                  feature_dtype=config.save_dtype if store is not None else None)
-        finally:
-            if warming is not None:
-                warming.join()  # before any decoding process is forked
+        extractor = _extractor(config, saving=store is not None, keep_features=callbacks.keep_features)
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers_for(extractor.device.type) if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
@@ -159,6 +149,20 @@ class LocalEngine:
         if self.workers is not None:
             return self.workers
         return default_workers(device_type, processes_here=local_processes_from_env() if shard_from_env(strict=False) else 1)
+
+
+def _extractor(config: FeatureConfig, *, saving: bool, keep_features: bool) -> Extractor:
+    """The run's extractor, on this process's device; CUDA is started while the model is built."""
+    # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
+    local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
+    device = resolve_device(config.device, local_rank=local_rank)
+    warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
+    try:
+        return Extractor(config, device=device, keep_features=saving or keep_features, keep_pixels=keep_features,
+                         feature_dtype=config.save_dtype if saving else None)
+    finally:
+        if warming is not None:
+            warming.join()  # before any decoding process is forked
 
 
 def _drive(
