@@ -7,7 +7,6 @@ launched and waited for).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,13 +142,6 @@ class Extractor:
             )
         # Capped at the batch: stages that all take the whole batch then run as one, unsliced.
         return {name: min(size, len(batch)) for name, size in self._chunk_plans[(height, width)].items()}
-
-    def timed_forward(self, images: torch.Tensor) -> tuple[OrderedDict[str, torch.Tensor], float]:
-        start = time.perf_counter()
-        features = self.forward(images)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return features, time.perf_counter() - start
 
     def extract(self, images: Sequence[tuple[str, torch.Tensor]]) -> list[ImageResult]:
         """Features and statistics of (name, uint8 [3, H, W]) images, in order.

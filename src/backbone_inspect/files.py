@@ -145,22 +145,12 @@ def remove_leftover_temporaries(paths: Iterable[Path]) -> int:
                         removed += 1
     return removed
 
-def save_features(path: Path, features: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
-    """Save ``{"features": ..., "meta": ...}`` atomically; returns the bytes written.
-
-    ``OutputError`` when it cannot (``ends_run`` unless only this file's name or folder is wrong).
-    """
-    [saved] = save_features_all([(path, features, meta)])
-    if isinstance(saved, OutputError):
-        raise saved
-    return saved
-
-
 def save_features_all(
     files: Sequence[tuple[Path, Mapping[str, torch.Tensor], Mapping[str, Any]]],
 ) -> list[int | OutputError]:
-    """``save_features`` for several files, committed together (``atomic_write_all``); in order,
-    each one's bytes written or its ``OutputError``."""
+    """Save ``{"features": ..., "meta": ...}`` into each path, the files committed together
+    (``atomic_write_all``); in order, each one's bytes written or its ``OutputError`` (``ends_run``
+    unless only that file's name or folder is wrong)."""
     writes = [(path, functools.partial(_write_features, features, meta)) for path, features, meta in files]
     return [saved if isinstance(saved, int) else _output_error(path, saved)
             for saved, (path, _) in zip(atomic_write_all(writes), writes)]
@@ -187,7 +177,7 @@ def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[t
     """Write a safetensors file atomically, straight from the tensors' memory; the bytes written.
 
     A list of equal-shape rows is stored as one tensor ``[len, *shape]`` without being stacked
-    in memory first. ``OutputError`` (``ends_run`` as for ``save_features``) when it cannot.
+    in memory first. ``OutputError`` (``ends_run`` as for ``save_features_all``) when it cannot.
     """
     import json
 
