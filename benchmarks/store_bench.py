@@ -15,10 +15,12 @@ Parts:
                 layer4, plus the store's meta dict) without a model. "before": a copy of the old
                 single-writer path (atomic_write with mkstemp + fchmod + two umask calls, stat
                 afterwards; torch.save into a BytesIO), one file after another in one thread.
-                "now": as the local engine writes a batch of 32: WRITER_THREADS slices of it side by
-                side, each slice's files committed together (PtFileStore.write_all: one syncfs for
-                the slice where the filesystem qualifies); and, to tell the two changes apart,
-                the same threads with a fsync per file (the group sync switched off).
+                "now": the local engine's own writer (local_engine._Writes) given batches of 32:
+                writer_threads() threads write slices of each batch under temporary names while
+                one committer thread syncs the previous slice (one syncfs where the filesystem
+                qualifies) and renames its files. For comparison: the writer of b855c0e (four
+                slices side by side, each thread syncing its own), and now's with a fsync per
+                file (the group sync switched off).
                 Each round writes a fresh folder; best of --writer-rounds, the variants alternated.
   2 command     (CPU mode) `backbone-inspect` subprocesses on the same generated JPEGs: resnet50,
                 resize 256, crop 224, --layers 4 --save-dtype float16, --format pt, --format shards
@@ -300,7 +302,9 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
     from backbone_inspect.config import feature_config
     from backbone_inspect.results import ImageResult
     from backbone_inspect.inputs import FoundImage
-    from backbone_inspect.batch_work import WRITER_THREADS, finish_images, slices
+    from backbone_inspect.batch_work import finish_images, slices, writer_threads
+    from backbone_inspect.local_engine import _Writes
+    from backbone_inspect.signals import StopRequest
     from backbone_inspect.stats import stage_stats
     from backbone_inspect.pt_store import PtFileStore
 
@@ -321,9 +325,17 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
         return sum(_old_write(store, image, result) for image, result in items)
 
     def now(folder: Path) -> int:
+        store, outcomes, stop = PtFileStore(folder, config), [], StopRequest()
+        writes = _Writes(store, lambda outcome, result: outcomes.append(outcome))
+        for start in range(0, len(items), 32):
+            writes.write(items[start : start + 32], stop)
+        writes.finish()
+        return sum(outcome.bytes_written for outcome in outcomes)
+
+    def four_slices(folder: Path) -> int:  # the writer of b855c0e: four slices side by side, each committing its own
         store = PtFileStore(folder, config)
-        parts = [part for start in range(0, len(items), 32) for part in slices(items[start : start + 32], WRITER_THREADS)]
-        with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
+        parts = [part for start in range(0, len(items), 32) for part in slices(items[start : start + 32], 4)]
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="feature-writer") as writers:
             return sum(outcome.bytes_written for part in writers.map(finish_images, parts, [store] * len(parts))
                        for outcome, _, _ in part)
 
@@ -331,7 +343,7 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
         with unittest.mock.patch.object(backbone_inspect.files, "group_sync_descriptor", lambda folder: None):
             return now(folder)
 
-    variants = {"before": before, "now": now, "now-fsync-each": now_fsync_each}
+    variants = {"before": before, "now": now, "four-slices": four_slices, "now-fsync-each": now_fsync_each}
     best = dict.fromkeys(variants, 0.0)
     written: dict[str, int] = {}
     log(f"part 1: pt writer, {files} files x {rounds} rounds per variant")
@@ -346,16 +358,20 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
             if count != files or any(path.name.endswith(".tmp") for path in folder.iterdir()):
                 raise RuntimeError(f"writer {name}: {count} .pt files of {files} (or temporaries left) in {folder}")
             shutil.rmtree(folder)
+            os.sync()  # the removal's own writes land now, not in the next variant's time
             best[name] = max(best[name], files / seconds)
             log(f"  round {round_index + 1} {name}: {files / seconds:.0f} files/s")
     per_file = written["now"] / files
     part = f"1 pt writer ({files} files of [2048,7,7] float16 + meta, {per_file / 1e3:.0f} KB each; best of {rounds})"
     report.row(part, "before: old atomic_write (mkstemp, fchmod, umask x2, stat), 1 thread", f"{best['before']:.0f} files/s",
                "1.00", f"{best['before'] * per_file / 1e6:.0f} MB/s", {"files_per_s": best["before"], "bytes_per_file": per_file})
-    report.row(part, f"now: batches of 32 in {WRITER_THREADS} slices side by side, one sync a slice", f"{best['now']:.0f} files/s",
+    report.row(part, f"now: batches of 32 as the local engine writes them ({writer_threads()} writer thread(s), a committer)", f"{best['now']:.0f} files/s",
                f"{best['now'] / best['before']:.2f} (now/before)", f"{best['now'] * per_file / 1e6:.0f} MB/s",
                {"files_per_s": best["now"], "bytes_per_file": per_file})
-    report.row(part, "(the same with a fsync per file: what the threads alone add)", f"{best['now-fsync-each']:.0f} files/s",
+    report.row(part, "(b855c0e: four slices side by side, each synced once by its own thread)", f"{best['four-slices']:.0f} files/s",
+               f"{best['four-slices'] / best['before']:.2f} (/before)", f"{best['four-slices'] * per_file / 1e6:.0f} MB/s",
+               {"files_per_s": best["four-slices"], "bytes_per_file": per_file})
+    report.row(part, "(now with a fsync per file: what the threads alone add)", f"{best['now-fsync-each']:.0f} files/s",
                f"{best['now-fsync-each'] / best['before']:.2f} (/before)", f"{best['now-fsync-each'] * per_file / 1e6:.0f} MB/s",
                {"files_per_s": best["now-fsync-each"], "bytes_per_file": per_file})
 

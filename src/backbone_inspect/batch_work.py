@@ -24,9 +24,14 @@ from .store import FeatureStore, Stored
 
 T = TypeVar("T")
 
-WRITER_THREADS = 4
-"""Slices of a batch written at once: each slice's files are committed together (one sync for
-all where the filesystem allows), while the other slices write theirs."""
+def writer_threads() -> int:
+    """Threads writing a batch's files at once, a slice of it each; each slice's files are committed
+    together (one sync for all where the filesystem allows). One per 4 usable CPUs, 1 to 4: on 2
+    vCPUs one writer (and the local engine's committer beside it) writes a third more files a
+    second than four, which spend their CPU time contending in the kernel and for the interpreter."""
+    from .options import usable_cpus
+
+    return max(1, min(4, usable_cpus() // 4))
 
 FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
@@ -111,9 +116,22 @@ def finish_image(image: FoundImage, result: ImageResult | str, stored: Stored | 
 
 def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None) -> list[FinishedImage]:
     """Store the images of ``done`` that have features, together, and describe each (in order)."""
+    return stage_images(done, store)()
+
+
+def stage_images(
+    done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None
+) -> Callable[[], list[FinishedImage]]:
+    """``finish_images`` in two steps (``FeatureStore.stage_all``): the features written now, and
+    the call that commits them and describes each image, in order (made once, from any thread)."""
     computed = [(image, result) for image, result in done if not isinstance(result, str)]
-    stored = iter(store.write_all(computed) if store is not None else [Stored(0)] * len(computed))
-    return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
+    commit = store.stage_all(computed) if store is not None else lambda: [Stored(0)] * len(computed)
+
+    def finish() -> list[FinishedImage]:
+        stored = iter(commit())
+        return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
+
+    return finish
 
 
 def process_batch(
@@ -121,8 +139,9 @@ def process_batch(
 ) -> list[FinishedImage]:
     """The whole unit of work: one decoded batch in, stored features and outcomes out, in order
     (without the images a store stopped taking after an output error)."""
-    parts = slices(extract_batch(extractor, images, batch), WRITER_THREADS)
-    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer") as writers:
+    threads = writer_threads()
+    parts = slices(extract_batch(extractor, images, batch), threads)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feature-writer") as writers:
         written = writers.map(finish_images, parts, [store] * len(parts))
         return [finished for part in written for finished in part if finished[0] is not None]
 

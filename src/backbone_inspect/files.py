@@ -35,31 +35,67 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]])
     """Each file written as ``atomic_write`` writes it, with one sync for them all where that is as safe;
     in order, each one's bytes written or the ``OSError`` that kept it out (a failed sync fails all).
 
-    The temporary files are written, their filesystem synced once (``syncfs``), then each renamed:
-    every file's data is on the disk before its name is, as with a fsync each, for a fraction of
-    the cost. Where ``syncfs`` is not known to flush and report errors as fsync does (only Linux
-    5.8 on, on ext4, XFS or Btrfs, qualifies: not FUSE or network mounts), each file gets its fsync.
+    ``stage_files`` then its ``commit``: every file's data is on the disk before its name is, as
+    with a fsync each, for a fraction of the cost.
+    """
+    return stage_files(writes).commit()
+
+
+def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> StagedFiles:
+    """The first half of ``atomic_write_all``: each file written under a temporary name beside its
+    own, not yet synced. Its ``commit`` (which must follow) syncs their filesystem once and renames
+    them, so a caller can write the next group while this one's sync waits on the disk.
+
+    Where ``syncfs`` is not known to flush and report errors as fsync does (only Linux 5.8 on, on
+    ext4, XFS or Btrfs, qualifies: not FUSE or network mounts), each file is written whole here,
+    with its own fsync, and the commit has nothing left to do.
     """
     descriptor = group_sync_descriptor(writes[0][0].parent) if len(writes) > 1 else None
     if descriptor is None:
-        return [_os_error_or(atomic_write, path, write) for path, write in writes]
+        return StagedFiles([], [_os_error_or(atomic_write, path, write) for path, write in writes], None)
     written: list[tuple[Path, int] | OSError] = []
     try:
         device = os.fstat(descriptor).st_dev
         for path, write in writes:
             written.append(_os_error_or(_write_temporary, path, write, synced_device=device))
-        sync_failure = _os_error_or(syncfs, descriptor)
     except BaseException:
         _remove_temporaries(written)
-        raise
-    finally:
         os.close(descriptor)
-    if isinstance(sync_failure, OSError):
-        _remove_temporaries(written)
-        return [sync_failure if isinstance(temporary, tuple) else temporary for temporary in written]
+        raise
+    return StagedFiles([path for path, _ in writes], written, descriptor)
+
+
+class StagedFiles:
+    """Files written under temporary names (``stage_files``), waiting for their one sync and renames."""
+
+    def __init__(self, paths: list[Path], written: Sequence[tuple[Path, int] | int | OSError], descriptor: int | None) -> None:
+        self.paths = paths
+        """The final names, in order (none when the files were written whole already)."""
+        self._written = list(written)
+        self._descriptor = descriptor
+
+    def commit(self) -> list[int | OSError]:
+        """Sync and rename (once); in order, each file's bytes or the ``OSError`` that kept it out."""
+        if self._descriptor is None:
+            return [result if isinstance(result, (int, OSError)) else result[1] for result in self._written]
+        descriptor, self._descriptor = self._descriptor, None
+        try:
+            sync_failure = _os_error_or(syncfs, descriptor)
+        except BaseException:
+            _remove_temporaries(self._written)
+            raise
+        finally:
+            os.close(descriptor)
+        if isinstance(sync_failure, OSError):
+            _remove_temporaries(self._written)
+            return [sync_failure if isinstance(temporary, tuple) else temporary for temporary in self._written]
+        return _renamed_all(self._written, self.paths)
+
+
+def _renamed_all(written: Sequence[tuple[Path, int] | OSError], paths: Sequence[Path]) -> list[int | OSError]:
     renamed: list[int | OSError] = []
     try:
-        for temporary, (path, _) in zip(written, writes):
+        for temporary, path in zip(written, paths):
             renamed.append(temporary if isinstance(temporary, OSError) else _os_error_or(_renamed, *temporary, path))
     except BaseException:  # e.g. Ctrl-C in a caller's main thread: the files not yet renamed go
         _remove_temporaries(written[len(renamed) :])
@@ -145,15 +181,20 @@ def remove_leftover_temporaries(paths: Iterable[Path]) -> int:
                         removed += 1
     return removed
 
-def save_features_all(
+
+def stage_features(
     files: Sequence[tuple[Path, Mapping[str, torch.Tensor], Mapping[str, Any]]],
-) -> list[int | OutputError]:
-    """Save ``{"features": ..., "meta": ...}`` into each path, the files committed together
-    (``atomic_write_all``); in order, each one's bytes written or its ``OutputError`` (``ends_run``
-    unless only that file's name or folder is wrong)."""
-    writes = [(path, functools.partial(_write_features, features, meta)) for path, features, meta in files]
-    return [saved if isinstance(saved, int) else _output_error(path, saved)
-            for saved, (path, _) in zip(atomic_write_all(writes), writes)]
+) -> Callable[[], list[int | OutputError]]:
+    """Save ``{"features": ..., "meta": ...}`` into each path, in two steps (``stage_files``): the
+    files written now, and the call that commits them (once, from any thread) and gives, in order,
+    each one's bytes or its ``OutputError`` (``ends_run`` unless only that file's name or folder is wrong)."""
+    staged = stage_files([(path, functools.partial(_write_features, features, meta)) for path, features, meta in files])
+
+    def commit() -> list[int | OutputError]:
+        return [saved if isinstance(saved, int) else output_error(path, saved)
+                for saved, (path, _, _) in zip(staged.commit(), files)]
+
+    return commit
 
 
 def _write_features(features: Mapping[str, torch.Tensor], meta: Mapping[str, Any], handle: IO[bytes]) -> None:
@@ -170,45 +211,7 @@ def _write_features(features: Mapping[str, torch.Tensor], meta: Mapping[str, Any
     handle.write(buffer.getbuffer())
 
 
-SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], metadata: Mapping[str, str]) -> int:
-    """Write a safetensors file atomically, straight from the tensors' memory; the bytes written.
-
-    A list of equal-shape rows is stored as one tensor ``[len, *shape]`` without being stacked
-    in memory first. ``OutputError`` (``ends_run`` as for ``save_features_all``) when it cannot.
-    """
-    import json
-
-    import torch
-
-    # Each entry as its rows and stored shape: a tensor is one row of its own shape.
-    entries = {name: ([value], list(value.shape)) if isinstance(value, torch.Tensor) else (list(value), [len(value), *value[0].shape])
-               for name, value in tensors.items()}
-    layout, offset = {}, 0
-    for name, (rows, shape) in entries.items():
-        size = sum(row.nbytes for row in rows)
-        dtype = SAFETENSORS_DTYPES[str(rows[0].dtype).removeprefix("torch.")]
-        layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    header = json.dumps({"__metadata__": dict(metadata), **layout}).encode("utf-8")
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-
-    def write(handle: IO[bytes]) -> None:
-        handle.write(len(header).to_bytes(8, "little") + header)
-        for rows, _ in entries.values():
-            for row in rows:
-                handle.write(memoryview(row.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    try:
-        atomic_write(path, write)
-    except OSError as error:
-        raise _output_error(path, error) from error
-    return 8 + len(header) + offset
-
-
-def _output_error(path: Path, error: OSError) -> OutputError:
+def output_error(path: Path, error: OSError) -> OutputError:
     failure = OutputError(f"cannot write {path}: {_write_failure_reason(path, error)}")
     # A name too long, or a folder or file in the way, is this file's problem; a full or
     # read-only disk is every file's, and ends the run.

@@ -12,13 +12,13 @@ import contextlib
 import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from .batch_work import WRITER_THREADS, Slice, collect_batch, finish_images, launch_batch, slices
+from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
 from .device import keep_freed_memory, resolve_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
@@ -123,7 +123,7 @@ class LocalEngine:
     ) -> RunSummary:
         """Run every image of ``todo``; ``callbacks.on_outcome`` sees each, in order, once it is written.
 
-        Files are written by ``WRITER_THREADS`` background threads while the next batch computes.
+        Files are written by background threads (``batch_work.writer_threads``) while the next batch computes.
         Memory stays flat: at most two batches of features wait for the writers, one is being
         collected and, with ``overlap``, one more is on the device (plus the shards not yet
         committed). A stop request, a second Ctrl-C or an output error ends the run, and every
@@ -203,31 +203,52 @@ def _drive(
 
 
 class _Writes:
-    """The writer threads: each batch written in ``WRITER_THREADS`` slices, reported in order."""
+    """The writer threads: each batch written in slices (``writer_threads``), each slice committed
+    by one more thread while the writers write the next, and reported in order."""
 
     def __init__(self, store: FeatureStore | None, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
         self.store = store
         self.tally = RunTally()
         self._report = functools.partial(_report, tally=self.tally, on_outcome=on_outcome)
+        self._threads = writer_threads()
+        self._staging: collections.deque[Future[Callable[[], list[FinishedImage]]]] = collections.deque()
         self._pending: collections.deque[Slice] = collections.deque()
-        self._executor = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="feature-writer")
+        self._writers = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="feature-writer")
+        # One committer, in order: a slice's sync waits on the disk while the writers write the next.
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-committer")
         self.failure: BaseException | None = None
 
     def write(self, done: list[tuple[FoundImage, ImageResult | str]], stop: StopRequest) -> None:
-        # In WRITER_THREADS slices, in order: few tasks however fast the model runs.
+        # In a few slices, in order: few tasks however fast the model runs.
         with stop.shield():  # every write started is tracked, every write reported is recorded whole
-            self._pending.extend(self._executor.submit(finish_images, part, self.store) for part in slices(done, WRITER_THREADS))
-            while self._pending and (self._pending[0].done() or len(self._pending) > 2 * WRITER_THREADS):
+            for part in slices(done, self._threads):
+                staged = self._writers.submit(stage_images, part, self.store)
+                self._staging.append(staged)
+                self._pending.append(self._committer.submit(_committed, staged))
+            while self._staging and self._staging[0].done():
+                self._staging.popleft()
+            while self._pending and (self._pending[0].done() or len(self._pending) > 2 * self._threads):
                 self._report(self._pending.popleft())
 
     def cancel(self) -> None:
-        for future in self._pending:
-            future.cancel()
+        """Drop the slices not yet being written (a slice written is still committed and reported)."""
+        for staged in self._staging:
+            staged.cancel()
 
     def finish(self) -> None:
         """Report every write still pending (keeping the first failure to report), then stop the threads."""
         self.failure = _report_all(self._pending, self._report)
-        self._executor.shutdown(wait=True)
+        self._writers.shutdown(wait=True)
+        self._committer.shutdown(wait=True)
+
+
+def _committed(staged: Future[Callable[[], list[FinishedImage]]]) -> list[FinishedImage]:
+    """A slice's files committed once written, and its images described; nothing if it was dropped."""
+    try:
+        commit = staged.result()
+    except CancelledError:
+        return []
+    return commit()
 
 
 def _report_all(pending: collections.deque[Slice], report: Callable[[Slice], None]) -> BaseException | None:

@@ -150,10 +150,14 @@ def default_workers(device_type: str = "cpu", *, processes_here: int = 1) -> int
     """
     if device_type != "cuda":
         return max(1, min(8, (os.cpu_count() or 1) - 1))
-    machine = os.cpu_count() or 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    machine, usable = os.cpu_count() or 1, usable_cpus()
     shared = usable // max(1, processes_here) if usable >= machine else usable
     return max(1, shared - 1)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: Slurm's --cpus-per-task, taskset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def max_workers() -> int:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import OutputError
-from .files import remove_leftover_temporaries, save_features_all
+from .files import remove_leftover_temporaries, stage_features
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class PtFileStore(FolderStore):
 
     def write_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> list[Stored | OutputError]:
         """The files written together: one sync for all where the filesystem allows (``files.atomic_write_all``)."""
+        return self.stage_all(items)()
+
+    def stage_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> Callable[[], list[Stored | OutputError]]:
+        """The files written under temporary names now; the call returned syncs and renames them."""
         from .precision import TORCH_DTYPES
 
         dtype = TORCH_DTYPES[self.config.save_dtype]
@@ -53,7 +57,8 @@ class PtFileStore(FolderStore):
                   {name: value.to(dtype) for name, value in result.features.items()},
                   {"image": result.image, **self.meta, "input_size": list(result.input_size)})
                  for image, result in items]
-        return [Stored(saved) if isinstance(saved, int) else saved for saved in save_features_all(files)]
+        commit = stage_features(files)
+        return lambda: [Stored(saved) if isinstance(saved, int) else saved for saved in commit()]
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)

@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .files import save_safetensors
+from .files import atomic_write, output_error
 
 if TYPE_CHECKING:
     import torch
@@ -127,3 +127,39 @@ def shard_tensors(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Te
         else:
             tensors.update((f"{stage}.{index}", value) for index, value in enumerate(values))
     return tensors
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], metadata: Mapping[str, str]) -> int:
+    """Write a safetensors file atomically, straight from the tensors' memory; the bytes written.
+
+    A list of equal-shape rows is stored as one tensor ``[len, *shape]`` without being stacked
+    in memory first. ``OutputError`` (``ends_run`` as for ``files.stage_features``) when it cannot.
+    """
+    import torch
+
+    # Each entry as its rows and stored shape: a tensor is one row of its own shape.
+    entries = {name: ([value], list(value.shape)) if isinstance(value, torch.Tensor) else (list(value), [len(value), *value[0].shape])
+               for name, value in tensors.items()}
+    layout, offset = {}, 0
+    for name, (rows, shape) in entries.items():
+        size = sum(row.nbytes for row in rows)
+        dtype = SAFETENSORS_DTYPES[str(rows[0].dtype).removeprefix("torch.")]
+        layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": dict(metadata), **layout}).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        for rows, _ in entries.values():
+            for row in rows:
+                handle.write(memoryview(row.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    try:
+        atomic_write(path, write)
+    except OSError as error:
+        raise output_error(path, error) from error
+    return 8 + len(header) + offset

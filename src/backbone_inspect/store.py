@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -97,6 +97,13 @@ class FeatureStore(ABC):
             except OutputError as error:
                 stored.append(error)
         return stored
+
+    def stage_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> Callable[[], list[Stored | OutputError]]:
+        """``write_all`` in two steps: what can be done now, and the call (to be made exactly once,
+        from any thread) that commits it and gives ``write_all``'s answer. An engine commits one
+        group while it stages the next; here, everything is done now."""
+        stored = self.write_all(items)
+        return lambda: stored
 
     def settled(self, outcome: Outcome) -> Outcome:
         """An outcome as it stands once commits are done (an ``ok`` image of a shard that failed is an error)."""
