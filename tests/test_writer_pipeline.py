@@ -144,7 +144,7 @@ def test_files_staged_stand_under_no_final_name_until_their_commit(tmp_path: Pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)])
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 2), (2, 2), (11, 2), (12, 3), (16, 4), (128, 4)])
 def test_writer_threads_follow_the_usable_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int) -> None:
     monkeypatch.setattr("backbone_inspect.options.usable_cpus", lambda: cpus)
     assert batch_work.writer_threads() == threads

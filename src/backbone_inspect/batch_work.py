@@ -26,12 +26,14 @@ T = TypeVar("T")
 
 def writer_threads() -> int:
     """Threads writing a batch's files at once, a slice of it each; each slice's files are committed
-    together (one sync for all where the filesystem allows). One per 4 usable CPUs, 1 to 4: on 2
-    vCPUs one writer (and the local engine's committer beside it) writes a third more files a
-    second than four, which spend their CPU time contending in the kernel and for the interpreter."""
+    together (one sync for all where the filesystem allows). One per 4 usable CPUs, 2 to 4. On 2
+    vCPUs (see BENCHMARKS.md) two writers beside the local engine's committer write the most files
+    a second while the main thread builds results (one falls behind it for the interpreter's lock);
+    four spend their CPU time contending in the kernel and for that lock."""
     from .options import usable_cpus
 
-    return max(1, min(4, usable_cpus() // 4))
+    return max(2, min(4, usable_cpus() // 4))
+
 
 FinishedImage = tuple[Outcome | None, ImageResult | None, str | None]
 """An image's manifest line, its result (when it has one) and the output error that should end the run."""
