@@ -83,6 +83,8 @@ SMALL = ["--arch", "resnet18", "--resize", "64", "--crop", "64", "--device", "cp
 references (create_feature_extractor, the model's own forward) run: on CUDA, float32 is not CPU float32."""
 SMALL_OPTIONS = {"arch": "resnet18", "resize": 64, "crop": 64, "device": "cpu"}
 """The same, as keywords of the Python API."""
+VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4 (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
+"""How a usage error names the stages of a ResNet."""
 
 
 def command(*args: object) -> list[str]:
@@ -181,3 +183,16 @@ def photo_jpeg(path: Path, size: tuple[int, int] = (500, 375), seed: int = 0, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, "JPEG", quality=quality, exif=exif.tobytes())
     return path
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """Good images in nested folders, of two sizes, beside a corrupt, an empty and a truncated one."""
+    root = tmp_path / "photos"
+    for index in range(7):
+        noise_image(root / ("a" if index % 2 else "b") / f"img{index}.png", size=(72, 72) if index % 3 else (90, 70), seed=index)
+    (root / "a" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    (root / "b" / "empty.png").write_bytes(b"")
+    whole = (root / "a" / "img1.png").read_bytes()
+    (root / "b" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return root

@@ -13,10 +13,7 @@ from torchvision.transforms._presets import ImageClassification
 from backbone_inspect import __version__
 from backbone_inspect.images import load_rgb
 
-from conftest import SAMPLES, SMALL, assert_close_scaled, invoke, seeded_model
-
-VALID_STAGES = "valid stages: 0=stem, 1=layer1, 2=layer2, 3=layer3, 4=layer4 (also C2-C5, res2-res5, stage1-stage4 for layer1-layer4)"
-
+from conftest import SAMPLES, SMALL, VALID_STAGES, assert_close_scaled, invoke, seeded_model
 
 def reference_features(image: Path, stages: list[str], *, arch="resnet18", seed=0, resize=64, crop=64):
     """Features computed the way a user would without this tool: torchvision's preset and feature extractor."""

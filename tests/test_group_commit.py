@@ -10,41 +10,13 @@ import pytest
 import torch
 
 from backbone_inspect import files
-from backbone_inspect.disk_sync import group_sync_descriptor
 from backbone_inspect.errors import OutputError
 from backbone_inspect.inputs import FoundImage
 from backbone_inspect.outcomes import Outcome
 from backbone_inspect.store import Stored
 
 from conftest import SMALL, features, invoke, manifest, many_images
-from test_store import fake_result, opened, store_for
-
-SYNCFS_TYPES = {"ext2", "ext3", "ext4", "xfs", "btrfs"}
-
-
-def mount_type(path: Path) -> str:
-    """The filesystem type of the mount holding ``path``, from /proc/self/mountinfo (longest mount point)."""
-    best, kind = "", ""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point = fields[4].replace("\\040", " ")
-        separator = fields.index("-")
-        if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) >= len(best):
-            best, kind = point, fields[separator + 1]
-    return kind
-
-
-def kernel_at_least(major: int, minor: int) -> bool:
-    release = os.uname().release.split("-")[0].split(".")
-    return (int(release[0]), int(release[1])) >= (major, minor)
-
-
-def groups_sync_here(folder: Path) -> bool:
-    descriptor = group_sync_descriptor(folder)
-    if descriptor is not None:
-        os.close(descriptor)
-    return descriptor is not None
-
+from store_helpers import SYNCFS_TYPES, fake_result, groups_sync_here, kernel_at_least, mount_type, opened, store_for
 
 @pytest.fixture
 def counted_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:

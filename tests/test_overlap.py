@@ -20,7 +20,7 @@ from backbone_inspect.run import execute_run, make_store, plan_run
 from backbone_inspect.signals import StopRequest
 
 from conftest import SMALL_OPTIONS, manifest, many_images, noise_image
-from test_shards import reference
+from shard_helpers import reference
 
 
 def mixed_images(root: Path) -> Path:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL, command, features, manifest, many_images
-from test_cli import VALID_STAGES
+from conftest import REPO, SMALL, VALID_STAGES, command, features, manifest, many_images
 
 pytestmark = pytest.mark.slow
 

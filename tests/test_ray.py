@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SMALL as SMALL_INPUTS, assert_close_scaled, command, features, invoke, manifest, noise_image
-
-RAY_MISSING = "--engine ray needs the [ray] extra: pip install -e '.[dev,ray]'"
-SMALL = [*SMALL_INPUTS, "--layers", "1,4", "--batch-size", "3"]
-
-
-def run_command(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real command in its own process: Ray's workers and sockets stay out of the test process."""
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=240
-    )
-
-
-@pytest.fixture
-def mixed(tmp_path: Path) -> Path:
-    """Good images in nested folders, of two sizes, beside a corrupt, an empty and a truncated one."""
-    root = tmp_path / "photos"
-    for index in range(7):
-        noise_image(root / ("a" if index % 2 else "b") / f"img{index}.png", size=(72, 72) if index % 3 else (90, 70), seed=index)
-    (root / "a" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
-    (root / "b" / "empty.png").write_bytes(b"")
-    whole = (root / "a" / "img1.png").read_bytes()
-    (root / "b" / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    return root
+from conftest import assert_close_scaled, features, invoke, manifest
+from ray_helpers import RAY_MISSING, RAY_OPTIONS, run_command
 
 
 def statuses(folder: Path) -> dict[str, tuple[str, str | None]]:
@@ -62,8 +37,8 @@ def assert_same_outputs(local: Path, on_ray: Path) -> None:
 @pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Path, mixed: Path) -> None:
     pytest.importorskip("ray", reason=RAY_MISSING)
-    local = run_command("photos", "--save", "local", *SMALL, cwd=tmp_path)
-    on_ray = run_command("photos", "--save", "ray", *SMALL, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
+    local = run_command("photos", "--save", "local", *RAY_OPTIONS, cwd=tmp_path)
+    on_ray = run_command("photos", "--save", "ray", *RAY_OPTIONS, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
     assert local.returncode == 1, local.stderr
     assert on_ray.returncode == 1, on_ray.stderr
     for bad in ("corrupt.jpg", "empty.png", "truncated.png"):
@@ -83,7 +58,7 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Pa
     for name in removed:
         (tmp_path / "ray" / name).unlink()
     first_lines = len(manifest(tmp_path / "ray"))
-    again = run_command("photos", "--save", "ray", *SMALL, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
+    again = run_command("photos", "--save", "ray", *RAY_OPTIONS, "--engine", "ray", "--ray-actors", "2", "--ray-actor-cpus", "0.5", cwd=tmp_path)
     assert again.returncode == 1, again.stderr
     assert "processed 2, skipped 5, failed 3" in again.stderr
     rerun = {line["output"]: line["status"] for line in manifest(tmp_path / "ray")[first_lines:]}
@@ -96,14 +71,14 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(tmp_path: Pa
 
 
 def test_engine_options_are_checked_before_any_work(tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    result = invoke(mixed, "--engine", "spark", *SMALL)
+    result = invoke(mixed, "--engine", "spark", *RAY_OPTIONS)
     assert result.exit_code == 2
     assert result.output.strip() == "Error: --engine spark: expected one of local, ray"
-    result = invoke(mixed, "--ray-address", "auto", *SMALL)
+    result = invoke(mixed, "--ray-address", "auto", *RAY_OPTIONS)
     assert result.exit_code == 2
     assert result.output.strip() == "Error: --ray-address needs --engine ray"
     monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the extra
-    result = invoke(mixed, "--engine", "ray", "--save", tmp_path / "out", *SMALL)
+    result = invoke(mixed, "--engine", "ray", "--save", tmp_path / "out", *RAY_OPTIONS)
     assert result.exit_code == 2
     assert result.output.startswith("Error: --engine ray needs Ray: pip install 'backbone-inspect[ray]'")
     assert not (tmp_path / "out").exists()
@@ -111,7 +86,7 @@ def test_engine_options_are_checked_before_any_work(tmp_path: Path, mixed: Path,
 
 def test_pictures_are_refused_on_ray(tmp_path: Path, mixed: Path) -> None:
     pytest.importorskip("ray", reason=RAY_MISSING)
-    result = invoke(mixed, "--engine", "ray", "--viz", tmp_path / "viz", *SMALL)
+    result = invoke(mixed, "--engine", "ray", "--viz", tmp_path / "viz", *RAY_OPTIONS)
     assert result.exit_code == 2
     assert result.output.strip().startswith("Error: --viz works with the local engine only")
 

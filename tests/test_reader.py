@@ -13,7 +13,7 @@ from backbone_inspect.errors import UsageError
 from backbone_inspect.reader import open_features
 
 from conftest import assert_close_scaled, many_images
-from test_shards import OPTIONS, STAGES, outputs, reference, shard_rows
+from shard_helpers import OPTIONS, STAGES, outputs, reference, shard_rows
 
 CHANNELS = {"layer1": 64, "layer4": 512}
 SHAPES = {"layer1": [64, 16, 16], "layer4": [512, 2, 2]}

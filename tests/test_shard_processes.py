@@ -13,8 +13,8 @@ import pytest
 from backbone_inspect.reader import open_features
 
 from conftest import SMALL, assert_close_scaled, command, manifest, many_images
-from test_ray import RAY_MISSING, SMALL as RAY_OPTIONS, mixed, run_command  # noqa: F401 - mixed is a fixture
-from test_shards import shard_files, shard_rows
+from ray_helpers import RAY_MISSING, RAY_OPTIONS, run_command
+from shard_helpers import shard_files, shard_rows
 
 pytestmark = pytest.mark.slow
 

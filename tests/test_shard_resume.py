@@ -14,7 +14,7 @@ from backbone_inspect.errors import OutputError, UsageError
 from backbone_inspect.reader import open_features
 
 from conftest import assert_close_scaled, manifest, many_images
-from test_shards import OPTIONS, outputs, reference, shard_files, shard_rows
+from shard_helpers import OPTIONS, outputs, reference, shard_files, shard_rows
 
 
 def test_a_resume_records_where_each_skipped_image_is(tmp_path: Path) -> None:

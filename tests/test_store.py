@@ -16,32 +16,11 @@ from backbone_inspect.errors import OutputError, UsageError
 from backbone_inspect.results import ImageResult
 from backbone_inspect.inputs import FoundImage
 from backbone_inspect.outcomes import Outcome
-from backbone_inspect.pt_store import PtFileStore
 from backbone_inspect.shards import Shard
-from backbone_inspect.stats import stage_stats
 from backbone_inspect.store import SETTINGS_FILE
 
 from conftest import SMALL_OPTIONS, manifest
-
-
-def fake_result(image: str, seed: int = 0) -> ImageResult:
-    """A result as the extractor makes it, with known tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    maps = OrderedDict((name, torch.rand(8, 4, 4, generator=generator)) for name in ("layer2", "layer4"))
-    stats = tuple(stage_stats(name, value, (64, 64)) for name, value in maps.items())
-    return ImageResult(image, (64, 64), maps, stats, seconds=0.01)
-
-
-def store_for(folder: Path, shard: Shard | None = None, **options: object) -> PtFileStore:
-    return PtFileStore(folder, feature_config(**{**SMALL_OPTIONS, "layers": "2,4", **options}), shard=shard)
-
-
-def opened(store: PtFileStore, *, overwrite: bool = False) -> PtFileStore:
-    """Claimed, opened and closed: what a run does with its store around the images."""
-    store.claim(overwrite=overwrite)
-    store.open()
-    store.close()
-    return store
+from store_helpers import fake_result, opened, store_for
 
 
 def test_claim_records_the_settings_and_refuses_a_folder_of_other_settings(tmp_path: Path) -> None:

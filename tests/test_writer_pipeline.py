@@ -19,8 +19,7 @@ from backbone_inspect.signals import StopRequest
 from backbone_inspect.store import Stored
 
 from conftest import features
-from test_group_commit import groups_sync_here
-from test_store import fake_result, opened, store_for
+from store_helpers import fake_result, groups_sync_here, opened, store_for
 
 Items = list[tuple[FoundImage, ImageResult | str]]
 
