@@ -18,6 +18,7 @@ from backbone_inspect.store import Stored
 from conftest import SMALL, features, invoke, manifest, many_images
 from store_helpers import SYNCFS_TYPES, fake_result, groups_sync_here, kernel_at_least, mount_type, opened, store_for
 
+
 @pytest.fixture
 def counted_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many fsync and syncfs calls the writes make (both still done for real)."""
