@@ -24,6 +24,7 @@ from .store import FeatureStore, Stored
 
 T = TypeVar("T")
 
+
 def writer_threads() -> int:
     """Threads writing a batch's files at once, a slice of it each; each slice's files are committed
     together (one sync for all where the filesystem allows). One per 4 usable CPUs, 2 to 4. On 2
