@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,9 +176,48 @@ def test_a_manifest_that_can_no_longer_be_written_is_an_output_error(tmp_path: P
     def read_only(*_: object) -> int:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store._manifest, "tell", read_only)
+    monkeypatch.setattr(store._manifest, "write", read_only)
     with pytest.raises(OutputError, match=f"^cannot write manifest {tmp_path / 'manifest.jsonl'}: Read-only file system$"):
         store.record(Outcome("a.jpg", "a.pt", "error", error="a.jpg: empty file"))
     monkeypatch.undo()
     store.close()
     assert store._lock is None
+
+
+MANIFEST_ON_A_FILLING_DISK = r"""
+import resource, signal, sys
+from pathlib import Path
+from backbone_inspect.config import feature_config
+from backbone_inspect.errors import OutputError
+from backbone_inspect.outcomes import Outcome
+from backbone_inspect.pt_store import PtFileStore
+
+store = PtFileStore(Path(sys.argv[1]), feature_config(arch="resnet18", device="cpu"))
+store.claim(overwrite=False)
+store.open()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))  # as a disk that is full at 2,000 bytes
+refused = 0
+for index in range(40):
+    try:
+        store.record(Outcome(f"img{index:02d}.jpg", f"img{index:02d}.pt", "error", error="x" * 60))
+    except OutputError:
+        refused += 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space comes back
+store.record(Outcome("last.jpg", "last.pt", "error", error="recorded once there is room"))
+store.close()
+print(refused)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs RLIMIT_FSIZE")
+def test_a_manifest_line_a_full_disk_cuts_short_is_taken_back_whole_and_never_written_later(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", MANIFEST_ON_A_FILLING_DISK, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole
+    accepted = 40 - int(done.stdout)
+    assert 0 < accepted < 40
+    assert [record["image"] for record in records] == [f"img{index:02d}.jpg" for index in range(accepted)] + ["last.jpg"]

@@ -171,7 +171,7 @@ class FolderStore(FeatureStore):
         self.meta = {**self.settings, "version": __version__}
         """What every file says about how it was made."""
         self.manifest_path = self.folder / (shard.manifest_name if shard is not None else UNSHARDED_MANIFEST)
-        self._manifest: IO[str] | None = None
+        self._manifest: IO[bytes] | None = None
         self._lock: FolderLock | None = None
         self._recording = threading.RLock()
 
@@ -234,19 +234,22 @@ class FolderStore(FeatureStore):
         try:
             if self.manifest_path.exists() and not self.manifest_path.is_file():
                 raise OSError(0, "not a regular file")
-            self._manifest = open(self.manifest_path, "a", encoding="utf-8")  # noqa: SIM115
+            # Unbuffered: a line a full disk cut short is taken back whole (record), none of it left
+            # in a buffer to be written after the next line, or at close, once space comes back.
+            self._manifest = open(self.manifest_path, "ab", buffering=0)  # noqa: SIM115
         except OSError as error:
             raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
 
     def record(self, outcome: Outcome) -> None:
         """One whole line, or none: a line cut short by a full disk is taken back."""
+        line = memoryview((json.dumps(outcome.manifest_record()) + "\n").encode("utf-8"))
         with self._recording:
             assert self._manifest is not None, "open() the store first"
             size = None
             try:
-                size = self._manifest.tell()
-                self._manifest.write(json.dumps(outcome.manifest_record()) + "\n")
-                self._manifest.flush()
+                size = os.fstat(self._manifest.fileno()).st_size
+                while line:  # an unbuffered write may be short (a disk filling up): the rest, or its error
+                    line = line[self._manifest.write(line) :]
             except OSError as error:
                 if size is not None:
                     with contextlib.suppress(OSError):
