@@ -164,7 +164,7 @@ def test_an_interrupt_during_the_renames_leaves_no_temporary_file(tmp_path: Path
     monkeypatch.setattr(os, "replace", interrupted_at_the_second)
     writes = [(tmp_path / f"{name}.bin", lambda handle: handle.write(b"whole")) for name in "abcd"]
     with pytest.raises(KeyboardInterrupt):
-        files.atomic_write_all(writes)
+        files.stage_files(writes).commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"whole"
 
 

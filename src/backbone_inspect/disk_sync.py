@@ -1,6 +1,6 @@
 """Syncing a whole filesystem at once (``syncfs``), where that is as safe as a fsync per file.
 
-``files.atomic_write_all`` writes a group of temporary files, syncs their filesystem once, then
+``files.stage_files`` writes a group of temporary files, syncs their filesystem once, then
 renames them: the same guarantee as one fsync each (every file's data is on the disk before its
 name is), at a fraction of the cost, since each fsync is a journal commit of its own.
 """

@@ -31,20 +31,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
     return size
 
 
-def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> list[int | OSError]:
-    """Each file written as ``atomic_write`` writes it, with one sync for them all where that is as safe;
-    in order, each one's bytes written or the ``OSError`` that kept it out (a failed sync fails all).
-
-    ``stage_files`` then its ``commit``: every file's data is on the disk before its name is, as
-    with a fsync each, for a fraction of the cost.
-    """
-    return stage_files(writes).commit()
-
-
 def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> StagedFiles:
-    """The first half of ``atomic_write_all``: each file written under a temporary name beside its
-    own, not yet synced. Its ``commit`` (which must follow) syncs their filesystem once and renames
-    them, so a caller can write the next group while this one's sync waits on the disk.
+    """Each file written as ``atomic_write`` writes it, with one sync for them all where that is as
+    safe, in two steps: here each file is written under a temporary name beside its own, not yet
+    synced; its ``commit`` (which must follow) syncs their filesystem once and renames them. Every
+    file's data is on the disk before its name is, as with a fsync each, for a fraction of the
+    cost, and a caller can write the next group while this one's sync waits on the disk.
 
     Where ``syncfs`` is not known to flush and report errors as fsync does (only Linux 5.8 on, on
     ext4, XFS or Btrfs, qualifies: not FUSE or network mounts), each file is written whole here,
@@ -52,7 +44,7 @@ def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> S
     """
     descriptor = group_sync_descriptor(writes[0][0].parent) if len(writes) > 1 else None
     if descriptor is None:
-        return StagedFiles([], [_os_error_or(atomic_write, path, write) for path, write in writes], None)
+        return StagedFiles([], [], None, finished=[_os_error_or(atomic_write, path, write) for path, write in writes])
     written: list[tuple[Path, int] | OSError] = []
     try:
         device = os.fstat(descriptor).st_dev
@@ -68,16 +60,18 @@ def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> S
 class StagedFiles:
     """Files written under temporary names (``stage_files``), waiting for their one sync and renames."""
 
-    def __init__(self, paths: list[Path], written: Sequence[tuple[Path, int] | int | OSError], descriptor: int | None) -> None:
-        self.paths = paths
-        """The final names, in order (none when the files were written whole already)."""
-        self._written = list(written)
+    def __init__(self, paths: list[Path], written: list[tuple[Path, int] | OSError], descriptor: int | None,
+                 *, finished: list[int | OSError] | None = None) -> None:
+        self._paths = paths  # the final names, in order
+        self._written = written  # each one's temporary file and size, or why it could not be written
         self._descriptor = descriptor
+        self._finished = finished
+        """Each file's bytes or error, where every file was written whole already (a fsync each)."""
 
     def commit(self) -> list[int | OSError]:
         """Sync and rename (once); in order, each file's bytes or the ``OSError`` that kept it out."""
-        if self._descriptor is None:
-            return [result if isinstance(result, (int, OSError)) else result[1] for result in self._written]
+        if self._finished is not None:
+            return self._finished
         descriptor, self._descriptor = self._descriptor, None
         try:
             sync_failure = _os_error_or(syncfs, descriptor)
@@ -89,7 +83,7 @@ class StagedFiles:
         if isinstance(sync_failure, OSError):
             _remove_temporaries(self._written)
             return [sync_failure if isinstance(temporary, tuple) else temporary for temporary in self._written]
-        return _renamed_all(self._written, self.paths)
+        return _renamed_all(self._written, self._paths)
 
 
 def _renamed_all(written: Sequence[tuple[Path, int] | OSError], paths: Sequence[Path]) -> list[int | OSError]:

@@ -257,8 +257,7 @@ def _report_all(pending: collections.deque[Slice], report: Callable[[Slice], Non
     while pending:
         future = pending.popleft()
         try:
-            if not future.cancelled():
-                report(future)
+            report(future)
         except BaseException as error:  # noqa: BLE001 - raised again by the caller once all are recorded
             failure = failure or error
     return failure

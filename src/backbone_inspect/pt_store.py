@@ -45,7 +45,7 @@ class PtFileStore(FolderStore):
         return stored
 
     def write_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> list[Stored | OutputError]:
-        """The files written together: one sync for all where the filesystem allows (``files.atomic_write_all``)."""
+        """The files written together: one sync for all where the filesystem allows (``files.stage_files``)."""
         return self.stage_all(items)()
 
     def stage_all(self, items: Sequence[tuple[FoundImage, ImageResult]]) -> Callable[[], list[Stored | OutputError]]:
