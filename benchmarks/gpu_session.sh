@@ -5,45 +5,62 @@
 #   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed;
 #   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py), and
 #      the run loop's own ceiling with the work precomputed (host_ceiling.py).
-# Usage on the device machine, from the repository root:
-#   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 290 s)
-#   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 250 s on an H200 with 16 cores)
+# Usage on the device machine, from the repository root (one part a call: each fits the 600 s limit):
+#   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 300 s)
+#   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 330 s on an H200 with 16 cores)
 #   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 100 s)
+# Every step's exit status also goes to $OUT/session.log. PYTHON picks the interpreter (default python).
 set -uo pipefail
 OUT="${OUT:-gpu-session}"
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PART="${PART:-all}"
+PYTHON="${PYTHON:-python}"
 BUDGET="${BUDGET:-240}"
+case "${PART:-}" in
+  bench|tests|profile) ;;
+  *) echo "PART must be bench, tests or profile (one a call: together they pass the 600 s limit)" >&2; exit 2 ;;
+esac
 
-if [[ "$PART" == all || "$PART" == bench ]]; then
+said() {  # a step's exit status, on stdout and in the session log
+  echo "$1 exit $2${3:+ $3}" | tee -a "$OUT/session.log"
+}
+
+if [[ "$PART" == bench ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-  python benchmarks/cuda_startup.py --device cuda > "$OUT/startup.log" 2>&1
-  python benchmarks/cuda_startup.py --device cpu >> "$OUT/startup.log" 2>&1
-  timeout 300 python benchmarks/gpu_bench.py --out-json "$OUT/gpu.json" > "$OUT/gpu_bench.log" 2>&1
-  echo "gpu_bench exit $?"
+  timeout 60 "$PYTHON" benchmarks/cuda_startup.py --device cuda > "$OUT/startup.log" 2>&1
+  said cuda_startup-cuda $?
+  timeout 60 "$PYTHON" benchmarks/cuda_startup.py --device cpu >> "$OUT/startup.log" 2>&1
+  said cuda_startup-cpu $?
+  timeout 300 "$PYTHON" benchmarks/gpu_bench.py --out-json "$OUT/gpu.json" > "$OUT/gpu_bench.log" 2>&1
+  said gpu_bench $?
   tail -n 25 "$OUT/gpu_bench.log"
 fi
 
-if [[ "$PART" == all || "$PART" == tests ]]; then
+if [[ "$PART" == tests ]]; then
+  common=(-p no:cacheprovider -p no:benchmark -v -rfE --tb=short --durations=15)
+  # The CUDA modules in one process with every core: under xdist's loadfile a module is one worker's.
+  timeout 150 "$PYTHON" -m pytest "${common[@]}" -o addopts=-ra tests/test_cuda.py tests/test_device_decode.py \
+    tests/test_decode_option.py > "$OUT/cuda_tests.log" 2>&1
+  said "CUDA tests" $?
+  grep -E "FAILED|ERROR" "$OUT/cuda_tests.log" | head -20
   # pyproject's addopts ask for pytest-xdist; without it there, they are replaced.
   workers="-o addopts=-ra"
-  if python -c "import xdist" 2>/dev/null; then workers="-n $(( $(nproc) - 2 ))"; fi
-  common=(-p no:cacheprovider -p no:benchmark -v -rfE --tb=short --durations=15)
-  timeout 90 python -m pytest "${common[@]}" $workers tests/test_cuda.py tests/test_device_decode.py \
-    tests/test_precision.py > "$OUT/cuda_tests.log" 2>&1
-  echo "CUDA tests exit $?"
-  grep -E "FAILED|ERROR" "$OUT/cuda_tests.log" | head -20
-  timeout "$BUDGET" python -m pytest "${common[@]}" $workers tests > "$OUT/suite.log" 2>&1
-  echo "suite exit $? (124: cut off after $BUDGET s; the log names every test that finished)"
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then workers="-n $(( $(nproc) - 2 ))"; fi
+  timeout "$BUDGET" "$PYTHON" -m pytest "${common[@]}" $workers tests > "$OUT/suite.log" 2>&1
+  said suite $? "(124: cut off after $BUDGET s; the log names every test that finished)"
   grep -E "(FAILED|ERROR) tests/" "$OUT/suite.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -30
   tail -n 3 "$OUT/suite.log"
 fi
 
-if [[ "$PART" == all || "$PART" == profile ]]; then
-  timeout 150 python benchmarks/profile_run.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
-  echo "profile exit $?"
+if [[ "$PART" == profile ]]; then
+  timeout 150 "$PYTHON" benchmarks/profile_run.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+  said profile $?
   grep -E "^## " "$OUT/profile.log"
-  # The run loop's own ceiling on this machine's CPU (model, decoding and statistics precomputed).
-  for save in "" "--save shards"; do timeout 60 python benchmarks/host_ceiling.py $save 2>&1 | tail -n 1; done | tee "$OUT/host_ceiling.log"
+  # The run loop's own ceiling on this machine (model, decoding and statistics precomputed), on
+  # the CPU and with the features on the GPU (pinned copies, events, overlapped batches).
+  for device in cpu cuda; do
+    for save in "" "--save shards"; do
+      timeout 60 "$PYTHON" benchmarks/host_ceiling.py --device "$device" $save 2>&1 | tail -n 1
+    done
+  done | tee "$OUT/host_ceiling.log"
 fi

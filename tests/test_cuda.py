@@ -30,6 +30,10 @@ TOLERANCE = {"float32": 1e-5, "tf32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
 """Relative error allowed against a float64 reference at layer4 (measured on an H200: float32 with
 TF32 off 2.6e-6, TF32 1.2e-3, float16 1.4e-3, bfloat16 1.1e-2)."""
 
+AUTOTUNED_FLOAT32 = 5e-5
+"""Between two float32 runs of which one repeats a batch shape: cuDNN's benchmark search may then
+pick FFT or Winograd kernels, exact to about 1e-5, not 1e-6; TF32 would still be 20x over it."""
+
 
 def float64_reference(pixels: torch.Tensor, arch: str, stages: list[str]) -> dict[str, torch.Tensor]:
     """torchvision's own model in float64 on the CPU, fed the same normalised pixels."""
@@ -82,7 +86,7 @@ def test_a_dump_on_cuda_reads_back_like_the_same_dump_on_the_cpu(tmp_path: Path,
     assert [entry.image for entry in gpu.images] == [entry.image for entry in cpu.images]
     for index in range(len(cpu)):
         for name, expected in cpu[index][0].items():
-            assert_close_scaled(gpu[index][0][name], expected, rtol=TOLERANCE["float32"])
+            assert_close_scaled(gpu[index][0][name], expected, rtol=AUTOTUNED_FLOAT32)
 
 
 def test_batches_for_a_gpu_arrive_in_pinned_memory(tmp_path: Path) -> None:
@@ -122,7 +126,7 @@ def test_a_long_dump_on_cuda_overlaps_batches_and_reads_back_like_one_batch_at_a
     assert list(kept[True]) == list(kept[False]) == [image.path for image in images]
     for path, features in kept[False].items():
         for name, expected in features.items():
-            assert_close_scaled(kept[True][path][name], expected, rtol=TOLERANCE["float32"])
+            assert_close_scaled(kept[True][path][name], expected, rtol=AUTOTUNED_FLOAT32)
 
 
 def test_pixels_decoded_on_the_gpu_reach_the_results_whole(tmp_path: Path) -> None:

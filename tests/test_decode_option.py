@@ -166,3 +166,30 @@ def test_an_error_in_the_decoding_ends_the_worker_processes_with_it(tmp_path: Pa
             pass
     assert failure.value is not None  # the traceback (and the generators in it) still held here
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"])
+def test_decode_gpu_refuses_exactly_the_interpolations_tensors_cannot_be_resized_with(interpolation: str, monkeypatch) -> None:
+    import dataclasses
+
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from backbone_inspect.images import Preprocessing
+    from backbone_inspect.run import check_decode
+
+    try:  # torchvision's own answer, on the function the device path resizes with
+        F.resize(torch.zeros(3, 8, 8), [4, 4], interpolation=InterpolationMode(interpolation), antialias=True)
+        resizable = True
+    except NotImplementedError:
+        resizable = False
+    monkeypatch.setattr("backbone_inspect.device.resolve_device", lambda spec, **_: torch.device("cuda"))
+    config = dataclasses.replace(feature_config(**SMALL_OPTIONS, decode="gpu"), preprocessing=Preprocessing(interpolation=interpolation))
+    if resizable:
+        check_decode(config, LocalEngine())
+    else:
+        with pytest.raises(UsageError, match=rf"^--decode gpu: these weights resize with {interpolation} interpolation, "
+                                              "which only Pillow does; use --decode cpu$"):
+            check_decode(config, LocalEngine())
+    unresized = dataclasses.replace(config, preprocessing=Preprocessing(resize=None, crop=None, interpolation=interpolation))
+    check_decode(unresized, LocalEngine())  # nothing is resized: nothing to refuse

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backbone_inspect.device_decode import JpegDataset, collate_encoded, finish_on_device
+from backbone_inspect.device_decode import JpegDataset, collate_encoded, finish_on_device, side_stream
 from backbone_inspect.errors import ImageError
 from backbone_inspect.images import DecodedBatch, Preprocessing, load_image_tensor
 
@@ -218,6 +218,29 @@ def test_on_cuda_nvjpeg_gives_pillows_shapes_and_errors_and_close_pixels(tmp_pat
             assert found[position] == expected
         else:
             assert (found[position].cpu().float() - expected.float()).abs().mean() <= 2, path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA")
+@pytest.mark.parametrize("own_stream", [False, True])
+def test_on_cuda_nvjpeg_never_writes_memory_that_queued_kernels_still_use(tmp_path: Path, own_stream: bool) -> None:
+    # nvJPEG decodes on a stream that does not wait for the caller's. Blocks of its output's size
+    # are freed on the host while a fill of them is still queued behind a sleep on the GPU: were
+    # one handed to nvJPEG, the fill would land on the decoded image before its resize reads it.
+    paths = [str(photo_jpeg(tmp_path / f"p{i}.jpg", seed=i)) for i in range(6)]
+    dataset = JpegDataset(paths, Preprocessing())
+    encoded = collate_encoded([dataset[i] for i in range(len(paths))])
+    device = torch.device("cuda")
+    quiet = by_position(finish_on_device(encoded, Preprocessing(), device))
+    side = side_stream(device) if own_stream else None
+    stuck = [torch.empty(3 * 375 * 500, dtype=torch.uint8, device=device) for _ in range(24)]
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time before the fills run
+    for block in stuck:
+        block.fill_(77)
+    del stuck, block
+    busy = by_position(finish_on_device(encoded, Preprocessing(), device, side))
+    torch.cuda.synchronize()
+    for position, expected in quiet.items():
+        assert (busy[position].int() - expected.int()).abs().max() <= 1, paths[position]
 
 
 @pytest.mark.parametrize("preprocessing", [Preprocessing(), Preprocessing(resize=100, crop=None),

@@ -19,7 +19,7 @@ from backbone_inspect.reader import open_features
 from backbone_inspect.run import execute_run, make_store, plan_run
 from backbone_inspect.signals import StopRequest
 
-from conftest import SMALL_OPTIONS, manifest, many_images, noise_image
+from conftest import SMALL, SMALL_OPTIONS, invoke, manifest, many_images, noise_image
 from shard_helpers import reference
 
 
@@ -120,6 +120,28 @@ def test_a_failing_launch_still_writes_every_batch_computed_before_it(tmp_path: 
         dump(root, out, overlap=overlap, batch_size=1)
     written = [line["output"] for line in manifest(out) if line["status"] == "ok"]
     assert written == ["img000.pt", "img001.pt", "img002.pt"] and len(list(out.glob("*.pt"))) == 3
+
+
+def test_a_device_out_of_memory_is_one_line_naming_the_way_out_and_keeps_what_was_written(tmp_path: Path, monkeypatch) -> None:
+    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+    launch_group, launches = Extractor.launch_group, []
+
+    def out_of_memory_at_the_third(self, names, group):
+        launches.append(names)
+        if len(launches) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                              "79.19 GiB of which 1.06 GiB is free.\nOf the allocated memory ...")
+        return launch_group(self, names, group)
+
+    monkeypatch.setattr(Extractor, "launch_group", out_of_memory_at_the_third)
+    result = invoke(root, *SMALL, "--batch-size", "2", "--workers", "0", "--save", out)
+    assert result.exit_code == 1
+    assert result.stderr == ("Error: out of memory on cpu with --batch-size 2 (it tried to allocate 2.00 GiB): use a smaller "
+                             "--batch-size; the images written so far are kept, and a re-run goes on from them\n")
+    assert [line["output"] for line in manifest(out) if line["status"] == "ok"] == ["img000.pt", "img001.pt", "img002.pt", "img003.pt"]
+    monkeypatch.setattr(Extractor, "launch_group", launch_group)
+    again = invoke(root, *SMALL, "--batch-size", "2", "--save", out)
+    assert again.exit_code == 0 and "processed 2, skipped 4" in again.stderr, again.stderr
 
 
 @pytest.mark.parametrize(("overlap", "most_alive"), [(False, 0), (True, 1)])

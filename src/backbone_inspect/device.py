@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UsageError
+from .errors import InspectError, UsageError
 from .options import check_device_spec
 
 if TYPE_CHECKING:
@@ -143,3 +143,14 @@ def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001, S110 - the run meets the same problem and reports it in words
         pass
+
+
+def out_of_memory(error: torch.cuda.OutOfMemoryError, device: torch.device, batch_size: int) -> InspectError:
+    """A device out of memory, said in a line that names the way out (torch's own message runs to a paragraph)."""
+    import re
+
+    wanted = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+    tried = f" (it tried to allocate {wanted.group(1)})" if wanted else ""
+    return InspectError(f"out of memory on {device} with --batch-size {batch_size}{tried}: use a smaller --batch-size; "
+                        "the images written so far are kept, and a re-run goes on from them")
+

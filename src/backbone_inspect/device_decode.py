@@ -117,6 +117,7 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[to
 
     if not datas:
         return []
+    _settle(device)
     try:
         return [_rgb_or_none(image) for image in decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)]
     except (RuntimeError, ValueError):
@@ -126,10 +127,22 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[to
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    _settle(device)
     try:
         return _rgb_or_none(decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0])
     except (RuntimeError, ValueError):
         return None
+
+
+def _settle(device: torch.device) -> None:
+    """Wait for the work this thread's stream has queued. nvJPEG writes its output on a stream of
+    its own that does not wait for the caller's (torchvision allocates the output on the caller's
+    stream, then decodes on a pool stream): memory this stream's queued kernels still use, freed
+    already on the host, could otherwise be handed to nvJPEG and written while they run."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _rgb_or_none(image: torch.Tensor) -> torch.Tensor | None:
@@ -174,11 +187,46 @@ def _preprocessed_part(
     return done
 
 
-def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: torch.device | str) -> DecodedBatch:
-    """The ``DecodedBatch`` of an ``EncodedBatch``: every image's uint8 pixels on ``device``, stacked by size."""
+@dataclass(frozen=True)
+class SideStream:
+    """The decoding thread's own CUDA stream, and the stream of the thread that uses its batches."""
+
+    stream: torch.cuda.Stream
+    consumer: torch.cuda.Stream
+
+
+def side_stream(device: torch.device) -> SideStream | None:
+    """A stream for ``finish_on_device`` in another thread; call it in the thread that will use the
+    batches (its current stream is the consumer). ``None`` off CUDA."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return SideStream(torch.cuda.Stream(device), torch.cuda.current_stream(device))
+
+
+def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: torch.device | str,
+                     side: SideStream | None = None) -> DecodedBatch:
+    """The ``DecodedBatch`` of an ``EncodedBatch``: every image's uint8 pixels on ``device``, stacked by size.
+
+    With ``side``, the device work is queued on its stream, finished before this returns, and the
+    pixels are kept from reuse until the consumer's stream is done with them: the decoding then
+    waits only for itself, never for the consumer's forward pass (see ``_settle``).
+    """
     import torch
 
     device = torch.device(device)
+    if side is None:
+        return _finished(batch, preprocessing, device)
+    with torch.cuda.stream(side.stream):
+        decoded = _finished(batch, preprocessing, device)
+    side.stream.synchronize()
+    for group in decoded.groups:
+        group.pixels.record_stream(side.consumer)
+    return decoded
+
+
+def _finished(batch: EncodedBatch, preprocessing: Preprocessing, device: torch.device) -> DecodedBatch:
     done: dict[int, torch.Tensor | str] = dict(batch.decoded.errors)
     for group in batch.decoded.groups:
         done.update(zip(group.positions, group.pixels.to(device, non_blocking=True)))
@@ -210,8 +258,8 @@ def decoded_ahead(
 
     The next batch's decoding (nvJPEG's host-side work, the per-image launches, any Pillow
     fallback) then overlaps this batch's forward pass, which mostly waits on the GPU with the
-    GIL released. The thread uses the same (default) CUDA stream, so the device work stays in
-    order without events.
+    GIL released. On CUDA, ``finish`` queues its device work on a stream of its own
+    (``side_stream``), which it finishes before handing the batch over.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 

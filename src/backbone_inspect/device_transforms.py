@@ -57,6 +57,9 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
     return image
 
 
+PILLOW_ONLY_INTERPOLATIONS = ("box", "hamming")
+"""Interpolations torchvision resizes only PIL images with, not tensors: ``--decode gpu`` refuses them."""
+
 RESIZE_PIXELS = 2**26
 """The most input pixels resized in one call (about 0.8 GB in float32): a size group larger than
 that is resized in slices."""

@@ -20,7 +20,7 @@ import torch
 
 from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
-from .device import keep_freed_memory, resolve_device, warm_up_cuda
+from .device import keep_freed_memory, out_of_memory, resolve_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
 from .extractor import Extractor
@@ -54,9 +54,10 @@ def decoded_batches(
     """
     paths, preprocessing = [image.path for image in images], extractor.preprocessing
     if extractor.config.decode == "gpu":
-        from .device_decode import JpegDataset, collate_encoded, decoded_ahead, finish_on_device
+        from .device_decode import JpegDataset, collate_encoded, decoded_ahead, finish_on_device, side_stream
 
-        finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device)
+        finish = functools.partial(finish_on_device, preprocessing=preprocessing, device=extractor.device,
+                                   side=side_stream(extractor.device))
         loaded = _loaded_batches(JpegDataset(paths, preprocessing), collate_encoded, extractor, batch_size, workers)
         batches: Iterator[DecodedBatch] = decoded_ahead(loaded, finish)
     else:
@@ -138,8 +139,11 @@ class LocalEngine:
         overlap = self.overlap if self.overlap is not None else extractor.device.type == "cuda"
         # Under torchrun each process's GPU is its current device for the run, or the DataLoader's
         # pinning thread would open a CUDA context on GPU 0 in every process.
-        with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext():
-            _drive(extractor, batches, writes, stop, overlap=overlap)
+        try:
+            with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext():
+                _drive(extractor, batches, writes, stop, overlap=overlap)
+        except torch.cuda.OutOfMemoryError as error:
+            raise out_of_memory(error, extractor.device, self.batch_size) from error
         if writes.failure is not None:
             raise writes.failure
         return writes.tally.summary(stop.signal_number, len(todo))

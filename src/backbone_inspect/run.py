@@ -90,6 +90,12 @@ def check_decode(config: FeatureConfig, engine: Engine) -> None:
     if not engine.supports_device_decode:
         raise UsageError("--decode gpu works with the local engine only; use --decode cpu with --engine ray")
     from .device import resolve_device
+    from .device_transforms import PILLOW_ONLY_INTERPOLATIONS
+
+    interpolation = config.preprocessing.interpolation
+    if config.preprocessing.resize is not None and interpolation in PILLOW_ONLY_INTERPOLATIONS:
+        raise UsageError(f"--decode gpu: these weights resize with {interpolation} interpolation, which only Pillow does; "
+                         "use --decode cpu")
 
     device = resolve_device(config.device)
     if device.type != "cuda":
