@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ from .files import remove_leftover_temporaries, stage_features
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
 
 if TYPE_CHECKING:
+    from .outcomes import Outcome
     from .results import ImageResult
     from .inputs import FoundImage
 
@@ -59,6 +61,15 @@ class PtFileStore(FolderStore):
                  for image, result in items]
         commit = stage_features(files)
         return lambda: [Stored(saved) if isinstance(saved, int) else saved for saved in commit()]
+
+    def record(self, outcome: Outcome) -> None:
+        """The manifest line; an image that failed first loses the file an earlier run left for it.
+        It was computed again because that file was stale (``--overwrite``, other settings): a
+        resume and the reader trust the files, so a stale one must not stand for it."""
+        if outcome.status == "error" and outcome.output is not None:
+            with contextlib.suppress(OSError):
+                (self.folder / outcome.output).unlink()
+        super().record(outcome)
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)

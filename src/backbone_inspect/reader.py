@@ -7,8 +7,9 @@ engine or the order they were computed in, so two dumps of the same images line 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ class StoredFeatures(torch.utils.data.Dataset):
         stored = self.images[index]
         meta = {"image": stored.image, "output": stored.output, "input_size": stored.input_size}
         if stored.row is None:
-            saved = self._file(stored.file)
+            saved = self._pt_file(stored.file)
             return dict(saved["features"]), {**meta, "input_size": tuple(saved["meta"]["input_size"])}
         shard = self._file(stored.file)
         return {stage: shard_row(shard, stage, stored.row) for stage in self.stages}, meta
@@ -90,7 +91,7 @@ class StoredFeatures(torch.utils.data.Dataset):
         for file, places in by_file.items():
             positions = torch.tensor([position for position, _ in places])
             if places[0][1] is None:
-                values = self._file(file)["features"][stage][None]
+                values = self._pt_file(file)["features"][stage][None]
             else:
                 values = self._file(file).get_tensor(stage)[torch.tensor([row for _, row in places])]
             if result is None:
@@ -98,11 +99,24 @@ class StoredFeatures(torch.utils.data.Dataset):
             result[positions] = values
         return result if result is not None else torch.empty(0, 0)
 
-    def _file(self, relative: str) -> Any:
-        """A shard, opened once per process (memory-mapped); a ``.pt`` file, loaded each time (there may be millions)."""
+    def _pt_file(self, relative: str) -> dict[str, Any]:
+        """A ``.pt`` file, loaded each time (there may be millions), memory-mapped; ``UsageError`` if it
+        is not whole, or was made with other settings (an interrupted ``--overwrite`` left it)."""
         path = self.folder / relative
-        if path.suffix != ".safetensors":
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            differences = settings_differences(saved["meta"], self.settings)
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"{path} is not a whole feature file ({reason}): run the dump again to replace it") from error
+        if differences:
+            raise UsageError(f"{path} was made with other settings ({', '.join(differences)}): the dump is not "
+                             "finished; run its command again to redo it")
+        return saved
+
+    def _file(self, relative: str) -> Any:
+        """A shard, opened once per process (memory-mapped)."""
+        path = self.folder / relative
         if relative not in self._open:
             from safetensors import safe_open
 
@@ -151,14 +165,31 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
 
 
 def _pt_images(folder: Path) -> dict[str, StoredImage]:
-    """The images the manifests record as saved (``ok``, or ``skipped``: saved by an earlier run) whose file is there."""
+    """The images whose last manifest line says saved (``ok``, or ``skipped``: saved by an earlier
+    run; a later ``error`` takes it back) and whose file is there."""
+    manifests = sorted(folder.glob("manifest*.jsonl"))
+    if not manifests and next(folder.rglob("*.pt"), None) is not None:
+        raise UsageError(f"{folder} has feature files but no manifest.jsonl, which lists them: run the dump again to write it")
     found: dict[str, StoredImage] = {}
-    for manifest in sorted(folder.glob("manifest*.jsonl")):
-        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+    for manifest in manifests:
+        for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("status") in ("ok", "skipped") and isinstance(record.get("output"), str):
-                found[record["output"]] = StoredImage(str(record["image"]), record["output"], record["output"])
+            if not isinstance(record, dict) or not isinstance(record.get("output"), str):
+                continue
+            output = record["output"]
+            if record.get("status") not in ("ok", "skipped"):
+                found.pop(output, None)
+            elif _inside(output):
+                found[output] = StoredImage(str(record["image"]), output, output)
+            else:
+                raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
     return {output: stored for output, stored in found.items() if (folder / stored.file).is_file()}
+
+
+def _inside(output: str) -> bool:
+    """Whether a manifest's ``output`` names a file under the dump's folder (as the command writes them)."""
+    path = PurePosixPath(output)
+    return bool(output) and not path.is_absolute() and ".." not in path.parts

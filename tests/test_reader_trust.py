@@ -1,0 +1,96 @@
+"""open_features on a pt dump that is unfinished, stale or tampered with: what it lists and reads
+follows the files and the manifest's last word for each image, and what it cannot trust is a
+``UsageError`` naming the file, never features of other settings or a file outside the dump."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms._presets import ImageClassification
+
+from backbone_inspect import dump_features
+from backbone_inspect.errors import UsageError
+from backbone_inspect.reader import open_features
+
+from conftest import SMALL, assert_close_scaled, invoke, manifest, many_images
+from shard_helpers import OPTIONS, reference_model
+
+
+def test_files_an_interrupted_overwrite_left_from_other_settings_are_refused_not_mixed_in(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    dump_features(root, out, pool="avg", **OPTIONS)
+    # --overwrite with a smaller crop, cut short after the first image: the others still hold crop 64.
+    dump_features(root / "img000.png", out, pool="avg", overwrite=True, **{**OPTIONS, "crop": 48})
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == ["img000.pt", "img001.pt", "img002.pt"]
+    features, meta = stored[0]
+    assert meta["input_size"] == (48, 48)
+    with torch.no_grad():  # torchvision's preset with the new crop, its feature extractor, the mean over H×W
+        x = ImageClassification(crop_size=48, resize_size=64)(Image.open(root / "img000.png").convert("RGB"))
+        expected = reference_model()(x.unsqueeze(0))["layer4"][0].mean(dim=(-2, -1))
+    assert_close_scaled(features["layer4"], expected)
+    for read in (lambda: stored[1], lambda: stored.matrix("layer4")):
+        with pytest.raises(UsageError, match=r"img001\.pt was made with other settings \(preprocessing\.crop 64 \(now 48\)\): "
+                                             r"the dump is not finished; run its command again to redo it$"):
+            read()
+    with pytest.warns(UserWarning, match=r"^2 existing feature file\(s\) are unreadable or were made with other settings"):
+        dump_features(root, out, pool="avg", **{**OPTIONS, "crop": 48})  # finished: every file now of crop 48
+    assert open_features(out).matrix("layer4").shape == (3, 512)
+
+
+def test_an_image_that_fails_when_computed_again_leaves_no_stale_file_behind(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    assert invoke(root, *SMALL, "--workers", "0", "--save", out).exit_code == 0
+    (root / "img001.png").write_bytes(b"not an image any more")
+    again = invoke(root, *SMALL, "--workers", "0", "--save", out, "--overwrite")
+    assert again.exit_code == 1 and "img001.png" in again.stderr
+    assert not (out / "img001.pt").exists()
+    assert [image.output for image in open_features(out).images] == ["img000.pt"]
+    assert manifest(out)[-1]["status"] == "error"
+    third = invoke(root, *SMALL, "--workers", "0", "--save", out)  # not skipped: tried again, and fails again
+    assert third.exit_code == 1 and "processed 0, skipped 1, failed 1" in third.stderr
+
+
+def test_a_later_error_line_takes_an_image_back_even_where_its_file_remains(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    with (out / "manifest.jsonl").open("a", encoding="utf-8") as lines:
+        lines.write(json.dumps({"image": str(root / "img000.png"), "output": "img000.pt", "status": "error", "error": "x"}) + "\n")
+    assert [image.output for image in open_features(out).images] == ["img001.pt"]
+
+
+@pytest.mark.parametrize("output", ["/tmp/elsewhere.pt", "../elsewhere.pt", "sub/../../elsewhere.pt"])
+def test_a_manifest_naming_a_file_outside_the_dump_is_refused(tmp_path: Path, output: str) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    (tmp_path / "elsewhere.pt").write_bytes((out / "img000.pt").read_bytes())
+    with (out / "manifest.jsonl").open("a", encoding="utf-8") as lines:
+        lines.write(json.dumps({"image": "x.png", "output": output, "status": "ok"}) + "\n")
+    with pytest.raises(UsageError, match=rf"manifest\.jsonl line 3: output {json.dumps(output)} is not a file inside "):
+        open_features(out)
+
+
+def test_feature_files_without_their_manifest_are_an_error_not_an_empty_dump(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    (out / "manifest.jsonl").unlink()
+    with pytest.raises(UsageError, match=r"has feature files but no manifest\.jsonl, which lists them"):
+        open_features(out)
+
+
+def test_a_truncated_feature_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    whole = (out / "img001.pt").read_bytes()
+    (out / "img001.pt").write_bytes(whole[:1000])
+    stored = open_features(out)
+    assert stored[0][1]["output"] == "img000.pt"
+    with pytest.raises(UsageError, match=rf"^{out / 'img001.pt'} is not a whole feature file \(.+\): run the dump again to replace it$"):
+        stored[1]
+    with pytest.warns(UserWarning, match=r"unreadable or were made with other settings \(e\.g\. img001\.pt\)"):
+        dump_features(root, out, **OPTIONS)  # the resume finds it incomplete and writes it again
+    assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
