@@ -188,3 +188,25 @@ def test_crop_larger_than_the_image_is_an_error_not_padding(tmp_path: Path) -> N
     gradient_rgb(40, 30).save(path)
     with pytest.raises(ImageError, match=r"small.png: image is 30×40 \(H×W\), smaller than the 64 px crop"):
         load_image_tensor(path, Preprocessing(resize=None, crop=64))
+
+
+def test_pillows_warnings_about_a_file_name_it(tmp_path: Path) -> None:
+    import struct
+    import warnings
+
+    from PIL import ImageOps
+
+    from conftest import SMALL, invoke
+
+    # An EXIF block whose description tag points past its end: Pillow warns, and decodes the image.
+    ifd = struct.pack("<H", 2) + struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x010E, 2, 400, 200)
+    path = tmp_path / "odd exif.jpg"
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(path, exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4)
+    with warnings.catch_warnings(record=True) as caught, Image.open(path) as opened:
+        warnings.simplefilter("always")
+        ImageOps.exif_transpose(opened)
+    said = {str(warning.message) for warning in caught}
+    assert said, "Pillow no longer warns about this file"
+    result = invoke(path, *SMALL)
+    assert result.exit_code == 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("Warning:")] == [f"Warning: {path}: {message}" for message in said]

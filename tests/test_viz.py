@@ -84,3 +84,13 @@ def test_pictures_of_other_families_are_drawn_per_stage(tmp_path: Path, arch: st
     for name in names:
         with Image.open(tmp_path / "viz" / "chelsea" / name) as picture:
             assert picture.format == "PNG" and max(ImageStat.Stat(picture).stddev) > 10, name
+
+
+def test_a_pictures_folder_that_cannot_be_written_is_one_error_before_any_image(tmp_path: Path) -> None:
+    (tmp_path / "a file").write_text("in the way")
+    result = invoke(SAMPLES, *SMALL, "--viz", tmp_path / "a file" / "pics")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot write pictures under {tmp_path / 'a file' / 'pics'}: Not a directory\n"
+    assert result.stdout == ""  # no image was computed
+    dry = invoke(SAMPLES, *SMALL, "--viz", tmp_path / "fresh", "--save", tmp_path / "out", "--dry-run")
+    assert dry.exit_code == 0 and not (tmp_path / "fresh").exists()  # a dry run creates nothing

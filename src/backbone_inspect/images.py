@@ -88,18 +88,21 @@ def load_rgb(path: str | Path) -> Image.Image:
     _check_regular_file(path)
     said: list[str] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.seek(0)
                 with _c_library_messages(said) if opened.format == "TIFF" else contextlib.nullcontext():
                     opened.load()
-                image = ImageOps.exif_transpose(opened)
-                return to_rgb(image)
+                rgb = to_rgb(ImageOps.exif_transpose(opened))
     except Exception as error:  # whatever a decoder raises, one bad file is that file's error
         if said and not isinstance(error, Image.UnidentifiedImageError):
             raise ImageError(f"{path}: cannot decode image ({error}: {'; '.join(said)})") from error
         raise _decode_error(path, error) from error
+    for warned in {str(warned.message): warned for warned in caught}.values():  # Pillow's, naming the file
+        warnings.warn(f"{path}: {warned.message}", warned.category, stacklevel=2)
+    return rgb
 
 
 def _decode_error(path: str | Path, error: Exception) -> ImageError:

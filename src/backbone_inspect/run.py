@@ -41,6 +41,16 @@ class Pictures:
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
             raise UsageError(f"--viz-channels {self.channels!r}: expected a positive number of channels")
 
+    def claim(self) -> None:
+        """The folder made, and a file written and removed there: ``OutputError`` before any work if it cannot be."""
+        import tempfile
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.folder).close()
+        except OSError as error:
+            raise OutputError(f"cannot write pictures under {self.folder}: {error.strerror or error}") from error
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -76,6 +86,8 @@ def plan_run(
     if pictures is not None and config.pool != "none":
         raise UsageError("--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own")
     check_decode(config, engine)
+    if pictures is not None and not dry_run:
+        pictures.claim()
     if store is None:
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
