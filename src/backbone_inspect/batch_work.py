@@ -128,6 +128,8 @@ def stage_images(
     """``finish_images`` in two steps (``FeatureStore.stage_all``): the features written now, and
     the call that commits them and describes each image, in order (made once, from any thread)."""
     computed = [(image, result) for image, result in done if not isinstance(result, str)]
+    if store is not None:
+        store.discard([image for image, result in done if isinstance(result, str)])
     commit = store.stage_all(computed) if store is not None else lambda: [Stored(0)] * len(computed)
 
     def finish() -> list[FinishedImage]:

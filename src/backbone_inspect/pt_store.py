@@ -11,7 +11,6 @@ from .files import remove_leftover_temporaries, stage_features
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
 
 if TYPE_CHECKING:
-    from .outcomes import Outcome
     from .results import ImageResult
     from .inputs import FoundImage
 
@@ -62,14 +61,12 @@ class PtFileStore(FolderStore):
         commit = stage_features(files)
         return lambda: [Stored(saved) if isinstance(saved, int) else saved for saved in commit()]
 
-    def record(self, outcome: Outcome) -> None:
-        """The manifest line; an image that failed first loses the file an earlier run left for it.
-        It was computed again because that file was stale (``--overwrite``, other settings): a
-        resume and the reader trust the files, so a stale one must not stand for it."""
-        if outcome.status == "error" and outcome.output is not None:
+    def discard(self, images: Sequence[FoundImage]) -> None:
+        """Images computed again (their file was stale: ``--overwrite``, other settings) whose input
+        now fails lose that file: a resume and the reader trust the files."""
+        for image in images:
             with contextlib.suppress(OSError):
-                (self.folder / outcome.output).unlink()
-        super().record(outcome)
+                (self.folder / image.output).unlink()
 
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)

@@ -117,6 +117,9 @@ class FeatureStore(ABC):
         commits at a time; ``None``: every image is committed on its own."""
         return None
 
+    def discard(self, images: Sequence[FoundImage]) -> None:
+        """Images whose input failed when computed: what an earlier run stored for them goes, if it stands alone."""
+
     @abstractmethod
     def record(self, outcome: Outcome) -> None:
         """Record one image's outcome (written, skipped or failed)."""
