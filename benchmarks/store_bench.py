@@ -4,6 +4,7 @@ Not a test: run it by hand on an otherwise idle machine and copy its table.
 
     .venv/bin/python benchmarks/store_bench.py                       # CPU: parts 1 and 2, ~1.5 min on 2 idle CPUs
     .venv/bin/python benchmarks/store_bench.py --images 60           # quick
+    .venv/bin/python benchmarks/store_bench.py --writer-only --writer-rounds 4 --work-dir /mnt/journaled   # part 1 there
     PYTHONPATH=src python benchmarks/store_bench.py --gpu --out-json out/store.json   # CUDA: parts 1 and 3, < 5 min
     # the --gpu code paths on a CPU, tiny:
     .venv/bin/python benchmarks/store_bench.py --gpu --device cpu --dtype float32 --workers 2 --batch-size 8 \
@@ -696,6 +697,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="where images and dumps go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--no-writer", action="store_true", help="skip part 1")
+    parser.add_argument("--writer-only", action="store_true", help="part 1 only (e.g. with --work-dir on another filesystem)")
     parser.add_argument("--disk-gib", type=float, default=4.0, help="--gpu: GiB written to measure the disk")
     parser.add_argument("--budget-s", type=float, default=None, help="--gpu: skip variants that would end after this many seconds (default 285)")
     parser.add_argument("--run-timeout", type=float, default=240.0, help="seconds one command run may take")
@@ -718,6 +720,8 @@ def main() -> None:
     with reported(report, root, args.keep):
         if args.gpu:
             gpu_bench(report, root, args)
+        elif args.writer_only:
+            writer_bench(report, root, args.files, args.writer_rounds)
         else:
             # The images first: the processes making them fork before this one has run torch threads.
             images = root / "images"
