@@ -233,7 +233,7 @@ def test_on_cuda_nvjpeg_never_writes_memory_that_queued_kernels_still_use(tmp_pa
     quiet = by_position(finish_on_device(encoded, Preprocessing(), device))
     side = side_stream(device) if own_stream else None
     stuck = [torch.empty(3 * 375 * 500, dtype=torch.uint8, device=device) for _ in range(24)]
-    torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time before the fills run
+    torch.cuda._sleep(1_000_000_000)  # about 0.5 s of GPU time (cycles) before the fills run
     for block in stuck:
         block.fill_(77)
     del stuck, block

@@ -210,3 +210,23 @@ def test_pillows_warnings_about_a_file_name_it(tmp_path: Path) -> None:
     result = invoke(path, *SMALL)
     assert result.exit_code == 0
     assert [line for line in result.stderr.splitlines() if line.startswith("Warning:")] == [f"Warning: {path}: {message}" for message in said]
+
+
+def test_decoding_in_several_threads_leaves_the_processs_warnings_as_they_were(tmp_path: Path) -> None:
+    import struct
+    import threading
+    import warnings
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010E, 2, 400, 200)  # a tag past the block's end: Pillow warns
+    warns = tmp_path / "warns.jpg"
+    Image.new("RGB", (40, 30)).save(warns, exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4)
+    with warnings.catch_warnings(record=True) as caught:  # around the threads' whole life: nothing interleaves with it
+        warnings.simplefilter("always")
+        filters, show = list(warnings.filters), warnings.showwarning
+        threads = [threading.Thread(target=lambda: [load_rgb(warns) for _ in range(150)]) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert warnings.filters == filters and warnings.showwarning is show
+    assert len(caught) == 450 and all(str(warning.message).startswith(f"{warns}: ") for warning in caught)

@@ -12,6 +12,7 @@ import torch
 
 from backbone_inspect.config import feature_config
 from backbone_inspect.engine import RunCallbacks
+from backbone_inspect.errors import InspectError
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
 from backbone_inspect.local_engine import LocalEngine
@@ -116,24 +117,42 @@ def test_a_failing_launch_still_writes_every_batch_computed_before_it(tmp_path: 
         return launch_group(self, names, group)
 
     monkeypatch.setattr(Extractor, "launch_group", out_of_memory_at_the_fourth)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(InspectError, match=r"^out of memory on cpu with --batch-size 1: use a smaller --batch-size; the images "):
         dump(root, out, overlap=overlap, batch_size=1)
     written = [line["output"] for line in manifest(out) if line["status"] == "ok"]
     assert written == ["img000.pt", "img001.pt", "img002.pt"] and len(list(out.glob("*.pt"))) == 3
 
 
-def test_a_device_out_of_memory_is_one_line_naming_the_way_out_and_keeps_what_was_written(tmp_path: Path, monkeypatch) -> None:
-    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+OUT_OF_MEMORY = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                             "79.19 GiB of which 1.06 GiB is free.\nOf the allocated memory ..."),
+                 RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")]
+
+
+def out_of_memory_at_the_third(monkeypatch, error: Exception) -> None:
     launch_group, launches = Extractor.launch_group, []
 
-    def out_of_memory_at_the_third(self, names, group):
+    def failing(self, names, group):
         launches.append(names)
         if len(launches) == 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-                                              "79.19 GiB of which 1.06 GiB is free.\nOf the allocated memory ...")
+            raise error
         return launch_group(self, names, group)
 
-    monkeypatch.setattr(Extractor, "launch_group", out_of_memory_at_the_third)
+    monkeypatch.setattr(Extractor, "launch_group", failing)
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["torch", "cudnn"])
+def test_a_device_out_of_memory_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatch, error: Exception) -> None:
+    out_of_memory_at_the_third(monkeypatch, error)
+    result = invoke(many_images(tmp_path / "in", 6), *SMALL, "--batch-size", "2", "--workers", "0")
+    tried = " (it tried to allocate 2.00 GiB)" if isinstance(error, torch.cuda.OutOfMemoryError) else ""
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == f"Error: out of memory on cpu with --batch-size 2{tried}: use a smaller --batch-size"
+
+
+def test_a_device_out_of_memory_in_a_dump_keeps_what_was_written(tmp_path: Path, monkeypatch) -> None:
+    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+    launch_group = Extractor.launch_group
+    out_of_memory_at_the_third(monkeypatch, OUT_OF_MEMORY[0])
     result = invoke(root, *SMALL, "--batch-size", "2", "--workers", "0", "--save", out)
     assert result.exit_code == 1
     assert result.stderr == ("Error: out of memory on cpu with --batch-size 2 (it tried to allocate 2.00 GiB): use a smaller "

@@ -94,3 +94,14 @@ def test_a_truncated_feature_file_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"unreadable or were made with other settings \(e\.g\. img001\.pt\)"):
         dump_features(root, out, **OPTIONS)  # the resume finds it incomplete and writes it again
     assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
+
+
+def test_an_error_in_one_manifest_does_not_take_back_what_another_run_saved(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    good = (root / "img001.png").read_bytes()
+    (root / "img001.png").write_bytes(b"broken for now")
+    dump_features(root, out, shard="0/1", **OPTIONS)  # manifest.shard-0-of-1.jsonl: img001 an error
+    (root / "img001.png").write_bytes(good)
+    dump_features(root, out, **OPTIONS)  # manifest.jsonl: img001 saved (the manifests have no order between them)
+    assert [line["status"] for line in manifest(out, "manifest.shard-0-of-1.jsonl")] == ["ok", "error"]
+    assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]

@@ -145,12 +145,19 @@ def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
         pass
 
 
-def out_of_memory(error: torch.cuda.OutOfMemoryError, device: torch.device, batch_size: int) -> InspectError:
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's own out-of-memory error, or a CUDA library's failure to allocate (cuDNN, cuBLAS) as torch raises it."""
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text))
+
+
+def out_of_memory(error: BaseException, device: torch.device, batch_size: int, *, saving: bool) -> InspectError:
     """A device out of memory, said in a line that names the way out (torch's own message runs to a paragraph)."""
     import re
 
     wanted = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
     tried = f" (it tried to allocate {wanted.group(1)})" if wanted else ""
-    return InspectError(f"out of memory on {device} with --batch-size {batch_size}{tried}: use a smaller --batch-size; "
-                        "the images written so far are kept, and a re-run goes on from them")
+    kept = "; the images written so far are kept, and a re-run goes on from them" if saving else ""
+    return InspectError(f"out of memory on {device} with --batch-size {batch_size}{tried}: use a smaller --batch-size{kept}")
 

@@ -218,7 +218,9 @@ def finish_on_device(batch: EncodedBatch, preprocessing: Preprocessing, device: 
     device = torch.device(device)
     if side is None:
         return _finished(batch, preprocessing, device)
-    with torch.cuda.stream(side.stream):
+    # The device first: a stream context left for a thread's initial device 0 would set it, and
+    # open a CUDA context on GPU 0 in every torchrun process.
+    with torch.cuda.device(device), torch.cuda.stream(side.stream):
         decoded = _finished(batch, preprocessing, device)
     side.stream.synchronize()
     for group in decoded.groups:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -77,6 +78,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Held around warnings.catch_warnings, which swaps the process's filters and showwarning (Python 3.11):
+# two threads decoding at once (API calls, --decode gpu's Pillow fallback) would leave one's swap behind.
+WARNINGS_STATE = threading.Lock()
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode ``path`` fully (first frame of animations), apply EXIF orientation, return RGB.
 
@@ -88,7 +94,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     _check_regular_file(path)
     said: list[str] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with WARNINGS_STATE, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
@@ -108,14 +114,11 @@ def load_rgb(path: str | Path) -> Image.Image:
 def _decode_error(path: str | Path, error: Exception) -> ImageError:
     from PIL import Image
 
-    try:
-        raise error
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+    if isinstance(error, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
         return ImageError(f"{path}: image too large ({error})")
-    except Image.UnidentifiedImageError:
+    if isinstance(error, Image.UnidentifiedImageError):
         return ImageError(f"{path}: {'empty file' if _is_empty(path) else 'not an image Pillow can read'}")
-    except Exception:
-        return ImageError(f"{path}: cannot decode image ({error})")
+    return ImageError(f"{path}: cannot decode image ({error})")
 
 
 @contextlib.contextmanager

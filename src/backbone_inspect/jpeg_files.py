@@ -18,7 +18,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
-from .images import _check_regular_file
+from .images import WARNINGS_STATE, _check_regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
+        with WARNINGS_STATE, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # too large: the CPU path says so
             with Image.open(io.BytesIO(data)) as opened:
                 if opened.format != "JPEG" or opened.mode not in NVJPEG_MODES:

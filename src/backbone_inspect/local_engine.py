@@ -20,7 +20,7 @@ import torch
 
 from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
-from .device import keep_freed_memory, out_of_memory, resolve_device, warm_up_cuda
+from .device import is_out_of_memory, keep_freed_memory, out_of_memory, resolve_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
 from .extractor import Extractor
@@ -142,8 +142,10 @@ class LocalEngine:
         try:
             with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext():
                 _drive(extractor, batches, writes, stop, overlap=overlap)
-        except torch.cuda.OutOfMemoryError as error:
-            raise out_of_memory(error, extractor.device, self.batch_size) from error
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise out_of_memory(error, extractor.device, self.batch_size, saving=store is not None) from error
+            raise
         if writes.failure is not None:
             raise writes.failure
         return writes.tally.summary(stop.signal_number, len(todo))

@@ -165,28 +165,36 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
 
 
 def _pt_images(folder: Path) -> dict[str, StoredImage]:
-    """The images whose last manifest line says saved (``ok``, or ``skipped``: saved by an earlier
-    run; a later ``error`` takes it back) and whose file is there."""
+    """The images whose last line in a manifest says saved (``ok``, or ``skipped``: saved by an
+    earlier run; a later ``error`` there takes it back) and whose file is there."""
     manifests = sorted(folder.glob("manifest*.jsonl"))
     if not manifests and next(folder.rglob("*.pt"), None) is not None:
         raise UsageError(f"{folder} has feature files but no manifest.jsonl, which lists them: run the dump again to write it")
     found: dict[str, StoredImage] = {}
-    for manifest in manifests:
-        for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("output"), str):
-                continue
-            output = record["output"]
-            if record.get("status") not in ("ok", "skipped"):
-                found.pop(output, None)
-            elif _inside(output):
-                found[output] = StoredImage(str(record["image"]), output, output)
-            else:
-                raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
+    for manifest in manifests:  # the runs of several manifests (--shard K/N, then none) have no order between them
+        for output, stored in _saved_in(manifest, folder).items():
+            found.setdefault(output, stored)
     return {output: stored for output, stored in found.items() if (folder / stored.file).is_file()}
+
+
+def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
+    """The images whose last line in this manifest says saved."""
+    saved: dict[str, StoredImage] = {}
+    for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("output"), str):
+            continue
+        output = record["output"]
+        if record.get("status") not in ("ok", "skipped"):
+            saved.pop(output, None)
+        elif _inside(output):
+            saved[output] = StoredImage(str(record["image"]), output, output)
+        else:
+            raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
+    return saved
 
 
 def _inside(output: str) -> bool:
