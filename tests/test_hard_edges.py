@@ -248,3 +248,16 @@ def test_api_flags_are_booleans(tmp_path: Path, chelsea: Path) -> None:
     for options in ({"overwrite": "no"}, {"compile": "no"}, {"channels_last": 1}):
         with pytest.raises(UsageError, match="expected True or False"):
             dump_features(chelsea, tmp_path / "out", arch="resnet18", **options)
+
+
+def test_a_feature_file_that_would_stand_where_others_need_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    noise_image(root / "x.png")
+    noise_image(root / "x.pt" / "y.png")
+    result = invoke(root, *SMALL, "--save", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: {root / 'x.png'} and {root / 'x.pt' / 'y.png'} cannot both be saved: x.pt would be a file "
+                             "and a folder; rename one of them, or use --format shards\n")
+    assert not list((tmp_path / "out").rglob("*.pt"))
+    shards = invoke(root, *SMALL, "--save", tmp_path / "shards", "--format", "shards")  # names only there: no clash
+    assert shards.exit_code == 0 and "processed 2" in shards.stderr

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 from .files import remove_leftover_temporaries, stage_features
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, made_with
 
@@ -24,6 +24,7 @@ class PtFileStore(FolderStore):
     FORMAT = "pt"
 
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
+        _check_no_file_is_a_folder(images)
         if self._lock is not None:  # this run holds the folder (not a dry run): what a killed run left of these images goes
             remove_leftover_temporaries(self.folder / image.output for image in images)
         if overwrite:
@@ -71,3 +72,20 @@ class PtFileStore(FolderStore):
     def estimate_bytes(self, input_sizes: Sequence[tuple[int, int]]) -> int:
         per_size = feature_bytes(self.config, input_sizes)
         return sum(per_size[size] + FILE_OVERHEAD_BYTES for size in input_sizes)
+
+
+def _check_no_file_is_a_folder(images: Sequence[FoundImage]) -> None:
+    """``UsageError`` before any work if one image's ``.pt`` would stand where others need a folder
+    (``x.jpg`` and ``x.pt/y.jpg`` under one input folder): every run would fail on one or the other."""
+    from pathlib import PurePosixPath
+
+    # Only a folder named like an output (``*.pt``) can clash: a plain substring test first (a million names).
+    suspects = [image.output for image in images if ".pt/" in image.output]
+    if not suspects:
+        return
+    outputs = {image.output: image for image in images}
+    for output in sorted({parent.as_posix() for suspect in suspects for parent in PurePosixPath(suspect).parents} & outputs.keys()):
+        inside = next(image for image in images if image.output.startswith(output + "/"))
+        raise UsageError(f"{outputs[output].path} and {inside.path} cannot both be saved: {output} would be a file and a "
+                         "folder; rename one of them, or use --format shards")
+
