@@ -290,6 +290,6 @@ def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch)
     monkeypatch.setattr(Extractor, "launch_group", broken)
     result = invoke(chelsea, *SMALL)
     assert result.exit_code == 1
-    assert result.stderr == "Error: RuntimeError: boom second line (run with --debug for the traceback)\n"
+    assert result.stderr == "Error: RuntimeError: boom\\nsecond line (run with --debug for the traceback)\n"
     debug = invoke(chelsea, "--debug", *SMALL)
     assert debug.exit_code == 1 and isinstance(debug.exception, RuntimeError)

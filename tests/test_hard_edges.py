@@ -62,6 +62,15 @@ def test_control_characters_and_markup_in_names_cannot_reach_the_terminal(tmp_pa
     assert "[bold]x\\x1b[31m.png input 64×64" in " ".join(result.stdout.split()), "the title as named, not styled"
 
 
+@pytest.mark.parametrize("name", ["line\nbreak.jpg", "carriage\rreturn.jpg", "tab\there.jpg", "two  spaces.jpg"])
+def test_a_name_with_line_breaks_tabs_or_runs_of_spaces_is_shown_as_it_is_on_one_line(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"not an image")
+    result = invoke(tmp_path / name, *SMALL)
+    assert result.exit_code == 1
+    shown = str(tmp_path / name).replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    assert result.stderr.splitlines() == [f"Error: {shown}: not an image Pillow can read"]
+
+
 def test_a_list_written_on_windows_works_and_a_binary_one_is_one_line(tmp_path: Path, chelsea: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\xef\xbb\xbf" + f"# photos\r\n{chelsea}\r\n\r\n".encode())

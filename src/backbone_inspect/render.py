@@ -7,13 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 from .stats import finite_or_none
 
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
 def printable(text: str) -> str:
-    """One line safe for a terminal: whitespace runs become one space, other control characters
-    (escape sequences in a hostile file name) are shown as ``\\xNN`` instead of acting."""
-    return " ".join(str(text).split()).translate(_CONTROL)
+    """One line safe for a terminal, and faithful: control characters, line breaks and tabs
+    included, are shown escaped (``\\n``, ``\\x1b``) instead of acting, so a hostile file name
+    reads as it is (``bad\\nname.jpg``, not a name that does not exist); spaces are kept as they are."""
+    return str(text).strip("\r\n").translate(_CONTROL)
 
 
 def markup_safe(text: str) -> str:
