@@ -160,4 +160,3 @@ def out_of_memory(error: BaseException, device: torch.device, batch_size: int, *
     tried = f" (it tried to allocate {wanted.group(1)})" if wanted else ""
     kept = "; the images written so far are kept, and a re-run goes on from them" if saving else ""
     return InspectError(f"out of memory on {device} with --batch-size {batch_size}{tried}: use a smaller --batch-size{kept}")
-

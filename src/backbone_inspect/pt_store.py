@@ -88,4 +88,3 @@ def _check_no_file_is_a_folder(images: Sequence[FoundImage]) -> None:
         inside = next(image for image in images if image.output.startswith(output + "/"))
         raise UsageError(f"{outputs[output].path} and {inside.path} cannot both be saved: {output} would be a file and a "
                          "folder; rename one of them, or use --format shards")
-

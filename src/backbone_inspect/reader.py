@@ -16,7 +16,7 @@ import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
-from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
+from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, load_feature_file, settings_differences
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class StoredFeatures(torch.utils.data.Dataset):
         is not whole, or was made with other settings (an interrupted ``--overwrite`` left it)."""
         path = self.folder / relative
         try:
-            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            saved = load_feature_file(path)
             differences = settings_differences(saved["meta"], self.settings)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -45,11 +45,13 @@ class Pictures:
         """The folder made, and a file written and removed there: ``OutputError`` before any work if it cannot be."""
         import tempfile
 
+        from .viz import pictures_error
+
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.folder).close()
         except OSError as error:
-            raise OutputError(f"cannot write pictures under {self.folder}: {error.strerror or error}") from error
+            raise pictures_error(self.folder, error) from error
 
 
 @dataclass(frozen=True)

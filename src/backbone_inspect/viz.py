@@ -157,4 +157,8 @@ def write_viz(folder: Path, result: ImageResult, channels: int) -> None:
     try:
         write_visualisations(folder, result, channels)
     except OSError as error:
-        raise OutputError(f"cannot write pictures under {folder}: {error.strerror or error}") from error
+        raise pictures_error(folder, error) from error
+
+
+def pictures_error(folder: Path, error: OSError) -> OutputError:
+    return OutputError(f"cannot write pictures under {folder}: {error.strerror or error}")
