@@ -157,3 +157,20 @@ def test_a_store_of_another_kind_plugs_into_the_same_run(tmp_path: Path, photos:
 def test_the_public_names_are_importable_from_the_package() -> None:
     for name in backbone_inspect.__all__:
         assert getattr(backbone_inspect, name) is not None, name
+
+
+@pytest.mark.parametrize("pool", ["none", "avg"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_inspect_images_features_are_ordinary_tensors_a_head_can_train_on(chelsea: Path, pool: str, channels_last: bool) -> None:
+    found = inspect_images(chelsea, layers=4, features=True, pool=pool, channels_last=channels_last, **SMALL_OPTIONS)
+    layer4 = found.results[0].features["layer4"]
+    x = ImageClassification(crop_size=64, resize_size=64)(load_rgb(chelsea)).unsqueeze(0)
+    with torch.no_grad():
+        expected = create_feature_extractor(seeded_model("resnet18"), {"layer4": "layer4"})(x)["layer4"][0]
+    assert_close_scaled(layer4, expected if pool == "none" else expected.mean(dim=(-2, -1)))
+    assert not layer4.is_inference()
+    head = torch.nn.Linear(layer4.shape[0], 2)
+    head(layer4.flatten(1).T if pool == "none" else layer4).sum().backward()  # autograd saves the features
+    assert head.weight.grad is not None
+    layer4 /= layer4.norm()  # in place, as a user normalises
+    assert layer4.norm().item() == pytest.approx(1.0, rel=1e-5)

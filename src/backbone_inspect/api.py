@@ -114,12 +114,23 @@ def inspect_images(
         if result is None:
             failures.append(outcome)
         else:
-            results.append(result if features else replace(result, features=OrderedDict(), pixels=None))
+            results.append(_handed_back(result, features))
 
     callbacks = RunCallbacks(models.append, collect, keep_features=features)
     summary = execute_run(plan_run(config, found, runner, pictures=pictures), callbacks=callbacks)
     raise_if_ended_early(summary)
     return Inspection(tuple(results), tuple(failures), summary, models[0] if models else None)
+
+
+def _handed_back(result: ImageResult, features: bool) -> ImageResult:
+    """The result without its maps and pixels, or with its maps as ordinary tensors of their own: those
+    computed under ``torch.inference_mode`` refuse in-place updates and autograd (a head trained on them)."""
+    if not features:
+        return replace(result, features=OrderedDict(), pixels=None)
+    import torch
+
+    with torch.inference_mode(False):
+        return replace(result, features=OrderedDict((name, value.clone()) for name, value in result.features.items()))
 
 
 def _pictures(viz: PathLike | None, channels: int) -> Pictures | None:
