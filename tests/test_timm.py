@@ -167,3 +167,13 @@ def test_slices_of_a_batch_give_timms_own_features() -> None:
         got = Backbone("timm:convnext_atto", (1, 4), model=model).eval().forward_in_chunks(x, {f"stage{i}": 2 for i in range(1, 5)})
     for stage, wanted in zip(("stage1", "stage4"), expected):
         assert_close_scaled(got[stage], wanted, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["timm:resnet18", "timm:convnext_atto", "resnet18"])
+def test_channels_and_strides_name_only_the_stages_returned_as_on_every_backbone(arch: str) -> None:
+    backbone = Backbone(arch, ("C3", "C5")).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 64, 64))
+    assert list(backbone.channels) == list(backbone.strides) == list(backbone.stage_names) == list(features)
+    assert backbone.channels == {name: value.shape[1] for name, value in features.items()}
+    assert backbone.strides == {name: 64 // value.shape[-1] for name, value in features.items()}

@@ -56,9 +56,12 @@ class TimmBackbone(nn.Module):
         self.fixed_input: int | None = fixed_input_side(model)
         """The only input side the model takes, where timm fixes it when building (``fixed_input_size``)."""
         self.run_order: tuple[str, ...] = tuple(name for name in found if found[name] <= max(self.indices))
-        self.channels: dict[str, int] = {name: int(infos[found[name]]["num_chs"]) for name in self.run_order}
-        self.strides: dict[str, int] = {name: int(infos[found[name]]["reduction"]) for name in self.run_order}
-        self.stage_peaks: dict[str, tuple[int, int]] = {name: (self.channels[name], self.strides[name]) for name in self.run_order}
+        self.stage_peaks: dict[str, tuple[int, int]] = {
+            name: (int(infos[found[name]]["num_chs"]), int(infos[found[name]]["reduction"])) for name in self.run_order
+        }
+        """Per stage that runs, its (channels, stride): what sizes its slices on a CPU."""
+        self.channels: dict[str, int] = {name: self.stage_peaks[name][0] for name in self.stage_names}
+        self.strides: dict[str, int] = {name: self.stage_peaks[name][1] for name in self.stage_names}
 
     @classmethod
     def without_weights(cls, arch: str, layers: Iterable[int | str] | str | None = None) -> TimmBackbone:
