@@ -264,3 +264,17 @@ def test_dry_run_counts_unreadable_images_quietly(tmp_path: Path, photos: Path) 
     assert result.exit_code == 0 and result.stderr == ""
     plan = json.loads(result.stdout)
     assert plan["to_do"] == 6 and plan["unreadable"] == 2
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_dry_run_says_what_it_would_save_or_that_nothing_is_saved(tmp_path: Path, photos: Path, save: bool) -> None:
+    out = tmp_path / "out"
+    result = invoke(photos, *(("--save", out) if save else ()), "--dry-run", *SMALL)
+    assert result.exit_code == 0 and not out.exists()
+    told = result.stdout.replace("\n", " ")
+    start = "dry run: 4 images to do (0 of them unreadable from their header, so they will fail), "
+    if save:
+        assert told.startswith(start + f"0 to skip (already in {out}); about ")
+        assert told.rstrip().endswith("to write as float32 (pt)")
+    else:
+        assert told.rstrip() == start + "no features to save (no --save DIR)"

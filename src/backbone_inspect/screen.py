@@ -141,12 +141,14 @@ def show_estimate(estimate: DumpEstimate, *, json_lines: bool) -> None:
                           "estimated_bytes": estimate.estimated_bytes, "format": estimate.format, "pool": estimate.pool,
                           "save_dtype": estimate.save_dtype}))
         return
-    where = f" in {estimate.location}" if estimate.location else ""
     images = f"{estimate.to_do} image{'' if estimate.to_do == 1 else 's'}"
     pooled = f", {estimate.pool}-pooled" if estimate.pool != "none" else ""
+    saved = (
+        "no features to save (no --save DIR)" if estimate.format is None else
+        f"{estimate.to_skip} to skip (already in {estimate.location}); "
+        f"about {human_bytes(estimate.estimated_bytes)} to write as {estimate.save_dtype}{pooled} ({estimate.format})"
+    )
     stdout_console().print(
-        f"dry run: {images} to do ({estimate.unreadable} of them unreadable from their "
-        f"header, so they will fail), {estimate.to_skip} to skip (already{where}); "
-        f"about {human_bytes(estimate.estimated_bytes)} to write as {estimate.save_dtype}{pooled} ({estimate.format})",
+        f"dry run: {images} to do ({estimate.unreadable} of them unreadable from their header, so they will fail), {saved}",
         soft_wrap=True,
     )
