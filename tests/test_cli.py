@@ -197,6 +197,7 @@ def test_invalid_layers_exit_2_listing_valid_stages(chelsea: Path, layers: str) 
         (["--weights", "IMAGENET1K_V2", "--arch", "resnet18"], "Error: --weights 'IMAGENET1K_V2' does not exist for resnet18; valid: none, DEFAULT, IMAGENET1K_V1, or a checkpoint path"),
         (["--bogus"], "Error: No such option: --bogus"),
         (["--seed", "x"], "Error: Invalid value for '--seed'"),
+        (["--input-size", "320"], "Error: --input-size 320 is for --describe: images are sized by --resize and --crop"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(chelsea: Path, args: list[str], message: str) -> None:

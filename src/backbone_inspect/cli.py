@@ -95,6 +95,8 @@ def inspect(
             if images or from_list is not None:
                 raise UsageError("--describe takes no images: it describes --arch for --input-size")
             return _describe(arch, input_size, json_lines)
+        if input_size != "224":
+            raise UsageError(f"--input-size {input_size} is for --describe: images are sized by --resize and --crop")
         from .config import feature_config
         from .inputs import plan_inputs
         from .options import output_folder
