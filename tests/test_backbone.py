@@ -142,3 +142,20 @@ def test_arch_list_is_every_classification_builder_of_torchvisions_cnn_families(
     prefixes = ("resnet", "resnext", "wide_resnet", "regnet", "convnext", "efficientnet", "mobilenet_v3", "swin", "maxvit")
     assert set(ARCHS) == {n for n in names if n.startswith(prefixes)}
     assert len(ARCHS) == len(set(ARCHS))
+
+
+@pytest.mark.parametrize(
+    ("arch", "keywords", "message"),
+    [
+        ("resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number"),
+        ("resnet18", {"seed": 1.5}, "invalid --seed 1.5: expected a whole number"),
+        ("timm:resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number"),
+        ("resnet18", {"model": "resnet18"}, "model 'resnet18': expected a torchvision resnet18 already built"),
+        ("timm:resnet18", {"model": "resnet18"}, "the model passed is not a timm:resnet18"),
+    ],
+)
+def test_a_bad_seed_or_model_is_a_usage_error_naming_it(arch: str, keywords: dict, message: str) -> None:
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^{message}"):
+        Backbone(arch, layers=4, **keywords)

@@ -262,6 +262,8 @@ def skeleton(arch: str) -> nn.Module:
 
 def _checked_reference(model: nn.Module, arch: str) -> nn.Module:
     """``arch`` built without weights; ``UsageError`` unless ``model``'s parameters outside the head have its shapes."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {model!r}: expected a torchvision {arch} already built (a torch.nn.Module), or leave it out")
     family, reference = torchvision_family(arch), skeleton(arch)
     if _body_shapes(model, family) != _body_shapes(reference, family):
         raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError, WeightsError, first_line
 from .families import TIMM_PREFIX
+from .options import check_seed
 from .images import Preprocessing
 from .stages import STAGE_NAMES
 from .weights import LoadedWeights, WeightsPlan
@@ -158,7 +159,7 @@ def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[
     if plan.kind == "named":
         return _pretrained(timm, name), LoadedWeights("DEFAULT", "named", plan.preprocessing, head_loaded=True)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
         model = timm.create_model(name, pretrained=False)
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)

@@ -94,6 +94,9 @@ def _random_model(arch: str, seed: int) -> nn.Module:
     import torch
     from torchvision import models
 
+    from .options import check_seed
+
+    seed = check_seed(seed)  # torch.manual_seed's own error for a str does not name the option
     # fork_rng keeps the caller's global RNG untouched while making initialisation reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
