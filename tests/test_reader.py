@@ -137,3 +137,24 @@ def test_the_slices_of_shard_k_of_n_read_back_as_one_dump(tmp_path: Path) -> Non
     for row, image in enumerate(stored.images):
         assert image.file == rows[image.output]["shard"]
         assert_close_scaled(stored.matrix("layer1")[row], reference(image.image, pool="avg")["layer1"])
+
+
+@pytest.mark.parametrize("folder", [None, 3])
+def test_a_folder_that_is_no_path_is_a_usage_error_naming_it(folder: object) -> None:
+    with pytest.raises(UsageError, match=rf"^open_features\({folder}\): expected the path of a dump's folder"):
+        open_features(folder)
+
+
+@pytest.mark.parametrize("format", ["pt", "shards"])
+def test_images_are_taken_by_position_and_a_name_or_slice_is_a_type_error_saying_so(tmp_path: Path, format: str) -> None:
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    dump(root, out, format, "avg")
+    stored, on_disk = open_features(out), files_on_disk(out, format)
+    for index in (1, -1, torch.tensor(1)):
+        features, meta = stored[index]
+        expected = on_disk[meta["output"]]
+        assert meta["output"] == stored.images[int(index)].output and expected["image"] == meta["image"]
+        assert all(torch.equal(features[stage], expected["features"][stage]) for stage in STAGES)
+    for index in (stored.images[0].output, slice(0, 2), 1.0):
+        with pytest.raises(TypeError, match=r"^dump\[.*\]: expected an image's position, 0 to 2 \(dump.images\[i\].output is its name\)"):
+            stored[index]

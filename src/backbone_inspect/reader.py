@@ -7,6 +7,8 @@ engine or the order they were computed in, so two dumps of the same images line 
 from __future__ import annotations
 
 import json
+import operator
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -65,6 +67,11 @@ class StoredFeatures(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        try:
+            index = operator.index(index)  # an int, numpy's or a 0-d tensor (what samplers give)
+        except TypeError:
+            raise TypeError(f"dump[{index!r}]: expected an image's position, 0 to {len(self.images) - 1} "
+                            "(dump.images[i].output is its name)") from None
         if not -len(self.images) <= index < len(self.images):
             raise IndexError(f"image {index} of a dump of {len(self.images)} images")
         stored = self.images[index]
@@ -132,6 +139,8 @@ def open_features(folder: str | Path) -> StoredFeatures:
 
     ``UsageError`` when ``folder`` is not such a dump.
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise UsageError(f"open_features({folder!r}): expected the path of a dump's folder (a run's --save DIR)")
     folder = Path(folder)
     settings_path = folder / SETTINGS_FILE
     try:
