@@ -55,7 +55,8 @@ def test_dump_features_resumes_and_refuses_other_settings_with_exceptions(tmp_pa
     with pytest.raises(UsageError, match=r"preprocessing\.crop 64 \(now 48\)"):
         dump_features(photos / "a", out, **{**SMALL_OPTIONS, "crop": 48})
     for options, message in ((dict(batch_size=0), "--batch-size 0"), (dict(layers="9"), "invalid stage 9"),
-                             (dict(engine="spark"), "--engine spark")):
+                             (dict(engine="spark"), "--engine spark"),
+                             (dict(on_outcome=3), r"^on_outcome 3: expected a function taking each image's Outcome, or None$")):
         with pytest.raises(UsageError, match=message):
             dump_features(photos, tmp_path / "never", **{**SMALL_OPTIONS, **options})
     assert not (tmp_path / "never").exists()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .engine import RunCallbacks
-from .errors import OutputError, RunStopped
+from .errors import OutputError, RunStopped, UsageError
 from .options import check_flag, output_folder
 from .run import Pictures, execute_run, make_engine, plan_run, redo_warning
 from .stages import DEFAULT_LAYERS
@@ -51,6 +51,7 @@ def dump_features(
     from .inputs import plan_inputs
     from .run import make_store
 
+    callbacks = _outcome_callbacks(on_outcome)
     config = feature_config(arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
                             save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool,
                             decode=decode)
@@ -62,8 +63,16 @@ def dump_features(
     plan = plan_run(config, found, runner, store, pictures=pictures, overwrite=bool(check_flag("--overwrite", overwrite)))
     if plan.redo:
         warnings.warn(redo_warning(plan.redo), stacklevel=2)
-    callbacks = RunCallbacks() if on_outcome is None else RunCallbacks(on_outcome=lambda outcome, _: on_outcome(outcome))
     return raise_if_ended_early(execute_run(plan, callbacks=callbacks))
+
+
+def _outcome_callbacks(on_outcome: Callable[[Outcome], None] | None) -> RunCallbacks:
+    """``on_outcome`` called with each image's outcome; ``UsageError`` before any work unless it can be called."""
+    if on_outcome is None:
+        return RunCallbacks()
+    if not callable(on_outcome):
+        raise UsageError(f"on_outcome {on_outcome!r}: expected a function taking each image's Outcome, or None")
+    return RunCallbacks(on_outcome=lambda outcome, _: on_outcome(outcome))
 
 
 @dataclass(frozen=True)
