@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,12 @@ def test_a_feature_file_that_would_stand_where_others_need_a_folder_is_refused_b
     assert not list((tmp_path / "out").rglob("*.pt"))
     shards = invoke(root, *SMALL, "--save", tmp_path / "shards", "--format", "shards")  # names only there: no clash
     assert shards.exit_code == 0 and "processed 2" in shards.stderr
+
+
+def test_a_long_image_name_heads_its_table_on_one_line(tmp_path: Path) -> None:
+    long = tmp_path / ("a_long_name_of_a_photo_of_a_cat_" * 3 + "0001.jpg")
+    shutil.copy(SAMPLES / "chelsea.jpg", long)
+    result = invoke(long, *SMALL)
+    assert result.exit_code == 0, result.output
+    heading = next(line for line in result.stdout.splitlines() if line.startswith(str(long)))
+    assert re.fullmatch(rf"{re.escape(str(long))}  input 64×64  forward \d+\.\d ms", heading)

@@ -166,10 +166,10 @@ def render_image_table(console: Console, result: ImageResult) -> None:
 
     height, width = result.input_size
     batch = f" (batch of {result.group_size})" if result.group_size > 1 else ""
-    table = Table(
-        title=f"{markup_safe(result.image)}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms{batch}",
-        title_justify="left",
-    )
+    # Its own line, never the table's title: a title wraps at the table's width, cutting a long file name in two.
+    console.print(f"{markup_safe(result.image)}  input {height}×{width}  forward {result.seconds * 1000:.1f} ms{batch}",
+                  highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("stage", overflow="fold")
     for column in ("shape C×H×W", "stride", "dtype", "mean", "std", "min", "max", "zeros"):
         # A narrow terminal wraps a number onto two lines rather than cut it to "…".
