@@ -93,6 +93,8 @@ def _detection_state_dict(reference: torch.nn.Module) -> dict[str, torch.Tensor]
 CHECKPOINT_LAYOUTS = {
     "plain": lambda sd: sd,
     "state_dict key": lambda sd: {"state_dict": sd, "epoch": 3},
+    "state_dict key beside tensors": lambda sd: {"state_dict": sd, "best_acc1": torch.tensor(76.1), "epoch": 90},
+    "model key beside tensors": lambda sd: {"model": sd, "step": torch.tensor(100)},
     "model key": lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
     "DataParallel prefix": lambda sd: {f"module.{k}": v for k, v in sd.items()},
     "DDP under state_dict": lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},

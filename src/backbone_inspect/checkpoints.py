@@ -62,13 +62,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def _unwrap(loaded: Any) -> dict[str, torch.Tensor] | None:
     import torch
 
+    # A wrapper's state_dict or model comes first: training scripts keep tensors beside it
+    # (pytorch/examples' ImageNet checkpoints hold best_acc1 as a tensor).
     while isinstance(loaded, Mapping):
-        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-        if tensors and all(isinstance(k, str) for k in tensors):
-            return tensors
         inner = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), Mapping)), None)
         if inner is None:
-            return None
+            tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+            return tensors if tensors and all(isinstance(k, str) for k in tensors) else None
         loaded = inner
     return None
 
