@@ -165,11 +165,26 @@ def test_missing_and_unreadable_checkpoints_are_named(tmp_path: Path) -> None:
         build_model("resnet18", str(garbage))
 
 
-def test_checkpoints_are_loaded_with_weights_only(tmp_path: Path) -> None:
-    path = tmp_path / "pickled.pt"
-    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "config": Path("x")}, path)
-    with pytest.raises(WeightsError, match=r"cannot read checkpoint .*pickled.pt: it holds pickled Python objects \(pathlib.PosixPath\), not only tensors; save model.state_dict\(\) instead$"):
+class RunsCode:
+    """A pickle that runs a command when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(("extra", "global_name"), [
+    (lambda marker: Path("x"), "pathlib.PosixPath"),
+    (RunsCode, "posix.system"),  # a blocked module: torch words that error otherwise
+])
+def test_checkpoints_are_loaded_with_weights_only(tmp_path: Path, extra, global_name: str) -> None:
+    path, marker = tmp_path / "pickled.pt", tmp_path / "code-ran"
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "config": extra(marker)}, path)
+    with pytest.raises(WeightsError, match=rf"cannot read checkpoint .*pickled.pt: it holds pickled Python objects \({global_name}\), not only tensors; save model.state_dict\(\) instead$"):
         build_model("resnet18", str(path))
+    assert not marker.exists()
 
 
 def test_weights_enum_of_another_arch_is_refused() -> None:

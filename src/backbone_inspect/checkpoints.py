@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module (os, subprocess), "unsupported GLOBAL x.y".
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _EXAMPLES_SHOWN = 5
 
 
