@@ -75,6 +75,17 @@ def test_named_weights_offline_and_not_cached_name_the_file_and_folder(torch_hom
     assert not expected.exists() and not any(expected.parent.iterdir())
 
 
+def test_cached_named_weights_of_another_arch_name_the_file(torch_home: Path) -> None:
+    member = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = named_weights_file(torch_home, member)
+    torch.save(torchvision.models.resnet34().state_dict(), cached)
+    with pytest.raises(WeightsError) as caught:
+        build_model("resnet18", "DEFAULT")
+    message = str(caught.value)
+    assert message.startswith(f"cached weights {cached} for resnet18 IMAGENET1K_V1 do not fit resnet18: unexpected: layer1.2.bn1.bias")
+    assert message.endswith("; delete it to download it again") and "\n" not in message
+
+
 def test_unknown_weights_name_for_the_arch_lists_the_valid_ones() -> None:
     with pytest.raises(UsageError, match="'IMAGENET1K_V2' does not exist for resnet18; valid: none, DEFAULT, IMAGENET1K_V1"):
         build_model("resnet18", "IMAGENET1K_V2")

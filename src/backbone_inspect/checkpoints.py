@@ -93,7 +93,7 @@ def _examples(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - _EXAMPLES_SHOWN} more" if len(keys) > _EXAMPLES_SHOWN else "")
 
 
-def _fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+def fit_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
     """What keeps a checkpoint's backbone from loading: missing, unexpected and wrongly shaped keys."""
     # Frozen batch norm (detection checkpoints) has no num_batches_tracked: not a mismatch.
     missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
@@ -125,7 +125,7 @@ def load_checkpoint_into(model: nn.Module, arch: str, path: Path, head_prefixes:
     expected = model.state_dict()
     backbone = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
     given = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
-    problems = _fit_problems(backbone, given)
+    problems = fit_problems(backbone, given)
     if problems:
         raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
     head = {k: v for k, v in state.items() if k.startswith(head_prefixes)}

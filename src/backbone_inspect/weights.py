@@ -103,12 +103,18 @@ def _random_model(arch: str, seed: int) -> nn.Module:
         return models.get_model(arch, weights=None)
 
 
+def _hub_file(member: Any) -> Path:
+    """Where torch.hub keeps the file of a torchvision weights member."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+
+
 def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
     import torch
 
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    filename = os.path.basename(urlparse(member.url).path)
-    cached = folder / filename
+    cached = _hub_file(member)
+    folder, filename = cached.parent, cached.name
     # torch.hub reports downloads on stderr; keep stdout clean for --json, and keep its
     # chatter off a non-terminal stderr, where errors must stay one line.
     chatter = sys.stderr if sys.stderr.isatty() else io.StringIO()
@@ -131,6 +137,20 @@ def _hub_state_dict(arch: str, member: Any) -> dict[str, torch.Tensor]:
             f"{arch} weights {member.name} are not cached and cannot be downloaded "
             f"({first_line(error)}); put {filename} (from {member.url}) into {folder}"
         ) from error
+
+
+def _load_named(model: nn.Module, arch: str, member: Any) -> None:
+    """The named weights into ``model``; a cached file holding other weights is named, as one unreadable is."""
+    from .checkpoints import fit_problems
+
+    state = _hub_state_dict(arch, member)
+    problems = fit_problems(model.state_dict(), state)
+    if problems:
+        raise WeightsError(
+            f"cached weights {_hub_file(member)} for {arch} {member.name} do not fit {arch}: "
+            + "; ".join(problems) + "; delete it to download it again"
+        )
+    model.load_state_dict(state)
 
 
 def _named_preprocessing(member: Any) -> Preprocessing:
@@ -186,7 +206,7 @@ def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Mo
         note = load_checkpoint_into(model, arch, Path(plan.label), family_of(arch).head_prefixes)  # type: ignore[union-attr]
         return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
     member = _named_weights(arch, plan.label)
-    model.load_state_dict(_hub_state_dict(arch, member))
+    _load_named(model, arch, member)
     return model, LoadedWeights(
         label=plan.label,
         kind="named",
