@@ -133,24 +133,45 @@ def test_pretrained_weights_offline_name_the_cache_folder(chelsea: Path) -> None
     assert "models--timm--resnet18.a1_in1k" in result.stderr
 
 
-def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def cached_timm_weights(cache: Path, monkeypatch: pytest.MonkeyPatch, state: dict[str, torch.Tensor] | bytes) -> Path:
+    """resnet18.a1_in1k's weights file in a Hugging Face cache at ``cache``, holding ``state`` (or those bytes)."""
     import huggingface_hub.constants
     from safetensors.torch import save_file
 
-    from backbone_inspect.timm_models import build_timm_model
-
-    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot = cache / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    if isinstance(state, bytes):
+        (snapshot / "model.safetensors").write_bytes(state)
+    else:
+        save_file(state, snapshot / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return snapshot / "model.safetensors"
+
+
+def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbone_inspect.timm_models import build_timm_model
+
     trained = seeded_timm("resnet18", seed=5)
-    save_file(trained.state_dict(), snapshot / "model.safetensors")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cached_timm_weights(tmp_path, monkeypatch, trained.state_dict())
     model, loaded = build_timm_model("timm:resnet18", "DEFAULT")
     assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "DEFAULT", 224, "bicubic")
     assert loaded.preprocessing.resize == int(224 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(("content", "cause"), [
+    (b"\x00" * 100, "SafetensorError: Error while deserializing header"),
+    (lambda: seeded_timm("resnet34").state_dict(), "RuntimeError: Error(s) in loading state_dict for ResNet:"),
+], ids=["corrupt", "another arch"])
+def test_unreadable_cached_pretrained_weights_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chelsea: Path, content, cause: str) -> None:
+    cached = cached_timm_weights(tmp_path, monkeypatch, content if isinstance(content, bytes) else content())
+    result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"Error: cannot read cached weights {cached} for timm:resnet18: {cause}")
+    assert result.stderr.endswith("; delete it to download it again\n")
 
 
 def test_an_empty_timm_name_is_a_usage_error(chelsea: Path) -> None:

@@ -185,7 +185,13 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
     cached = [huggingface_hub.try_to_load_from_cache(hub_id, file, cache_dir=constants.HF_HUB_CACHE) for file in HUB_FILES]
     found = next((path for path in cached if isinstance(path, str)), None)
     if found is not None:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found, "source": "file"})
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found, "source": "file"})
+        except Exception as error:
+            raise WeightsError(
+                f"cannot read cached weights {found} for {TIMM_PREFIX}{name}: {type(error).__name__}: {first_line(error)}; "
+                "delete it to download it again"
+            ) from error
     folder = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
     missing = (
         f"timm weights for {name} are not cached and cannot be downloaded (%s); on a machine online run "
