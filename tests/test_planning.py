@@ -106,6 +106,15 @@ def test_a_list_file_adds_inputs_and_the_same_file_is_taken_once(tmp_path: Path,
     assert not plan.named_files
 
 
+@pytest.mark.parametrize("second", ["link", "link/a", "link/top.png", "link/../photos"])
+def test_a_folder_reached_through_a_link_is_taken_once(tmp_path: Path, photos: Path, second: str) -> None:
+    (tmp_path / "link").symlink_to(photos)
+    (photos / "alias.png").symlink_to(photos / "top.png")  # a link to a file stays a file of its own
+    plan = plan_inputs([photos, tmp_path / second])
+    assert [image.output for image in plan.found] == ["a/cat.pt", "alias.pt", "b/cat.pt", "b/deep/dog.pt", "top.pt"]
+    assert all(Path(image.path).parent.is_relative_to(photos) for image in plan.found)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -67,6 +67,23 @@ def _walk_images(directory: str, excluded: frozenset[str]) -> list[FoundImage]:
     return found
 
 
+class _SameFile:
+    """One key for every path of a file through its folders: its folder's real path and its name.
+
+    A folder reached twice (``photos`` and a link to it, ``photos photos/a``) gives its files once;
+    a link to a file is a file of its own (a folder of links into a shared pool keeps every name).
+    """
+
+    def __init__(self) -> None:
+        self._real_folders: dict[str, str] = {}
+
+    def key(self, path: str) -> str:
+        folder, name = os.path.split(os.path.normpath(path))
+        if folder not in self._real_folders:
+            self._real_folders[folder] = os.path.realpath(folder or os.curdir)
+        return os.path.join(self._real_folders[folder], name)
+
+
 def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> list[FoundImage]:
     """Every image under the inputs (files as given, directories searched recursively), sorted.
 
@@ -77,6 +94,7 @@ def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]]
     """
     excluded = frozenset(os.path.realpath(folder) for folder in exclude)
     found: dict[str, FoundImage] = {}
+    same_file = _SameFile()
     for given in inputs:
         path = Path(given)
         try:
@@ -90,7 +108,7 @@ def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]]
         else:
             raise UsageError(f"{given}: no such file or directory")
         for image in images:
-            found.setdefault(os.path.normpath(image.path), image)
+            found.setdefault(same_file.key(image.path), image)
     if not found:
         raise UsageError(f"no images found in {', '.join(inputs) or 'the inputs'}")
     return sorted(found.values(), key=lambda image: image.path)
