@@ -91,6 +91,15 @@ def test_pictures_are_refused_on_ray(tmp_path: Path, mixed: Path) -> None:
     assert result.output.strip().startswith("Error: --viz works with the local engine only")
 
 
+@pytest.mark.parametrize("cpus", ["0", "-1", "nan", "inf"])
+def test_ray_actor_cpus_must_be_a_positive_finite_number(tmp_path: Path, mixed: Path, cpus: str) -> None:
+    pytest.importorskip("ray", reason=RAY_MISSING)
+    result = invoke(mixed, "--engine", "ray", "--ray-actor-cpus", cpus, "--save", tmp_path / "out", *RAY_OPTIONS)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: --ray-actor-cpus {float(cpus)!r}: expected a positive number of CPUs\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_engine_refuses_actors_that_leave_no_cpu_for_decoding() -> None:
     from backbone_inspect.errors import UsageError
     from backbone_inspect.ray_engine import check_room_for_decoding

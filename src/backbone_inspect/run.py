@@ -9,6 +9,7 @@ outcome, draws pictures, pools the statistics and returns the ``RunSummary``. Th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -269,7 +270,7 @@ def make_engine(
     check_ray_installed()
     if ray_actors is not None:
         _check_positive("--ray-actors", ray_actors)
-    if isinstance(ray_actor_cpus, bool) or not isinstance(ray_actor_cpus, (int, float)) or not ray_actor_cpus > 0:
+    if isinstance(ray_actor_cpus, bool) or not isinstance(ray_actor_cpus, (int, float)) or not 0 < ray_actor_cpus < math.inf:
         raise UsageError(f"--ray-actor-cpus {ray_actor_cpus!r}: expected a positive number of CPUs")
     return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(ray_actor_cpus), batch_size=batch_size)
 
