@@ -199,6 +199,17 @@ def test_a_reader_gone_during_the_last_batch_still_leaves_every_file_recorded(tm
     assert len(recorded) == (5 if json_lines else 0)
 
 
+def test_a_closed_stderr_leaves_stdout_to_the_json_lines(tmp_path: Path, chelsea: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    result = subprocess.run(command(chelsea, bad, "--json", "--save", out, *SMALL), capture_output=True, text=True,
+                            timeout=120, preexec_fn=lambda: os.close(2), env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})
+    assert result.returncode == 1
+    assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == [str(chelsea)]
+    assert [line["status"] for line in manifest(out)] == ["error", "ok"]
+
+
 def test_a_closed_terminal_stops_the_run_cleanly(tmp_path: Path) -> None:
     root = many_images(tmp_path / "in", 60)
     out = tmp_path / "out"

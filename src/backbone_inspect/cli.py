@@ -195,5 +195,21 @@ def _silence_stdout() -> None:
         pass
 
 
+def _open_closed_standard_streams() -> None:
+    """A standard stream its caller closed (``2>&-``) reads and writes /dev/null instead: Python leaves
+    ``sys.stderr`` None (every message would go to stdout, amid the JSON lines), and the next file
+    opened would take its descriptor (C libraries' complaints on fd 2 would land in a feature file)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            setattr(sys, name, open(fd, mode, buffering=1, closefd=False, errors="backslashreplace"))
+
+
 def main() -> None:
+    _open_closed_standard_streams()
     app(prog_name=PROG_NAME)
