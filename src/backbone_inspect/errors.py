@@ -44,6 +44,11 @@ class OutputStopped(OutputError):
     for a re-run, neither saved nor failed."""
 
 
+class StdoutError(InspectError):
+    """Standard output cannot be written (a full disk, an I/O error; its reader gone is a broken pipe, exit 141):
+    the run stops as when its reader goes away, the files in hand recorded (exit 1)."""
+
+
 class RunStopped(InspectError):
     """A run stopped by SIGINT or SIGTERM (exit 128 + the signal's number); its ``summary`` says what is left."""
 

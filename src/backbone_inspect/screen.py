@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .engine import RunCallbacks
+from .errors import StdoutError
 from .render import printable
 
 if TYPE_CHECKING:
@@ -42,6 +43,17 @@ def warnings_as_lines() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         warnings.showwarning = lambda message, *_, **__: warning_line(str(message))
         yield
+
+
+@contextlib.contextmanager
+def stdout_errors() -> Iterator[None]:
+    """Writing stdout fails as ``StdoutError``, named (its reader gone stays a ``BrokenPipeError``: exit 141)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise StdoutError(f"cannot write to stdout: {error.strerror or error}") from error
 
 
 def stdout_console() -> Console:
@@ -84,13 +96,15 @@ class Screen:
 
         self.model = model
         if not self.view.json_lines:
-            render_model_header(self.console, model)
+            with stdout_errors():
+                render_model_header(self.console, model)
 
     def on_outcome(self, outcome: Outcome, result: ImageResult | None) -> None:
         if outcome.status == "error":
             (self._progress.error_line if self._progress is not None else error_line)(str(outcome.error))
         if result is not None:
-            self._show(result)
+            with stdout_errors():
+                self._show(result)
         if self._progress is not None:
             self._progress.advance(outcome.status == "error")
 
@@ -125,7 +139,8 @@ class Screen:
         from .render import render_stage_summaries, run_summary_line
 
         if not self.view.json_lines and not self.view.per_image_tables:
-            render_stage_summaries(self.console, summary.stages)
+            with stdout_errors():
+                render_stage_summaries(self.console, summary.stages)
         if summary_line or summary.stopped_by is not None:
             print(run_summary_line(summary), file=sys.stderr, flush=True)
         if summary.output_error is not None and not summary.output_error_shown:
