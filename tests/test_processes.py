@@ -211,6 +211,15 @@ def test_a_full_stdout_is_one_error_naming_it_and_every_file_is_recorded(tmp_pat
     assert_manifest_is_the_files(out)
 
 
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["--describe", "--arch", "resnet18", "--json"],
+                                  ["sample_images", "--save", "{tmp}/out", "--dry-run"]], ids=["version", "help", "describe", "dry-run"])
+def test_every_output_to_a_full_stdout_is_one_error_line(tmp_path: Path, args: list[str]) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command(*(arg.format(tmp=tmp_path) for arg in args)), stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120, cwd=REPO)
+    assert (result.returncode, result.stderr) == (1, "Error: cannot write to stdout: No space left on device\n")
+
+
 def test_a_closed_stderr_leaves_stdout_to_the_json_lines(tmp_path: Path, chelsea: Path) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")

@@ -19,8 +19,8 @@ from .cli_options import (
     FromList, Images, InputSize, JsonLines, Layers, Overwrite, RayActorCpus, RayActors, RayAddress, Resize,
     Format, Pool, Save, SaveDtype, Seed, ShardSize, ShardOption, Summary, Topk, Viz, VizChannels, Weights, Workers,
 )
-from .errors import EXIT_FAILURE, EXIT_OK, InspectError, UsageError
-from .screen import error_line, warning_line, warnings_as_lines
+from .errors import EXIT_FAILURE, EXIT_OK, InspectError, StdoutError, UsageError
+from .screen import error_line, stdout_errors, warning_line, warnings_as_lines
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -46,12 +46,15 @@ class OneLineErrorCommand(TyperCommand):
         **extra: Any,
     ) -> Any:
         try:
-            with warnings_as_lines():
+            with warnings_as_lines(), stdout_errors():  # --help, --version, --describe, --dry-run write stdout
                 code = super().main(
                     args=args, prog_name=prog_name or PROG_NAME, complete_var=complete_var, standalone_mode=False, **extra
                 )
         except typer.TyperException as error:  # Click's usage errors (exit 2) and file errors
             error_line(error.format_message())
+            code = error.exit_code
+        except StdoutError as error:
+            error_line(str(error))
             code = error.exit_code
         except typer.Abort:
             code = EXIT_FAILURE
@@ -94,7 +97,8 @@ def inspect(
         if describe:
             if images or from_list is not None:
                 raise UsageError("--describe takes no images: it describes --arch for --input-size")
-            return _describe(arch, input_size, json_lines)
+            with stdout_errors():
+                return _describe(arch, input_size, json_lines)
         if input_size != "224":
             raise UsageError(f"--input-size {input_size} is for --describe: images are sized by --resize and --crop")
         from .config import feature_config
@@ -149,7 +153,8 @@ def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, store:
     if plan.redo:
         warning_line(redo_warning(plan.redo))
     if dry_run:
-        show_estimate(estimate_run(plan), json_lines=json_lines)
+        with stdout_errors():
+            show_estimate(estimate_run(plan), json_lines=json_lines)
         return EXIT_OK
     screen = Screen(View(json_lines=json_lines, per_image_tables=tables), total=len(plan.todo))
     try:
