@@ -100,6 +100,22 @@ def test_ray_actor_cpus_must_be_a_positive_finite_number(tmp_path: Path, mixed: 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content", [b"not an image", b""], ids=["garbage", "empty"])
+def test_ray_decoding_names_a_bad_image_as_given_like_the_local_engine(tmp_path: Path, monkeypatch, content: bytes) -> None:
+    import numpy as np
+
+    from backbone_inspect.images import ImageDataset, Preprocessing
+    from backbone_inspect.ray_engine import decode_rows
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.jpg").write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    rows = {"path": np.array(["in/bad.jpg"]), "read_path": np.array([str(tmp_path / "in" / "bad.jpg")]), "output": np.array(["bad.pt"])}
+    decoded = decode_rows(rows, Preprocessing())
+    assert decoded["error"].tolist() == [ImageDataset(["in/bad.jpg"], Preprocessing())[0].error]
+    assert decoded["error"][0].startswith("in/bad.jpg: ")
+
+
 def test_ray_engine_refuses_actors_that_leave_no_cpu_for_decoding() -> None:
     from backbone_inspect.errors import UsageError
     from backbone_inspect.ray_engine import check_room_for_decoding

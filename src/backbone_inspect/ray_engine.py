@@ -64,8 +64,14 @@ def decode_rows(batch: dict[str, Any], preprocessing: Preprocessing) -> dict[str
         "output": batch["output"],
         "pixels": np.array([_pixel_bytes(item) for item in items], dtype=object),
         "shape": np.array([list(item.pixels.shape) if item.pixels is not None else [0, 0, 0] for item in items]),
-        "error": np.array([item.error or "" for item in items], dtype=object),
+        "error": np.array([_as_given(item.error or "", str(read), str(given))
+                           for item, read, given in zip(items, batch["read_path"], batch["path"])], dtype=object),
     }
+
+
+def _as_given(error: str, read_path: str, path: str) -> str:
+    """An image's error names it as given, as the local engine's do (the task read it by its absolute path)."""
+    return path + error[len(read_path):] if error.startswith(f"{read_path}:") else error
 
 
 def _pixel_bytes(item: LoadedImage) -> bytes:
