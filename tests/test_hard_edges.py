@@ -33,6 +33,17 @@ def test_the_runs_own_picture_folder_inside_the_inputs_is_never_an_input(tmp_pat
     assert sorted(p.name for p in (photos / "viz").rglob("*.png")) == ["layer4-channels.png", "layer4-heatmap.png"]
 
 
+@pytest.mark.parametrize("viz", [".", ".."], ids=["the input folder", "above it"])
+def test_a_picture_folder_holding_the_inputs_is_refused(tmp_path: Path, viz: str) -> None:
+    photos = tmp_path / "ph"
+    noise_image(photos / "a" / "b.png", seed=1)
+    result = invoke(photos, "--viz", photos / viz, "--layers", "4", *SMALL)
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: --viz {photos / viz} holds the input {photos / 'a' / 'b.png'}: its pictures would be "
+                             "inputs of the next run; give --viz a folder outside the inputs\n")
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["b.png"]
+
+
 def test_nan_features_give_strict_json_with_a_count_and_a_warning(tmp_path: Path, chelsea: Path) -> None:
     model = torchvision.models.resnet18()
     state = model.state_dict()

@@ -89,6 +89,8 @@ def plan_run(
     if pictures is not None and config.pool != "none":
         raise UsageError("--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own")
     check_decode(config, engine)
+    if pictures is not None:
+        check_pictures_outside_inputs(pictures.folder, inputs.found)
     if pictures is not None and not dry_run:
         pictures.claim()
     if store is None:
@@ -96,6 +98,18 @@ def plan_run(
     store.claim(overwrite=overwrite, record=not dry_run)
     split = store.split_done(inputs.selected, overwrite=overwrite)
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
+
+
+def check_pictures_outside_inputs(folder: Path, images: Sequence[FoundImage]) -> None:
+    """``UsageError`` when the ``--viz`` folder holds an input: its pictures would be inputs of the next run
+    (a folder below the inputs is left out of them, but not one that is, or holds, an input folder)."""
+    pictures = os.path.realpath(folder)
+    folders = {os.path.dirname(image.path): image.path for image in images}
+    for parent, image in folders.items():
+        real = os.path.realpath(parent or os.curdir)
+        if real == pictures or real.startswith(pictures.rstrip(os.sep) + os.sep):
+            raise UsageError(f"--viz {folder} holds the input {image}: its pictures would be inputs of the next run; "
+                             "give --viz a folder outside the inputs")
 
 
 def check_decode(config: FeatureConfig, engine: Engine) -> None:
