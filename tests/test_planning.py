@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def test_the_configuration_is_resolved_once_frozen_and_picklable(tmp_path: Path)
     with pytest.raises(AttributeError):
         config.arch = "resnet50"  # type: ignore[misc]
     assert config.settings()["seed"] == 0
-    assert feature_config(**SMALL_OPTIONS, weights=tmp_path / "any.pth").settings()["seed"] is None
+    checkpoint = tmp_path / "any.pth"
+    checkpoint.write_bytes(b"any bytes: the settings name a checkpoint by its path and a digest of its content")
+    settings = feature_config(**SMALL_OPTIONS, weights=checkpoint).settings()
+    assert settings["seed"] is None and settings["weights"] == str(checkpoint)
+    assert settings["weights_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert config.settings()["weights_sha256"] is None
 
 
 def test_named_weights_are_planned_as_plain_values_with_their_own_preprocessing() -> None:

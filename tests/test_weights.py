@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -10,9 +12,10 @@ import torchvision
 
 from backbone_inspect import Backbone
 from backbone_inspect.errors import UsageError, WeightsError
+from backbone_inspect.store import settings_differences
 from backbone_inspect.weights import build_model
 
-from conftest import seeded_model
+from conftest import SMALL, invoke, seeded_model
 
 
 def trained_like(arch: str, seed: int, num_classes: int = 1000) -> torch.nn.Module:
@@ -201,3 +204,29 @@ def test_checkpoints_are_loaded_with_weights_only(tmp_path: Path, extra, global_
 def test_weights_enum_of_another_arch_is_refused() -> None:
     with pytest.raises(UsageError, match="belong to another arch than resnet50"):
         build_model("resnet50", torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+
+
+def test_a_checkpoint_replaced_under_its_name_is_not_taken_for_the_one_a_dump_was_made_with(tmp_path: Path, photos: Path) -> None:
+    checkpoint, out = tmp_path / "best.pth", tmp_path / "out"
+    torch.save(seeded_model("resnet18", seed=1).state_dict(), checkpoint)
+    first = checkpoint.read_bytes()
+    assert invoke(photos / "a", "--save", out, *SMALL, "--weights", checkpoint).exit_code == 0
+    digest = json.loads((out / "backbone-inspect.json").read_text())["weights_sha256"]
+    assert digest == hashlib.sha256(first).hexdigest() == features_meta(out / "cat.pt")["weights_sha256"]
+    checkpoint.write_bytes(first)  # the same weights, copied again (another modification time): resumed
+    again = invoke(photos / "a", "--save", out, *SMALL, "--weights", checkpoint)
+    assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr
+    torch.save(seeded_model("resnet18", seed=2).state_dict(), checkpoint)  # trained further, saved under its name
+    replaced = invoke(photos / "a", "--save", out, *SMALL, "--weights", checkpoint)
+    assert replaced.exit_code == 2 and "--overwrite" in replaced.stderr
+    assert f'weights_sha256 "{digest}" (now "{hashlib.sha256(checkpoint.read_bytes()).hexdigest()}")' in replaced.stderr
+
+
+def test_folders_made_before_checkpoint_digests_were_recorded_resume_as_before() -> None:
+    current = {"weights": "best.pth", "weights_sha256": "ab" * 32, "seed": None}
+    assert settings_differences({"weights": "best.pth", "seed": None}, current) == []
+    assert settings_differences({"weights": "best.pth", "weights_sha256": "cd" * 32, "seed": None}, current) != []
+
+
+def features_meta(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["meta"]

@@ -58,6 +58,7 @@ class FeatureConfig:
         return {
             "arch": self.arch,
             "weights": self.weights.label,
+            "weights_sha256": self._checkpoint_digest(),
             "seed": self.seed if self.weights.kind == "none" else None,
             "layers": list(self.stages),
             "preprocessing": self.preprocessing.to_dict(),
@@ -66,6 +67,17 @@ class FeatureConfig:
             "pool": self.pool,
             "decode": self.decode,
         }
+
+    def _checkpoint_digest(self) -> str | None:
+        """A checkpoint's SHA-256 (``WeightsError`` when it cannot be read); ``None`` for other weights,
+        whose name says which they are."""
+        if self.weights.kind != "checkpoint":
+            return None
+        from pathlib import Path
+
+        from .checkpoints import checkpoint_digest
+
+        return checkpoint_digest(Path(self.weights.label))
 
 
 def feature_config(

@@ -31,6 +31,9 @@ SETTINGS_FILE = "backbone-inspect.json"
 UNSHARDED_MANIFEST = "manifest.jsonl"
 SETTINGS_BEFORE_THEY_EXISTED = {"format": "pt", "pool": "none", "decode": "cpu"}
 """What a folder or file made before a setting existed was made with."""
+SETTINGS_UNKNOWN_BEFORE_THEY_EXISTED = frozenset({"weights_sha256"})
+"""Settings a folder or file made before them cannot be checked against: taken as the same (a
+checkpoint dump's resume from an earlier version goes on, trusting the path as it did then)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
     """``key old (now new)`` for each setting that differs; nested settings by their own keys."""
     differences = []
     for key, value in current.items():
+        if not prefix and key not in saved and key in SETTINGS_UNKNOWN_BEFORE_THEY_EXISTED:
+            continue
         old = saved.get(key, SETTINGS_BEFORE_THEY_EXISTED.get(key) if not prefix else None)
         if isinstance(value, dict) and isinstance(old, dict):
             differences += settings_differences(old, value, f"{prefix}{key}.")
