@@ -152,11 +152,16 @@ def test_dry_run_estimates_each_format_and_pooling_and_the_shards_estimate_holds
         (["--format", "shards"], "--format needs --save DIR"),
         (["--pool", "avg"], "--pool needs --save DIR"),
         (["--shard-size", "4"], "--shard-size needs --save DIR"),
+        (["--save-dtype", "float16"], "--save-dtype needs --save DIR"),
+        (["--overwrite"], "--overwrite needs --save DIR"),
+        (["--viz-channels", "4"], "--viz-channels needs --viz DIR"),
+        (["--categories", "{out}"], "--categories needs --topk K"),
         (["--save", "{out}", "--viz", "{viz}", "--pool", "max"],
          "--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own"),
     ],
     ids=["format", "pool", "shard-size 0", "shard-size with pt", "format without save", "pool without save",
-         "shard-size without save", "viz with pool"],
+         "shard-size without save", "save-dtype without save", "overwrite without save", "viz-channels without viz",
+         "categories without topk", "viz with pool"],
 )
 def test_usage_errors_are_one_line_and_exit_2_before_any_work(tmp_path: Path, options: list[str], message: str) -> None:
     root = many_images(tmp_path / "in", 1)

@@ -101,6 +101,11 @@ def inspect(
                 return _describe(arch, input_size, json_lines)
         if input_size != "224":
             raise UsageError(f"--input-size {input_size} is for --describe: images are sized by --resize and --crop")
+        saving = save is not None
+        _check_needed([("--format", output_format != "pt", "--save DIR", saving), ("--shard-size", shard_size != "auto", "--save DIR", saving),
+                       ("--pool", pool != "none", "--save DIR", saving), ("--save-dtype", save_dtype != "float32", "--save DIR", saving),
+                       ("--overwrite", overwrite, "--save DIR", saving), ("--viz-channels", viz_channels != 16, "--viz DIR", viz is not None),
+                       ("--categories", categories is not None, "--topk K", bool(topk))])
         from .config import feature_config
         from .inputs import plan_inputs
         from .options import output_folder
@@ -121,10 +126,6 @@ def inspect(
         runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
         store = make_store(save_folder, config, format=output_format, shard=inputs.shard, shard_size=shard_size) if save_folder else None
-        given = [name for name, value, default in (("--format", output_format, "pt"), ("--shard-size", shard_size, "auto"),
-                                                    ("--pool", pool, "none")) if value != default]
-        if store is None and given:
-            raise UsageError(f"{given[0]} needs --save DIR")
         return _run(config, inputs, runner, store=store, overwrite=overwrite, dry_run=dry_run, pictures=pictures,
                     json_lines=json_lines, tables=tables)
     except InspectError as error:
@@ -213,6 +214,13 @@ def _open_closed_standard_streams() -> None:
                 os.dup2(devnull, fd)
                 os.close(devnull)
             setattr(sys, name, open(fd, mode, buffering=1, closefd=False, errors="backslashreplace"))
+
+
+def _check_needed(options: list[tuple[str, bool, str, bool]]) -> None:
+    """``UsageError`` for the first option given without the one it works with: it would change nothing."""
+    for name, given, needed, needed_given in options:
+        if given and not needed_given:
+            raise UsageError(f"{name} needs {needed}")
 
 
 def main() -> None:
