@@ -39,9 +39,18 @@ def test_a_picture_folder_holding_the_inputs_is_refused(tmp_path: Path, viz: str
     noise_image(photos / "a" / "b.png", seed=1)
     result = invoke(photos, "--viz", photos / viz, "--layers", "4", *SMALL)
     assert result.exit_code == 2
-    assert result.stderr == (f"Error: --viz {photos / viz} holds the input {photos / 'a' / 'b.png'}: its pictures would be "
+    assert result.stderr == (f"Error: --viz {photos / viz} holds the input folder {photos}: its pictures would be "
                              "inputs of the next run; give --viz a folder outside the inputs\n")
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["b.png"]
+
+
+def test_a_picture_folder_beside_an_image_named_alone_is_not_refused(tmp_path: Path) -> None:
+    # A file named on the command line is not searched for: pictures beside it are never the next run's inputs.
+    photo = noise_image(tmp_path / "b.png", seed=1)
+    result = invoke(photo, "--viz", tmp_path, "--layers", "4", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        "b.png", "b/layer4-channels.png", "b/layer4-heatmap.png"]
 
 
 def test_nan_features_give_strict_json_with_a_count_and_a_warning(tmp_path: Path, chelsea: Path) -> None:

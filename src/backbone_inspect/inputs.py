@@ -167,6 +167,8 @@ class InputPlan:
     shard: Shard | None
     named_files: bool
     """Whether the inputs were all image files named one by one (no folder, no list file)."""
+    folders: tuple[str, ...] = ()
+    """The folders among the inputs (searched for images), as given."""
 
 
 def plan_inputs(
@@ -200,6 +202,7 @@ def plan_inputs(
     found = find_images(given + listed, exclude=[folder for folder in outputs if folder is not None])
     if check_collisions:
         check_output_collisions(found)
-    named_files = from_list is None and not any(Path(path).is_dir() for path in given)
+    folders = tuple(path for path in given + listed if os.path.isdir(path))
+    named_files = from_list is None and not folders
     selected = chosen.take(found) if chosen is not None else found
-    return InputPlan(tuple(found), tuple(selected), chosen, named_files)
+    return InputPlan(tuple(found), tuple(selected), chosen, named_files, folders)

@@ -90,7 +90,7 @@ def plan_run(
         raise UsageError("--viz draws the full feature maps: leave out --pool, or draw a few images in a run of their own")
     check_decode(config, engine)
     if pictures is not None:
-        check_pictures_outside_inputs(pictures.folder, inputs.found)
+        check_pictures_outside_inputs(pictures.folder, inputs.folders)
     if pictures is not None and not dry_run:
         pictures.claim()
     if store is None:
@@ -100,15 +100,14 @@ def plan_run(
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
 
 
-def check_pictures_outside_inputs(folder: Path, images: Sequence[FoundImage]) -> None:
-    """``UsageError`` when the ``--viz`` folder holds an input: its pictures would be inputs of the next run
-    (a folder below the inputs is left out of them, but not one that is, or holds, an input folder)."""
+def check_pictures_outside_inputs(folder: Path, input_folders: Sequence[str]) -> None:
+    """``UsageError`` when the ``--viz`` folder is, or holds, an input folder: its pictures would be inputs
+    of the next run (a folder below the inputs is left out of them; an image named alone is not searched for)."""
     pictures = os.path.realpath(folder)
-    folders = {os.path.dirname(image.path): image.path for image in images}
-    for parent, image in folders.items():
-        real = os.path.realpath(parent or os.curdir)
+    for given in input_folders:
+        real = os.path.realpath(given)
         if real == pictures or real.startswith(pictures.rstrip(os.sep) + os.sep):
-            raise UsageError(f"--viz {folder} holds the input {image}: its pictures would be inputs of the next run; "
+            raise UsageError(f"--viz {folder} holds the input folder {given}: its pictures would be inputs of the next run; "
                              "give --viz a folder outside the inputs")
 
 
