@@ -46,7 +46,7 @@ class OneLineErrorCommand(TyperCommand):
         **extra: Any,
     ) -> Any:
         try:
-            with warnings_as_lines(), stdout_errors():  # --help, --version, --describe, --dry-run write stdout
+            with warnings_as_lines():
                 code = super().main(
                     args=args, prog_name=prog_name or PROG_NAME, complete_var=complete_var, standalone_mode=False, **extra
                 )
@@ -61,6 +61,11 @@ class OneLineErrorCommand(TyperCommand):
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        # Only here, where --help and --version write stdout: an OSError the command lets out (--debug) is its own.
+        with stdout_errors():
+            return super().make_context(*args, **kwargs)
 
 
 app = typer.Typer(
