@@ -50,7 +50,7 @@ class Progress:
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[failures]}"),
-            console=Console(stderr=True),
+            console=Console(stderr=True, emoji=False),  # a file named :smile:.jpg is shown by its name
             transient=False,
         )
         self._task = self._progress.add_task("features", total=total, rate="", failures="")

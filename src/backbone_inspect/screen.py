@@ -64,7 +64,8 @@ def stdout_console() -> Console:
             raise BrokenPipeError  # rich would exit 1 on its own; the command stops as SIGPIPE would (141)
 
     # Piped output gets a fixed width wide enough for every table, rather than rich's 80.
-    return PipeAwareConsole(highlight=False, width=None if sys.stdout.isatty() else 140)
+    # No emoji codes: a file or checkpoint named :smile:.jpg is shown by its name, not as a face.
+    return PipeAwareConsole(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 140)
 
 
 @dataclass(frozen=True)
