@@ -228,5 +228,38 @@ def test_folders_made_before_checkpoint_digests_were_recorded_resume_as_before()
     assert settings_differences({"weights": "best.pth", "weights_sha256": "cd" * 32, "seed": None}, current) != []
 
 
+@pytest.mark.parametrize("format", ["pt", "shards"])
+def test_a_checkpoint_dump_made_before_digests_resumes_and_reads_back_mixed(tmp_path: Path, photos: Path, format: str) -> None:
+    from backbone_inspect import open_features
+
+    checkpoint, out = tmp_path / "best.pth", tmp_path / "out"
+    torch.save(seeded_model("resnet18", seed=1).state_dict(), checkpoint)
+    options = (*SMALL, "--layers", "4", "--weights", checkpoint, "--save", out, "--format", format)
+    assert invoke(photos / "a", *options).exit_code == 0
+    settings_file = out / "backbone-inspect.json"  # as an earlier version wrote it: no weights_sha256
+    old = json.loads(settings_file.read_text())
+    del old["weights_sha256"]
+    settings_file.write_text(json.dumps(old))
+    if format == "pt":
+        saved = torch.load(out / "cat.pt", weights_only=True)
+        del saved["meta"]["weights_sha256"]
+        torch.save(saved, out / "cat.pt")
+    else:  # the shard's own settings are checked on resume too
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        [shard] = out.rglob("*.safetensors")
+        with safe_open(str(shard), framework="pt") as opened:
+            metadata = opened.metadata()
+        shard_settings = json.loads(metadata["settings"])
+        del shard_settings["weights_sha256"]
+        save_file(load_file(shard), shard, metadata={**metadata, "settings": json.dumps(shard_settings)})
+    resumed = invoke(photos / "a", photos / "b" / "deep", *options)
+    assert resumed.exit_code == 0 and "processed 1, skipped 1" in resumed.stderr, resumed.output
+    assert json.loads(settings_file.read_text())["weights_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    dump = open_features(out)
+    assert sorted(meta["output"] for _, meta in dump) == ["cat.pt", "dog.pt"]
+
+
 def features_meta(path: Path) -> dict:
     return torch.load(path, weights_only=True)["meta"]
