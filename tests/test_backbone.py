@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torchvision
@@ -10,6 +12,7 @@ from backbone_inspect.stages import ARCHS, STAGES
 
 from conftest import seeded_model
 
+NEEDS_TIMM = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed: pip install -e '.[timm]'")
 TORCHVISION_NODES = {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 
 
@@ -149,9 +152,9 @@ def test_arch_list_is_every_classification_builder_of_torchvisions_cnn_families(
     [
         ("resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number"),
         ("resnet18", {"seed": 1.5}, "invalid --seed 1.5: expected a whole number"),
-        ("timm:resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number"),
+        pytest.param("timm:resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number", marks=NEEDS_TIMM),
         ("resnet18", {"model": "resnet18"}, "model 'resnet18': expected a torchvision resnet18 already built"),
-        ("timm:resnet18", {"model": "resnet18"}, "the model passed is not a timm:resnet18"),
+        pytest.param("timm:resnet18", {"model": "resnet18"}, "the model passed is not a timm:resnet18", marks=NEEDS_TIMM),
     ],
 )
 def test_a_bad_seed_or_model_is_a_usage_error_naming_it(arch: str, keywords: dict, message: str) -> None:
