@@ -294,18 +294,3 @@ def test_unexpected_errors_are_one_line_unless_debug(chelsea: Path, monkeypatch)
     assert result.stderr == "Error: RuntimeError: boom\\nsecond line (run with --debug for the traceback)\n"
     debug = invoke(chelsea, "--debug", *SMALL)
     assert debug.exit_code == 1 and isinstance(debug.exception, RuntimeError)
-
-
-def test_an_unexpected_os_error_is_its_own_not_stdout_and_its_traceback_with_debug(chelsea: Path, monkeypatch) -> None:
-    import errno
-
-    from backbone_inspect.extractor import Extractor
-
-    def broken(self, names, group):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(Extractor, "launch_group", broken)
-    result = invoke(chelsea, *SMALL)
-    assert (result.exit_code, result.stderr) == (1, "Error: OSError: [Errno 5] Input/output error (run with --debug for the traceback)\n")
-    debug = invoke(chelsea, "--debug", *SMALL)
-    assert debug.exit_code == 1 and isinstance(debug.exception, OSError) and "stdout" not in debug.stderr

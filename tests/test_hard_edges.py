@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -43,14 +41,6 @@ def test_a_picture_folder_holding_the_inputs_is_refused(tmp_path: Path, viz: str
                              "inputs of the next run; give --viz a folder outside the inputs\n")
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["b.png"]
 
-
-def test_a_picture_folder_beside_an_image_named_alone_is_not_refused(tmp_path: Path) -> None:
-    # A file named on the command line is not searched for: pictures beside it are never the next run's inputs.
-    photo = noise_image(tmp_path / "b.png", seed=1)
-    result = invoke(photo, "--viz", tmp_path, "--layers", "4", *SMALL)
-    assert result.exit_code == 0, result.output
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
-        "b.png", "b/layer4-channels.png", "b/layer4-heatmap.png"]
 
 
 def test_nan_features_give_strict_json_with_a_count_and_a_warning(tmp_path: Path, chelsea: Path) -> None:
@@ -294,18 +284,17 @@ def test_a_feature_file_that_would_stand_where_others_need_a_folder_is_refused_b
     assert shards.exit_code == 0 and "processed 2" in shards.stderr
 
 
-def test_a_long_image_name_heads_its_table_on_one_line(tmp_path: Path) -> None:
-    long = tmp_path / ("a_long_name_of_a_photo_of_a_cat_" * 3 + "0001.jpg")
-    shutil.copy(SAMPLES / "chelsea.jpg", long)
-    result = invoke(long, *SMALL)
-    assert result.exit_code == 0, result.output
-    heading = next(line for line in result.stdout.splitlines() if line.startswith(str(long)))
-    assert re.fullmatch(rf"{re.escape(str(long))}  input 64×64  forward \d+\.\d ms", heading)
+def test_an_unexpected_os_error_is_its_own_not_stdout_and_its_traceback_with_debug(chelsea: Path, monkeypatch) -> None:
+    import errno
 
+    from backbone_inspect.extractor import Extractor
 
-def test_a_name_like_an_emoji_code_heads_its_table_as_it_is(tmp_path: Path) -> None:
-    named = tmp_path / ":smile:.jpg"
-    shutil.copy(SAMPLES / "chelsea.jpg", named)
-    result = invoke(named, *SMALL)
-    assert result.exit_code == 0, result.output
-    assert re.search(rf"^{re.escape(str(named))}  input 64×64  forward \d+\.\d ms$", result.stdout, re.MULTILINE), result.stdout
+    def broken(self, names, group):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Extractor, "launch_group", broken)
+    result = invoke(chelsea, *SMALL)
+    assert (result.exit_code, result.stderr) == (1, "Error: OSError: [Errno 5] Input/output error (run with --debug for the traceback)\n")
+    debug = invoke(chelsea, "--debug", *SMALL)
+    assert debug.exit_code == 1 and isinstance(debug.exception, OSError) and "stdout" not in debug.stderr
+

@@ -8,7 +8,7 @@ from PIL import Image, ImageStat
 
 from backbone_inspect.viz import HEADER, HEATMAP_SIDE, TILE, channel_grid, heatmap_overlay, most_active_channels
 
-from conftest import SAMPLES, SMALL, invoke
+from conftest import SAMPLES, SMALL, invoke, noise_image
 
 
 def bright_fraction(image: Image.Image, box: tuple[int, int, int, int]) -> float:
@@ -94,3 +94,12 @@ def test_a_pictures_folder_that_cannot_be_written_is_one_error_before_any_image(
     assert result.stdout == ""  # no image was computed
     dry = invoke(SAMPLES, *SMALL, "--viz", tmp_path / "fresh", "--save", tmp_path / "out", "--dry-run")
     assert dry.exit_code == 0 and not (tmp_path / "fresh").exists()  # a dry run creates nothing
+
+
+def test_a_picture_folder_beside_an_image_named_alone_is_not_refused(tmp_path: Path) -> None:
+    # A file named on the command line is not searched for: pictures beside it are never the next run's inputs.
+    photo = noise_image(tmp_path / "b.png", seed=1)
+    result = invoke(photo, "--viz", tmp_path, "--layers", "4", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        "b.png", "b/layer4-channels.png", "b/layer4-heatmap.png"]
