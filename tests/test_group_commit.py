@@ -100,6 +100,28 @@ def test_a_failed_sync_fails_the_whole_group_and_leaves_old_files_whole(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.jsonl.lock", "backbone-inspect.json", "manifest.jsonl", "old.pt"]
 
 
+def test_writes_the_kernel_cuts_short_are_finished_and_a_failing_one_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not groups_sync_here(tmp_path):
+        pytest.skip("this filesystem gets a fsync per file: a group's own writes are not used")
+    store, real_write, lengths = opened(store_for(tmp_path)), os.write, []
+
+    def short_write(descriptor: int, data: bytes) -> int:  # as write(2) may, after a signal or near a full disk
+        lengths.append(len(data))
+        if len(lengths) == 8:  # within the second file (each is about 3.3 KB: five writes)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(descriptor, memoryview(data)[:777])
+
+    monkeypatch.setattr(os, "write", short_write)
+    items = [(FoundImage(f"{name}.jpg", f"{name}.pt"), fake_result(f"{name}.jpg", seed=seed)) for seed, name in enumerate("abc")]
+    stored = store.write_all(items)
+    monkeypatch.undo()
+    assert isinstance(stored[1], OutputError) and stored[1].ends_run and "No space left on device" in str(stored[1])
+    for (image, result), place in [(items[0], stored[0]), (items[2], stored[2])]:
+        assert isinstance(place, Stored) and place.bytes_written == (tmp_path / image.output).stat().st_size
+        assert all(torch.equal(features(tmp_path / image.output)[name], value) for name, value in result.features.items())
+    assert not (tmp_path / "b.pt").exists() and not list(tmp_path.glob(".*.tmp")) and len(lengths) > 12
+
+
 def test_one_file_that_cannot_be_written_is_its_own_error_and_the_others_are_written(tmp_path: Path) -> None:
     store = opened(store_for(tmp_path))
     (tmp_path / "blocked").write_text("a file where a folder should be")

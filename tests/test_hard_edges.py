@@ -12,7 +12,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from backbone_inspect.files import FolderLock
+from backbone_inspect.folder_lock import FolderLock
 
 from conftest import SAMPLES, SMALL, invoke, manifest, noise_image
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from .disk_sync import group_sync_descriptor, syncfs
-from .errors import OutputError, UsageError
+from .errors import OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,9 @@ def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> S
     file's data is on the disk before its name is, as with a fsync each, for a fraction of the
     cost, and a caller can write the next group while this one's sync waits on the disk.
 
+    In a group, ``write`` gets a file object with ``write`` (each one whole), ``flush``, ``fileno`` and
+    ``tell`` only, and each folder is made and looked at once for the group.
+
     Where ``syncfs`` is not known to flush and report errors as fsync does (only Linux 5.8 on, on
     ext4, XFS or Btrfs, qualifies: not FUSE or network mounts), each file is written whole here,
     with its own fsync, and the commit has nothing left to do.
@@ -47,9 +50,9 @@ def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> S
         return StagedFiles([], [], None, finished=[_os_error_or(atomic_write, path, write) for path, write in writes])
     written: list[tuple[Path, int] | OSError] = []
     try:
-        device = os.fstat(descriptor).st_dev
+        device, folders = os.fstat(descriptor).st_dev, _made_folders({path.parent for path, _ in writes})
         for path, write in writes:
-            written.append(_os_error_or(_write_temporary, path, write, synced_device=device))
+            written.append(_os_error_or(_write_temporary, path, write, synced_device=device, folder_device=folders.get(path.parent)))
     except BaseException:
         _remove_temporaries(written)
         os.close(descriptor)
@@ -97,24 +100,73 @@ def _renamed_all(written: Sequence[tuple[Path, int] | OSError], paths: Sequence[
     return renamed
 
 
-def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, synced_device: int | None) -> tuple[Path, int]:
+def _made_folders(folders: set[Path]) -> dict[Path, int]:
+    """The folders of a group of files, made where missing, with the device each is on: made and
+    looked at once for the group, not once a file (every system call lets another thread take the
+    interpreter's lock, and this one waits to get it back). One that cannot be made is left out,
+    to each file's own error."""
+    devices = {}
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            devices[folder] = os.stat(folder).st_dev
+    return devices
+
+
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, synced_device: int | None,
+                     folder_device: int | None = None) -> tuple[Path, int]:
     """A temporary file beside ``path`` holding what ``write`` writes, and its size; fsynced
-    unless it lies on ``synced_device``, which the caller syncs as a whole before renaming."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    unless it lies on ``synced_device``, which the caller syncs as a whole before renaming.
+    ``folder_device``: the device of ``path``'s folder, made already (else it is made here)."""
+    if folder_device is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{_temporary_stem(path.name)}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
     # O_EXCL: never through a link or over another file; 0o666 is filtered by the umask, as open() is.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
+        with os.fdopen(descriptor, "wb") if folder_device is None else _WholeWrites(descriptor) as handle:
+            write(handle)  # type: ignore[arg-type]
             handle.flush()
-            if os.fstat(handle.fileno()).st_dev != synced_device:
+            if (folder_device if folder_device is not None else os.fstat(handle.fileno()).st_dev) != synced_device:
                 os.fsync(handle.fileno())
             return temporary, handle.tell()
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+class _WholeWrites:
+    """A file descriptor with what a group's writes use of a file object: ``write`` (each one whole),
+    ``flush``, ``fileno``, ``tell``, closed on leaving. ``os.fdopen`` would add an fstat, an isatty
+    ioctl and two seeks a file: each system call lets another writer thread take the interpreter's
+    lock, and this one waits to get it back."""
+
+    def __init__(self, descriptor: int) -> None:
+        self._descriptor, self._size = descriptor, 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:  # a write(2) may be cut short (a signal, a full disk just reached): the rest follows, or its error
+            view = view[os.write(self._descriptor, view):]
+        self._size += size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._descriptor
+
+    def tell(self) -> int:
+        return self._size
+
+    def __enter__(self) -> _WholeWrites:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        os.close(self._descriptor)
 
 
 def _rename(temporary: Path, path: Path) -> None:
@@ -219,42 +271,3 @@ def _write_failure_reason(path: Path, error: OSError) -> str:
         if blocking is not None:
             return f"{blocking} is a file, not a folder"
     return error.strerror or str(error)
-
-
-class FolderLock:
-    """An advisory lock on a file (``flock``): held while the process holds it open, released by
-    the kernel when the process ends however it ends, so a killed run never blocks the next."""
-
-    def __init__(self, path: Path, handle: IO[str]) -> None:
-        self.path = path
-        self._handle = handle
-
-    @classmethod
-    def take(cls, path: Path) -> FolderLock:
-        """The lock, or ``UsageError`` naming the process that holds it."""
-        import fcntl
-        import socket
-        import time
-
-        try:  # never through a symbolic link: the lock must not write over whatever it points to
-            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+", encoding="utf-8")
-        except OSError as error:
-            raise OutputError(f"cannot lock {path}: {error.strerror or error}") from error
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UsageError(
-                f"{path.parent} is being written by another run ({holder}): wait for it to end, "
-                "or give this run another --save folder or --shard"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        return cls(path, handle)
-
-    def release(self) -> None:
-        self._handle.close()  # closing the descriptor releases the flock

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
-from .files import FolderLock, atomic_write
+from .files import atomic_write
+from .folder_lock import FolderLock
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
