@@ -35,7 +35,7 @@ def test_files_an_interrupted_overwrite_left_from_other_settings_are_refused_not
     assert_close_scaled(features["layer4"], expected)
     for read in (lambda: stored[1], lambda: stored.matrix("layer4")):
         with pytest.raises(UsageError, match=r"img001\.pt was made with other settings \(preprocessing\.crop 64 \(now 48\)\): "
-                                             r"the dump is not finished; run its command again to redo it$"):
+                                             r"the dump is not finished, or was redone since it was opened; run its command again, then open_features again$"):
             read()
     with pytest.warns(UserWarning, match=r"^2 existing feature file\(s\) are unreadable or were made with other settings"):
         dump_features(root, out, pool="avg", **{**OPTIONS, "crop": 48})  # finished: every file now of crop 48

@@ -118,7 +118,7 @@ class StoredFeatures(torch.utils.data.Dataset):
             raise UsageError(f"{path} is not a whole feature file ({reason}): run the dump again to replace it") from error
         if differences:
             raise UsageError(f"{path} was made with other settings ({', '.join(differences)}): the dump is not "
-                             "finished; run its command again to redo it")
+                             "finished, or was redone since it was opened; run its command again, then open_features again")
         return saved
 
     def _file(self, relative: str) -> Any:
