@@ -26,7 +26,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
     Nothing half-written is ever left under ``path``, and no temporary file is left behind.
     Safe to call from several threads at once (the umask is never touched).
     """
-    temporary, size = _write_temporary(path, write, synced_device=None)
+    temporary, size = _write_temporary(path, write)
     _rename(temporary, path)
     return size
 
@@ -52,7 +52,7 @@ def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> S
     try:
         device, folders = os.fstat(descriptor).st_dev, _made_folders({path.parent for path, _ in writes})
         for path, write in writes:
-            written.append(_os_error_or(_write_temporary, path, write, synced_device=device, folder_device=folders.get(path.parent)))
+            written.append(_os_error_or(_write_temporary, path, write, grouped=folders.get(path.parent) == device))
     except BaseException:
         _remove_temporaries(written)
         os.close(descriptor)
@@ -101,10 +101,10 @@ def _renamed_all(written: Sequence[tuple[Path, int] | OSError], paths: Sequence[
 
 
 def _made_folders(folders: set[Path]) -> dict[Path, int]:
-    """The folders of a group of files, made where missing, with the device each is on: made and
-    looked at once for the group, not once a file (every system call lets another thread take the
-    interpreter's lock, and this one waits to get it back). One that cannot be made is left out,
-    to each file's own error."""
+    """The folders of a group of files, made where missing, with the device each is on (a file in a
+    folder on another filesystem gets a fsync of its own): made and looked at once for the group,
+    not once a file (every system call lets another thread take the interpreter's lock, and this
+    one waits to get it back). One that cannot be made is left out, to each file's own error."""
     devices = {}
     for folder in folders:
         with contextlib.suppress(OSError):
@@ -113,21 +113,20 @@ def _made_folders(folders: set[Path]) -> dict[Path, int]:
     return devices
 
 
-def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, synced_device: int | None,
-                     folder_device: int | None = None) -> tuple[Path, int]:
-    """A temporary file beside ``path`` holding what ``write`` writes, and its size; fsynced
-    unless it lies on ``synced_device``, which the caller syncs as a whole before renaming.
-    ``folder_device``: the device of ``path``'s folder, made already (else it is made here)."""
-    if folder_device is None:
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], None], *, grouped: bool = False) -> tuple[Path, int]:
+    """A temporary file beside ``path`` holding what ``write`` writes, and its size, fsynced; or,
+    ``grouped``, its folder made already and on the filesystem the caller syncs as a whole before
+    renaming: written through the descriptor (``_WholeWrites``), not fsynced."""
+    if not grouped:
         path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{_temporary_stem(path.name)}.{os.getpid()}-{threading.get_ident() % 10**6}-{next(_TEMPORARY_NUMBERS)}.tmp"
     # O_EXCL: never through a link or over another file; 0o666 is filtered by the umask, as open() is.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(descriptor, "wb") if folder_device is None else _WholeWrites(descriptor) as handle:
+        with _WholeWrites(descriptor) if grouped else os.fdopen(descriptor, "wb") as handle:
             write(handle)  # type: ignore[arg-type]
             handle.flush()
-            if (folder_device if folder_device is not None else os.fstat(handle.fileno()).st_dev) != synced_device:
+            if not grouped:
                 os.fsync(handle.fileno())
             return temporary, handle.tell()
     except BaseException:
