@@ -55,8 +55,11 @@ def checkpoint_digest(path: Path) -> str:
 
     _check_is_file(path)
     try:
-        with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:  # hashlib.file_digest is Python 3.11's
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
     except OSError as error:
         raise WeightsError(f"cannot read checkpoint {path}: {error.strerror or error}") from error
 

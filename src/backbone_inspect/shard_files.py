@@ -113,7 +113,7 @@ def shard_row(shard: Any, stage: str, row: int) -> torch.Tensor:
     """One image's features of ``stage`` from an open shard (``safe_open``): a row of the stacked
     tensor, or the image's own tensor where the shard's shapes differ."""
     if stage in shard.keys():
-        return shard.get_slice(stage)[row]
+        return shard.get_slice(stage)[row : row + 1][0]  # safetensors 0.4.0 takes slices, not an index
     return shard.get_tensor(f"{stage}.{row}")
 
 
