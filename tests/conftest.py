@@ -51,11 +51,24 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return home
 
 
+LAUNCHER_AND_TERMINAL_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
+    "FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "TERMINAL_WIDTH",
+)
+"""What the suite's machine may set that changes what a run does or shows: a Slurm job or torchrun
+shards every run (SLURM_NTASKS=2: half the images); CI's colour and width settings put escape codes
+in Rich's and Typer's output, or wrap the help. The tests that need them set them themselves."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker process gets its share of the cores for torch's threads:
-    by default every process would start one thread per core (14 workers on 16 cores: 224)."""
+    """The same environment on every machine (in this process and the commands it starts), and, under
+    pytest-xdist, each worker process gets its share of the cores for torch's threads: by default
+    every process would start one thread per core (14 workers on 16 cores: 224)."""
     import os
 
+    for name in LAUNCHER_AND_TERMINAL_VARIABLES:
+        os.environ.pop(name, None)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
