@@ -256,11 +256,11 @@ def test_named_weights_use_their_own_preprocessing(chelsea: Path, torch_home: Pa
 
 
 def test_checkpoint_with_another_head_says_so_in_the_header(tmp_path: Path, chelsea: Path) -> None:
-    path = tmp_path / "finetuned.pth"
+    path = tmp_path / ("a_long_name_of_a_fine_tuned_checkpoint_" * 3 + ".pth")  # longer than the 140 columns, wherever tmp_path is
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
     result = invoke(chelsea, "--weights", path, *SMALL)
     assert result.exit_code == 0, result.output
-    assert f"weights {path}" in result.stdout
+    assert f"arch resnet18  weights {path}  device cpu" in result.stdout.splitlines()[0], "the header is one line"
     assert "classifier head not loaded: checkpoint has fc.weight [10, 512]; resnet18 has fc.weight [1000, 512]" in " ".join(result.stdout.split())
 
 

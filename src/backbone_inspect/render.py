@@ -154,7 +154,7 @@ def render_model_header(console: Console, model: ModelInfo) -> None:
         + (f"  [bold]engine[/] {model.engine}" if model.engine else f"  [bold]device[/] {model.device}")
         + f"  [bold]dtype[/] {model.dtype}"
     )
-    console.print(line, highlight=False)
+    console.print(line, highlight=False, soft_wrap=True)  # one line: a long checkpoint path is never cut in two
     if weights.head_note:
         console.print(f"[yellow]{markup_safe(weights.head_note)}[/]", highlight=False)
 
