@@ -74,10 +74,18 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+NEW_PRECISION_API = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+"""torch 2.9 on: per-backend ``fp32_precision``; before, the legacy ``allow_tf32`` flags alone."""
+
+
 def precision_state() -> tuple[object, ...]:
-    """What decides float32 maths on CUDA, read through torch's own (new) API, and the autotuning flag."""
-    return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-            torch.backends.fp32_precision, torch.backends.cudnn.benchmark)
+    """What decides float32 maths on CUDA, read through torch's own API (the new one where it
+    exists; else the legacy flags, as "tf32" or "ieee"), and the autotuning flag."""
+    if NEW_PRECISION_API:
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                torch.backends.fp32_precision, torch.backends.cudnn.benchmark)
+    modes = ["tf32" if flag else "ieee" for flag in (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)]
+    return (*modes, torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
 
 
 def seeded_model(arch: str, seed: int = 0) -> torch.nn.Module:

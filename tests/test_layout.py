@@ -1,8 +1,10 @@
-"""The package's shape: modules that import each other one way, small modules and functions."""
+"""The package's shape: modules that import each other one way, small modules and functions; the
+oldest versions of its dependencies, pinned where the suite is run with them."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,13 @@ def test_modules_and_functions_stay_small(path: Path) -> None:
         and (path.name, node.name) != ("cli.py", "inspect")
     ]
     assert long == []
+
+
+def test_every_dependencys_floor_is_the_version_pinned_in_constraints_oldest() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"] + project["optional-dependencies"]["timm"] + project["optional-dependencies"]["ray"]
+    floors = dict(re.fullmatch(r"([\w-]+)(?:\[\w+\])?>=([\w.]+)", dependency).groups() for dependency in dependencies)
+    pinned = dict(re.fullmatch(r"([\w-]+)==([\w.]+)", line).groups()
+                  for line in (REPO / "constraints-oldest.txt").read_text().splitlines() if line and not line.startswith("#"))
+    assert {name: ".".join((version.split(".") + ["0", "0"])[:3]) for name, version in floors.items()} == pinned

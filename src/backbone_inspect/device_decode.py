@@ -129,7 +129,7 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
     _settle(device)
     try:
-        return _rgb_or_none(decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0])
+        return _rgb_or_none(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))  # a list only from torchvision 0.20 on the CPU
     except (RuntimeError, ValueError):
         return None
 

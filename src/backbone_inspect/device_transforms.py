@@ -57,8 +57,18 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
     return image
 
 
-PILLOW_ONLY_INTERPOLATIONS = ("box", "hamming")
-"""Interpolations torchvision resizes only PIL images with, not tensors: ``--decode gpu`` refuses them."""
+def resizes_tensors_with(interpolation: str) -> bool:
+    """Whether this torchvision resizes tensors with ``interpolation``: never box or hamming (only
+    PIL images), lanczos only in newer releases (not 0.19). ``--decode gpu`` refuses the others."""
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    try:
+        F.resize(torch.zeros(3, 2, 2), [1, 1], interpolation=InterpolationMode(interpolation), antialias=True)
+    except NotImplementedError:
+        return False
+    return True
 
 RESIZE_PIXELS = 2**26
 """The most input pixels resized in one call (about 0.8 GB in float32): a size group larger than

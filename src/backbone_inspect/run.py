@@ -118,10 +118,10 @@ def check_decode(config: FeatureConfig, engine: Engine) -> None:
     if not engine.supports_device_decode:
         raise UsageError("--decode gpu works with the local engine only; use --decode cpu with --engine ray")
     from .device import resolve_device
-    from .device_transforms import PILLOW_ONLY_INTERPOLATIONS
+    from .device_transforms import resizes_tensors_with
 
     interpolation = config.preprocessing.interpolation
-    if config.preprocessing.resize is not None and interpolation in PILLOW_ONLY_INTERPOLATIONS:
+    if config.preprocessing.resize is not None and not resizes_tensors_with(interpolation):
         raise UsageError(f"--decode gpu: these weights resize with {interpolation} interpolation, which only Pillow does; "
                          "use --decode cpu")
 

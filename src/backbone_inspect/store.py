@@ -156,7 +156,7 @@ def load_feature_file(path: Path) -> dict[str, Any]:
     file; torch's own error if it is not whole."""
     import torch
 
-    return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)  # torch 2.1 maps only a str
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def made_with(path: Path, settings: dict[str, Any]) -> bool:
