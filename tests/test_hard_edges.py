@@ -218,7 +218,7 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(tmp_path: 
 @pytest.mark.parametrize(
     ("env", "names"),
     [({"RANK": "5", "WORLD_SIZE": "2"}, "RANK='5' and WORLD_SIZE='2'"),
-     ({"SLURM_PROCID": "x", "SLURM_NTASKS": "4"}, "SLURM_PROCID='x' and SLURM_NTASKS='4'")],
+     ({"SLURM_PROCID": "x", "SLURM_STEP_NUM_TASKS": "4"}, "SLURM_PROCID='x' and SLURM_STEP_NUM_TASKS='4'")],
 )
 def test_scheduler_variables_that_disagree_are_a_usage_error(chelsea: Path, monkeypatch, env: dict, names: str) -> None:
     for name, value in env.items():

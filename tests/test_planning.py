@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ from backbone_inspect.config import feature_config
 from backbone_inspect.run import make_engine
 from backbone_inspect.errors import UsageError
 from backbone_inspect.inputs import plan_inputs
-from backbone_inspect.shards import Shard
+from backbone_inspect.shards import Shard, SlurmWithoutSrunWarning
 
-from conftest import SMALL_OPTIONS, noise_image
+from conftest import SAMPLES, SMALL, SMALL_OPTIONS, invoke, noise_image
 
 
 def test_the_configuration_is_resolved_once_frozen_and_picklable(tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_inputs_are_found_sorted_and_sharded_into_disjoint_slices(tmp_path: Path
     ("env", "expected"),
     [
         ({"RANK": "1", "WORLD_SIZE": "2"}, Shard(1, 2)),
-        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}, Shard(2, 3)),
+        ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "3"}, Shard(2, 3)),
         ({"RANK": "0", "WORLD_SIZE": "1"}, None),
     ],
 )
@@ -87,6 +88,30 @@ def test_torchrun_and_slurm_give_the_shard_unless_told_otherwise(photos: Path, m
     assert plan_inputs(photos).shard == expected
     assert plan_inputs(photos, shard="0/4").shard == Shard(0, 4), "an explicit shard wins"
     assert plan_inputs(photos, shard_from_environment=False).shard is None
+
+
+def test_a_slurm_batch_script_of_several_tasks_takes_every_image_and_says_to_use_srun(photos: Path, monkeypatch) -> None:
+    """What slurmstepd gives a batch script of ``--ntasks 4`` (src/common/env.c): SLURM_PROCID=0 and
+    SLURM_NTASKS=4 in its one process; srun adds SLURM_STEP_NUM_TASKS to each task it starts."""
+    monkeypatch.setenv("SLURM_PROCID", "0"), monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.warns(SlurmWithoutSrunWarning, match=r"^this Slurm job has 4 tasks \(SLURM_NTASKS\) but this process was not "
+                      r"started by srun, so it takes every image itself; to split them between 4 processes, start the command with srun$"):
+        planned = plan_inputs(photos)
+    assert planned.shard is None and planned.selected == plan_inputs(photos, shard_from_environment=False).found
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # under srun
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan_inputs(photos).shard == Shard(0, 4)
+
+
+def test_a_slurm_batch_script_without_srun_is_one_warning_line_and_the_whole_input(tmp_path: Path, chelsea: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_PROCID", "0"), monkeypatch.setenv("SLURM_NTASKS", "2")
+    result = invoke(chelsea, SAMPLES / "astronaut.png", "--save", tmp_path / "out", "--json", *SMALL)
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+    warning, summary = result.stderr.splitlines()
+    assert warning == ("Warning: this Slurm job has 2 tasks (SLURM_NTASKS) but this process was not started by srun, so it "
+                       "takes every image itself; to split them between 2 processes, start the command with srun")
+    assert summary.startswith("processed 2, skipped 0, failed 0")
 
 
 def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: Path, photos: Path) -> None:

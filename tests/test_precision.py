@@ -152,7 +152,7 @@ def test_a_process_bound_to_its_own_cores_uses_them_all(monkeypatch: pytest.Monk
 def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_WORLD_SIZE"):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert (LocalEngine(workers=None).workers_for("cuda"), LocalEngine(workers=None).workers_for("cpu")) == (15, 8)
     assert LocalEngine(workers=2).workers_for("cuda") == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,13 +42,18 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
 
 
 def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True) -> Shard | None:
-    """The shard of a torchrun rank (RANK/WORLD_SIZE) or Slurm task (SLURM_PROCID/SLURM_NTASKS).
+    """The shard of a torchrun rank (RANK/WORLD_SIZE) or of a task srun started
+    (SLURM_PROCID/SLURM_STEP_NUM_TASKS).
 
-    Variables that are set but disagree (``RANK=5 WORLD_SIZE=2``, a rank that is not a number)
-    are a ``UsageError`` with ``strict``: every rank would otherwise take the whole input.
+    Not SLURM_NTASKS: a batch script of ``--ntasks 4`` has it, and SLURM_PROCID=0, in its one
+    process, which would then take a quarter of the images. Variables that are set but disagree
+    (``RANK=5 WORLD_SIZE=2``, a rank that is not a number) are a ``UsageError`` with ``strict``:
+    every rank would otherwise take the whole input.
     """
     env = os.environ if env is None else env
-    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    if strict:
+        _warn_if_a_slurm_job_without_srun(env)
+    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
         if not env.get(rank_name, "").strip() or not env.get(size_name, "").strip():
             continue
         rank, size = _env_int(env, rank_name), _env_int(env, size_name)
@@ -59,6 +65,19 @@ def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True)
                 f"number of ranks: fix the launcher's variables, unset them, or give --shard K/N"
             )
     return None
+
+
+class SlurmWithoutSrunWarning(UserWarning):
+    """A Slurm job of several tasks runs the command in one process: it takes every image."""
+
+
+def _warn_if_a_slurm_job_without_srun(env: Mapping[str, str]) -> None:
+    tasks = _env_int(env, "SLURM_NTASKS")
+    if tasks is not None and tasks > 1 and not env.get("SLURM_STEP_NUM_TASKS", "").strip() and not env.get("RANK", "").strip():
+        warnings.warn(SlurmWithoutSrunWarning(
+            f"this Slurm job has {tasks} tasks (SLURM_NTASKS) but this process was not started by srun, so it takes "
+            f"every image itself; to split them between {tasks} processes, start the command with srun"
+        ), stacklevel=3)
 
 
 def local_rank_from_env(env: Mapping[str, str] | None = None) -> int:
