@@ -62,6 +62,14 @@ def test_bfloat16_compute_is_close_to_float32_and_stats_stay_float32() -> None:
     assert results[0].stats[0].mean == pytest.approx(exact.mean, rel=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def _denormals_as_they_were():
+    """torch 2.4's inductor loads C++ built with -ffast-math, which turns flush-to-zero on for the
+    whole process: the tests run after these in it (numpy then warns on Ray's import) must not see it."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def test_compiled_extractor_keeps_the_replay_and_its_numbers() -> None:
     x = pixels(2)
     compiled = extractor_on_cpu(arch="resnet18", layers=(1, 3), compile=True)
