@@ -123,6 +123,7 @@ def test_a_dump_folder_of_decode_cpu_refuses_decode_gpu(tmp_path: Path, chelsea:
     assert invoke(chelsea, *SMALL, "--save", tmp_path / "out").exit_code == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CUDA check: the folder refuses first
     monkeypatch.setattr("backbone_inspect.device.resolve_device", lambda spec, **_: torch.device("cuda"))
+    monkeypatch.setattr("backbone_inspect.device_transforms.resizes_tensors_with", lambda interpolation, device: True)
     result = invoke(chelsea, *SMALL, "--decode", "gpu", "--save", tmp_path / "out")
     assert result.exit_code == 2 and 'decode "cpu" (now "gpu")' in result.stderr
 
@@ -168,28 +169,49 @@ def test_an_error_in_the_decoding_ends_the_worker_processes_with_it(tmp_path: Pa
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("interpolation", ["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"])
-def test_decode_gpu_refuses_exactly_the_interpolations_tensors_cannot_be_resized_with(interpolation: str, monkeypatch) -> None:
-    import dataclasses
+INTERPOLATIONS = ["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_the_probe_answers_as_the_device_path_resizes_on_that_device(interpolation: str, device: str) -> None:
+    """Asked on the CPU, lanczos passed and then failed on CUDA, where torch has no kernel for it."""
+    from backbone_inspect.device_transforms import preprocess_on_device, resizes_tensors_with
+    from backbone_inspect.images import Preprocessing
+
+    try:  # the device path's own resize, of a photo-sized image, on that device
+        preprocess_on_device(torch.zeros(3, 300, 400, dtype=torch.uint8, device=device), Preprocessing(interpolation=interpolation))
+        resizable = True
+    except NotImplementedError:
+        resizable = False
+    assert resizes_tensors_with(interpolation, torch.device(device)) is resizable
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_decode_gpu_refuses_the_interpolations_the_runs_gpu_cannot_resize_with(interpolation: str, monkeypatch) -> None:
+    import dataclasses
 
     from backbone_inspect.images import Preprocessing
     from backbone_inspect.run import check_decode
 
-    try:  # torchvision's own answer, on the function the device path resizes with
-        F.resize(torch.zeros(3, 8, 8), [4, 4], interpolation=InterpolationMode(interpolation), antialias=True)
-        resizable = True
-    except NotImplementedError:
-        resizable = False
-    monkeypatch.setattr("backbone_inspect.device.resolve_device", lambda spec, **_: torch.device("cuda"))
+    asked, on_cuda = [], ("nearest", "nearest-exact", "bilinear", "bicubic")  # what torch 2.14's CUDA answers
+
+    def gpu_resizes_with(name: str, device: torch.device) -> bool:
+        asked.append((name, device))
+        return name in on_cuda
+
+    monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("backbone_inspect.device.resolve_device", lambda spec, local_rank=None: torch.device("cuda", local_rank))
+    monkeypatch.setattr("backbone_inspect.device_transforms.resizes_tensors_with", gpu_resizes_with)
     config = dataclasses.replace(feature_config(**SMALL_OPTIONS, decode="gpu"), preprocessing=Preprocessing(interpolation=interpolation))
-    if resizable:
+    if interpolation in on_cuda:
         check_decode(config, LocalEngine())
     else:
         with pytest.raises(UsageError, match=rf"^--decode gpu: these weights resize with {interpolation} interpolation, "
                                               "which only Pillow does; use --decode cpu$"):
             check_decode(config, LocalEngine())
+    assert asked == [(interpolation, torch.device("cuda", 1))], "asked of this rank's own GPU"
     unresized = dataclasses.replace(config, preprocessing=Preprocessing(resize=None, crop=None, interpolation=interpolation))
     check_decode(unresized, LocalEngine())  # nothing is resized: nothing to refuse
+    assert len(asked) == 1

@@ -40,6 +40,13 @@ def resolve_device(spec: str, *, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def process_device(spec: str) -> torch.device:
+    """``resolve_device`` for this process: under torchrun or Slurm, ``auto`` is its own GPU (LOCAL_RANK)."""
+    from .shards import local_rank_from_env, shard_from_env
+
+    return resolve_device(spec, local_rank=local_rank_from_env() if shard_from_env(strict=False) else None)
+
+
 def default_channels_last(device: torch.device) -> bool:
     """channels_last where measured faster: CPU (oneDNN) and CUDA (cuDNN); not MPS."""
     return device.type in ("cpu", "cuda")

@@ -57,18 +57,20 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
     return image
 
 
-def resizes_tensors_with(interpolation: str) -> bool:
-    """Whether this torchvision resizes tensors with ``interpolation``: never box or hamming (only
-    PIL images), lanczos only in newer releases (not 0.19). ``--decode gpu`` refuses the others."""
+def resizes_tensors_with(interpolation: str, device: torch.device) -> bool:
+    """Whether this torch and torchvision resize tensors on ``device`` with ``interpolation``: never
+    box or hamming (only PIL images); lanczos only in newer releases (not torchvision 0.19), and
+    there on the CPU alone (torch has no CUDA kernel for it). ``--decode gpu`` refuses the others."""
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     try:
-        F.resize(torch.zeros(3, 2, 2), [1, 1], interpolation=InterpolationMode(interpolation), antialias=True)
+        F.resize(torch.zeros(3, 2, 2, device=device), [1, 1], interpolation=InterpolationMode(interpolation), antialias=True)
     except NotImplementedError:
         return False
     return True
+
 
 RESIZE_PIXELS = 2**26
 """The most input pixels resized in one call (about 0.8 GB in float32): a size group larger than

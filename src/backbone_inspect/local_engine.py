@@ -20,7 +20,7 @@ import torch
 
 from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
-from .device import is_out_of_memory, keep_freed_memory, out_of_memory, resolve_device, warm_up_cuda
+from .device import is_out_of_memory, keep_freed_memory, out_of_memory, process_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
 from .extractor import Extractor
@@ -30,7 +30,7 @@ from .options import default_workers
 from .outcomes import Outcome, RunSummary, RunTally
 from .precision import TORCH_DTYPES
 from .results import ImageResult
-from .shards import local_processes_from_env, local_rank_from_env, shard_from_env
+from .shards import local_processes_from_env, shard_from_env
 from .signals import StopRequest
 from .store import FeatureStore
 
@@ -159,9 +159,7 @@ class LocalEngine:
 
 def _extractor(config: FeatureConfig, *, saving: bool, keep_features: bool) -> Extractor:
     """The run's extractor, on this process's device; CUDA is started while the model is built."""
-    # Under torchrun or Slurm, device auto is this process's own GPU (LOCAL_RANK).
-    local_rank = local_rank_from_env() if shard_from_env(strict=False) else None
-    device = resolve_device(config.device, local_rank=local_rank)
+    device = process_device(config.device)
     warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
     try:
         return Extractor(config, device=device, keep_features=saving or keep_features, keep_pixels=keep_features,

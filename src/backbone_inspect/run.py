@@ -117,17 +117,16 @@ def check_decode(config: FeatureConfig, engine: Engine) -> None:
         return
     if not engine.supports_device_decode:
         raise UsageError("--decode gpu works with the local engine only; use --decode cpu with --engine ray")
-    from .device import resolve_device
+    from .device import process_device
     from .device_transforms import resizes_tensors_with
 
-    interpolation = config.preprocessing.interpolation
-    if config.preprocessing.resize is not None and not resizes_tensors_with(interpolation):
-        raise UsageError(f"--decode gpu: these weights resize with {interpolation} interpolation, which only Pillow does; "
-                         "use --decode cpu")
-
-    device = resolve_device(config.device)
+    device = process_device(config.device)  # the GPU this process will use: the resize is asked of it
     if device.type != "cuda":
         raise UsageError(f"--decode gpu: needs a CUDA device (this run's device is {device.type}); use --decode cpu")
+    interpolation = config.preprocessing.interpolation
+    if config.preprocessing.resize is not None and not resizes_tensors_with(interpolation, device):
+        raise UsageError(f"--decode gpu: these weights resize with {interpolation} interpolation, which only Pillow does; "
+                         "use --decode cpu")
 
 
 def redo_warning(redo: Sequence[FoundImage]) -> str:
