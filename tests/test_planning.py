@@ -114,6 +114,18 @@ def test_a_slurm_batch_script_without_srun_is_one_warning_line_and_the_whole_inp
     assert summary.startswith("processed 2, skipped 0, failed 0")
 
 
+def test_a_ray_driver_in_a_slurm_batch_script_is_not_told_to_use_srun(tmp_path: Path, chelsea: Path, monkeypatch) -> None:
+    """Ray's recipe for Slurm: one task per node (SLURM_NTASKS = the nodes), ``ray start`` on each
+    by srun, and the driver, one process for the whole cluster, in the batch script itself."""
+    monkeypatch.setenv("SLURM_PROCID", "0"), monkeypatch.setenv("SLURM_NTASKS", "4")
+    result = invoke(chelsea, "--save", tmp_path / "out", "--engine", "ray", "--viz", tmp_path / "viz", *SMALL)
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        "Error: --viz works with the local engine only: draw pictures of a few images without --engine ray"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [image.path for image in plan_inputs(chelsea, advise_srun=False).selected] == [str(chelsea)]
+
+
 def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: Path, photos: Path) -> None:
     with pytest.raises(UsageError, match=r"inputs would overwrite each other's output: .*a/cat.jpg, .*b/cat.PNG -> cat.pt"):
         plan_inputs([photos / "a" / "cat.jpg", photos / "b" / "cat.PNG"])

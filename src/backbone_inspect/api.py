@@ -56,7 +56,8 @@ def dump_features(
                             save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool,
                             decode=decode)
     folder, pictures = output_folder("--save", save), _pictures(viz, viz_channels)
-    found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder))
+    found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder),
+                        advise_srun=engine != "ray")
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                          ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
     store = make_store(folder, config, format=format, shard=found.shard, shard_size=shard_size)

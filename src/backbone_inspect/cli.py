@@ -124,7 +124,7 @@ def inspect(
         save_folder = output_folder("--save", save) if save is not None else None
         pictures = Pictures(output_folder("--viz", viz), viz_channels) if viz is not None else None
         inputs = plan_inputs(images or [], from_list=from_list, shard=shard, check_collisions=save is not None or viz is not None,
-                             outputs=(save_folder, pictures and pictures.folder))
+                             outputs=(save_folder, pictures and pictures.folder), advise_srun=engine != "ray")
         tables = inputs.named_files and save is None and not summary and not json_lines
         if topk and not (tables or json_lines):
             raise UsageError('--topk gives classes per image: with a folder, --save or --summary, add --json (each line then has "top")')

@@ -177,13 +177,15 @@ def plan_inputs(
     from_list: str | os.PathLike[str] | None = None,
     shard: Shard | str | None = None,
     shard_from_environment: bool = True,
+    advise_srun: bool = True,
     check_collisions: bool = True,
     outputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> InputPlan:
     """Find the images (``UsageError`` for a missing path or no image) and take this process's shard.
 
     ``shard``: ``"K/N"`` or a ``Shard``; ``None`` takes it from torchrun or Slurm when started by
-    them (unless ``shard_from_environment`` is false). ``check_collisions``: inputs that would
+    them (unless ``shard_from_environment`` is false), warning in a Slurm job of several tasks not
+    started by srun unless ``advise_srun`` is false (a Ray driver). ``check_collisions``: inputs that would
     write the same output are a ``UsageError``. ``outputs``: the run's own output folders, never
     searched for inputs (pictures drawn by an earlier run are not images to inspect).
     """
@@ -191,7 +193,7 @@ def plan_inputs(
     if chosen is not None and not isinstance(chosen, Shard):
         raise UsageError(f"invalid --shard {shard!r}: expected 'K/N' (e.g. '0/4') or a Shard")
     if chosen is None and shard_from_environment:
-        chosen = shard_from_env()
+        chosen = shard_from_env(advise_srun=advise_srun)
     given = _paths(inputs)
     listed = read_path_list(from_list) if from_list is not None else []
     if not given and not listed:

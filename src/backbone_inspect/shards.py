@@ -41,17 +41,18 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True) -> Shard | None:
+def shard_from_env(env: Mapping[str, str] | None = None, *, strict: bool = True, advise_srun: bool = True) -> Shard | None:
     """The shard of a torchrun rank (RANK/WORLD_SIZE) or of a task srun started
     (SLURM_PROCID/SLURM_STEP_NUM_TASKS).
 
     Not SLURM_NTASKS: a batch script of ``--ntasks 4`` has it, and SLURM_PROCID=0, in its one
     process, which would then take a quarter of the images. Variables that are set but disagree
     (``RANK=5 WORLD_SIZE=2``, a rank that is not a number) are a ``UsageError`` with ``strict``:
-    every rank would otherwise take the whole input.
+    every rank would otherwise take the whole input. ``advise_srun``: with ``strict``, a
+    ``SlurmWithoutSrunWarning`` there (not for a Ray driver, meant to be one process of the job).
     """
     env = os.environ if env is None else env
-    if strict:
+    if strict and advise_srun:
         _warn_if_a_slurm_job_without_srun(env)
     for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
         if not env.get(rank_name, "").strip() or not env.get(size_name, "").strip():
