@@ -80,12 +80,20 @@ def test_inputs_are_found_sorted_and_sharded_into_disjoint_slices(tmp_path: Path
         ({"RANK": "1", "WORLD_SIZE": "2"}, Shard(1, 2)),
         ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "3"}, Shard(2, 3)),
         ({"RANK": "0", "WORLD_SIZE": "1"}, None),
+        # srun -E (--preserve-env) in a job of 4 tasks: SLURM_NTASKS stays the job's, the step's is 2.
+        ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "4"}, Shard(1, 2)),
+        # The shell of salloc -n 4's interactive step (srun --interactive --preserve-env --pty): one task.
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "4"}, None),
+        # srun torchrun: torchrun's rank, not the srun task's.
+        ({"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, Shard(3, 4)),
     ],
 )
 def test_torchrun_and_slurm_give_the_shard_unless_told_otherwise(photos: Path, monkeypatch, env: dict, expected) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert plan_inputs(photos).shard == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each started by its launcher: nothing to advise
+        assert plan_inputs(photos).shard == expected
     assert plan_inputs(photos, shard="0/4").shard == Shard(0, 4), "an explicit shard wins"
     assert plan_inputs(photos, shard_from_environment=False).shard is None
 
