@@ -188,6 +188,16 @@ def test_the_probe_answers_as_the_device_path_resizes_on_that_device(interpolati
     assert resizes_tensors_with(interpolation, torch.device(device)) is resizable
 
 
+def test_the_usual_interpolations_are_not_probed_on_the_gpu(monkeypatch) -> None:
+    """A probe there starts CUDA on the main thread, ahead of warm_up_cuda's thread."""
+    from torchvision.transforms.v2 import functional as F
+
+    from backbone_inspect.device_transforms import resizes_tensors_with
+
+    monkeypatch.setattr(F, "resize", lambda *args, **options: pytest.fail("probed"))
+    assert all(resizes_tensors_with(name, torch.device("cuda", 0)) for name in ("nearest", "nearest-exact", "bilinear", "bicubic"))
+
+
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_decode_gpu_refuses_the_interpolations_the_runs_gpu_cannot_resize_with(interpolation: str, monkeypatch) -> None:
     import dataclasses

@@ -57,10 +57,17 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
     return image
 
 
+RESIZED_ON_EVERY_DEVICE = ("nearest", "nearest-exact", "bilinear", "bicubic")
+"""Interpolations every supported torch resizes tensors with on the CPU and CUDA alike (torch 2.4
+and 2.14 checked): not probed, since a probe on a GPU starts CUDA ahead of ``warm_up_cuda``."""
+
+
 def resizes_tensors_with(interpolation: str, device: torch.device) -> bool:
     """Whether this torch and torchvision resize tensors on ``device`` with ``interpolation``: never
     box or hamming (only PIL images); lanczos only in newer releases (not torchvision 0.19), and
     there on the CPU alone (torch has no CUDA kernel for it). ``--decode gpu`` refuses the others."""
+    if interpolation in RESIZED_ON_EVERY_DEVICE:
+        return True
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
