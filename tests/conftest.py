@@ -54,6 +54,7 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 LAUNCHER_AND_TERMINAL_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
     "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
+    "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID",
     "FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "TERMINAL_WIDTH",
 )
 """What the suite's machine may set that changes what a run does or shows: a Slurm job or torchrun

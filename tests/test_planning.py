@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from backbone_inspect.config import feature_config
 from backbone_inspect.run import make_engine
 from backbone_inspect.errors import UsageError
 from backbone_inspect.inputs import plan_inputs
-from backbone_inspect.shards import Shard, SlurmWithoutSrunWarning
+from backbone_inspect.shards import Shard, SlurmWithoutSrunWarning, local_processes_from_env
 
 from conftest import SAMPLES, SMALL, SMALL_OPTIONS, invoke, noise_image
 
@@ -132,6 +133,31 @@ def test_a_ray_driver_in_a_slurm_batch_script_is_not_told_to_use_srun(tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [image.path for image in plan_inputs(chelsea, advise_srun=False).selected] == [str(chelsea)]
+
+
+@pytest.mark.parametrize(("env", "processes"), [
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "1"}, 2),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "8"}, 4),  # the step's, not the job's
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 8),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x", "SLURM_NODEID": "0"}, 1),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "1"}, 1),
+    ({"LOCAL_WORLD_SIZE": "3", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 3),
+])
+def test_the_processes_on_this_node_are_those_srun_started_here(env: dict, processes: int) -> None:
+    assert local_processes_from_env(env) == processes
+
+
+def test_srun_tasks_on_one_node_share_its_cores_between_their_workers(monkeypatch) -> None:
+    """Eight tasks, four a node, not bound to cores: each decodes with a quarter of the node's 16."""
+    from backbone_inspect.local_engine import LocalEngine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert LocalEngine(workers=None).workers_for("cuda") == 16 // 4 - 1
 
 
 def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: Path, photos: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,13 +92,26 @@ def local_rank_from_env(env: Mapping[str, str] | None = None) -> int:
 
 
 def local_processes_from_env(env: Mapping[str, str] | None = None) -> int:
-    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, Slurm's tasks on this node; else 1."""
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, else the tasks srun
+    started on this node (the job's SLURM_NTASKS_PER_NODE, where the step's are not given); else 1."""
     env = os.environ if env is None else env
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = _env_int(env, name)
+    for value in (_env_int(env, "LOCAL_WORLD_SIZE"), _step_tasks_on_this_node(env), _env_int(env, "SLURM_NTASKS_PER_NODE")):
         if value:
             return value
     return 1
+
+
+def _step_tasks_on_this_node(env: Mapping[str, str]) -> int | None:
+    """srun's SLURM_STEP_TASKS_PER_NODE ("2(x3),1": two tasks on each of the step's first three
+    nodes, one on the fourth) at this node's place in the step, SLURM_NODEID."""
+    node = _env_int(env, "SLURM_NODEID")
+    counts: list[int] = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return None
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts[node] if node is not None and node < len(counts) else None
 
 
 def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
