@@ -129,7 +129,7 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
     _settle(device)
     try:
-        return _rgb_or_none(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))  # a list only from torchvision 0.20 on the CPU
+        return _rgb_or_none(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))  # one tensor: torchvision 0.19 takes a list on CUDA only
     except (RuntimeError, ValueError):
         return None
 
