@@ -471,7 +471,8 @@ def measure_disk(bench: Bench) -> None:
     free = shutil.disk_usage(bench.root).free
     mbps, written, seconds = store_bench.disk_write_rate(bench.root / "disk", int(min(bench.args.disk_gib * 2**30, free / 4)))
     bench.results["disk"] = mbps
-    bench.row("5 disk: sequential write in the work folder, 64 MiB chunks, fsync at the end", f"{written / 2**30:.2f} GiB",
+    bench.row(f"5 disk: sequential write in the work folder, {store_bench.DISK_CHUNK_MIB} MiB chunks, fsync at the end",
+              f"{written / 2**30:.2f} GiB",
               f"{mbps:.0f} MB/s", "", f"{seconds:.1f} s; {free / 1e9:.0f} GB free", {"mb_per_s": mbps, "seconds": seconds})
 
 

@@ -4,7 +4,8 @@
 #   2. the CUDA test modules, each test's name and result in the log (a cut-off run still names them);
 #   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed;
 #   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py), and
-#      the run loop's own ceiling with the work precomputed (host_ceiling.py).
+#      the run loop's own ceiling with the work precomputed (host_ceiling.py), also for shards of
+#      layers 2,3,4 against the disk.
 # Usage on the device machine, from the repository root (one part a call: each fits the 600 s limit):
 #   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 300 s)
 #   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 330 s on an H200 with 16 cores)
@@ -63,4 +64,8 @@ if [[ "$PART" == profile ]]; then
       timeout 60 "$PYTHON" benchmarks/host_ceiling.py --device "$device" $save 2>&1 | tail -n 1
     done
   done | tee "$OUT/host_ceiling.log"
+  # Issue 12's layers 2,3,4 target without the model and the decoding: the maps copied off the GPU
+  # into shards (1.4 MB an image), against the disk's sequential rate measured first in that folder.
+  timeout 90 "$PYTHON" benchmarks/host_ceiling.py --device cuda --save shards --layers 2,3,4 --images 4096 --disk 2>&1 \
+    | tail -n 2 | tee -a "$OUT/host_ceiling.log"
 fi

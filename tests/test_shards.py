@@ -204,3 +204,23 @@ def test_overwriting_some_images_keeps_the_others_of_their_shards(tmp_path: Path
     assert {output: (line["shard"], line["row"]) for output, line in latest.items()} == {
         output: (row["shard"], row["row"]) for output, row in rows.items()}
     assert [image.output for image in open_features(out).images] == outputs(4)
+
+
+def test_the_run_s_seconds_include_committing_its_last_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images/s a run reports is for images on the disk: the commits still under way when the
+    model's last batch is done (the last shard, and those the background committers hold) count."""
+    import time
+
+    from backbone_inspect import shard_store
+
+    commit_seconds, write_shard = 1.5, shard_store.write_shard
+
+    def slow_write(*args, **kwargs):
+        time.sleep(commit_seconds)
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(shard_store, "write_shard", slow_write)
+    started = time.perf_counter()
+    summary = dump_features(many_images(tmp_path / "in", 3), tmp_path / "out", format="shards", shard_size=8, **OPTIONS)
+    assert summary.processed == 3 and len(shard_files(tmp_path / "out")) == 1
+    assert commit_seconds <= summary.seconds <= time.perf_counter() - started

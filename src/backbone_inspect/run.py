@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,15 +192,18 @@ def execute_run(plan: RunPlan, *, callbacks: RunCallbacks = RunCallbacks(), stop
 
 
 def _flushed(store: FeatureStore | None, summary: RunSummary) -> RunSummary:
-    """Commit what the store holds (the last, smaller shard, also after a stop); a failure is the run's output error."""
+    """Commit what the store holds (the last, smaller shard, also after a stop); a failure is the run's output error.
+    The run's seconds include this wait: shards still being committed are part of the run's writing."""
     if store is None:
         return summary
+    started = time.perf_counter()
     try:
         store.flush()
     except OutputError as error:
         summary = dataclasses.replace(summary, output_error=summary.output_error or str(error))
     return dataclasses.replace(summary, processed=summary.processed - store.unsaved, failed=summary.failed + store.unsaved,
-                               bytes_written=summary.bytes_written - store.unsaved_bytes)
+                               bytes_written=summary.bytes_written - store.unsaved_bytes,
+                               seconds=summary.seconds + time.perf_counter() - started)
 
 
 def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCallbacks) -> RunCallbacks:
