@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the precomputed maps are")
     parser.add_argument("--disk", action="store_true",
                         help="with --save: first write as many bytes as the maps hold sequentially into the same filesystem")
+    parser.add_argument("--work-dir", default=None, help="where the images and the dump go (default: the system's temporary "
+                        "folder); /dev/shm leaves the disk out, so that only the CPU's share is left")
     args = parser.parse_args()
     stages = [f"layer{number}" for number in args.layers.split(",")]
     replace_the_work(args.batch_size, args.device, stages)
@@ -81,7 +83,7 @@ def main() -> None:
 
     from backbone_inspect.cli import app
 
-    with tempfile.TemporaryDirectory(prefix="host-ceiling-") as work:
+    with tempfile.TemporaryDirectory(prefix="host-ceiling-", dir=args.work_dir) as work:
         disk = None
         if args.save and args.disk:  # before the dump: a removal just before would slow the writes (discard)
             image_bytes = sum(2 * RESNET50_MAPS[stage][0] * RESNET50_MAPS[stage][1] ** 2 for stage in stages)
