@@ -91,12 +91,14 @@ def test_seed_gives_bit_identical_weights_and_features() -> None:
         assert not torch.equal(first(x)["layer4"], other(x)["layer4"])
 
 
-def test_building_does_not_touch_the_global_rng() -> None:
+def test_building_does_not_touch_the_global_rng(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
+    reseeded: list[int] = []  # what torch.manual_seed also does: reseed every CUDA generator (queued until CUDA starts)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
     Backbone("resnet18", layers=(1,), seed=9)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected) and reseeded == []
 
 
 def test_backbone_trains_like_any_module() -> None:

@@ -158,8 +158,8 @@ def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[
     name = timm_name(arch)
     if plan.kind == "named":
         return _pretrained(timm, name), LoadedWeights("DEFAULT", "named", plan.preprocessing, head_loaded=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(check_seed(seed))
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only, as weights._random_model seeds it
+        torch.random.default_generator.manual_seed(check_seed(seed))
         model = timm.create_model(name, pretrained=False)
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)

@@ -96,10 +96,12 @@ def _random_model(arch: str, seed: int) -> nn.Module:
 
     from .options import check_seed
 
-    seed = check_seed(seed)  # torch.manual_seed's own error for a str does not name the option
-    # fork_rng keeps the caller's global RNG untouched while making initialisation reproducible.
+    seed = check_seed(seed)  # the generator's own error for a str does not name the option
+    # fork_rng keeps the caller's global RNG untouched while making initialisation reproducible. The
+    # model is built on the CPU: only the CPU generator is seeded (torch.manual_seed would also reseed
+    # the caller's CUDA generators, and wait for CUDA's start while warm_up_cuda's thread is in it).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         return models.get_model(arch, weights=None)
 
 
