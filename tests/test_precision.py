@@ -41,12 +41,15 @@ def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(settings: st
     """In a process of its own: torch refuses to mix its legacy and new TF32 APIs once either is set."""
     if "fp32_precision" in settings and not NEW_PRECISION_API:
         pytest.skip(f"torch {torch.__version__} has no fp32_precision API (2.9 on)")
+    # Warnings are errors from cuda_math on, not before: torch 2.9 (and later releases, until it was
+    # dropped) warns once when the user's own line sets a legacy flag or set_float32_matmul_precision.
     code = f"""
-import warnings; warnings.simplefilter("error")
+import warnings
 import torch
 from backbone_inspect.precision import cuda_math
 from conftest import precision_state
 {settings}
+warnings.simplefilter("error")
 users = precision_state()
 for tf32, autotune in [(False, False), (True, True), (False, True)]:
     with cuda_math(tf32=tf32, autotune=autotune):
