@@ -30,6 +30,7 @@ USERS_SETTINGS = {
     "legacy: TF32 everywhere": "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True",
     "legacy: no TF32, benchmark": "torch.backends.cudnn.allow_tf32 = False; torch.backends.cudnn.benchmark = True",
     "matmul precision high": "torch.set_float32_matmul_precision('high')",
+    "matmul precision medium": "torch.set_float32_matmul_precision('medium')",
     "new API, matmul": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
     "new API, global": "torch.backends.fp32_precision = 'tf32'",
 }
@@ -51,9 +52,19 @@ from conftest import precision_state
 {settings}
 warnings.simplefilter("error")
 users = precision_state()
+
+def legacy_flags():  # what torch.compile's guards read; None where torch refuses (the APIs were mixed)
+    try:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        return None
+
+users_legacy = legacy_flags()
 for tf32, autotune in [(False, False), (True, True), (False, True)]:
     with cuda_math(tf32=tf32, autotune=autotune):
         inside = precision_state()
+        assert legacy_flags() == (None if users_legacy is None else (tf32, tf32)), legacy_flags()
+    assert legacy_flags() == users_legacy
     assert precision_state() == users, (precision_state(), users)
     mode = "tf32" if tf32 else "ieee"
     assert inside[:2] == (mode, mode) and inside[3] is autotune, inside

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,35 +41,75 @@ def cuda_math(*, tf32: bool, autotune: bool) -> Iterator[None]:
 
     ``autotune``: cuDNN times every kernel for a new input shape (about a second for resnet50's
     first forward on an H200): worth it for a long run of one shape, never for a one-off.
-    Through torch's per-backend ``fp32_precision`` where it exists (torch 2.9 on): reading the
-    legacy ``allow_tf32`` after a user set the new API is an error there.
     """
     cudnn = torch.backends.cudnn
     saved_benchmark, cudnn.benchmark = cudnn.benchmark, autotune
-    backends = _precision_backends()
-    saved = [(backend, getattr(backend, name)) for backend, name in backends]
-    for backend, name in backends:
-        setattr(backend, name, _precision_value(name, tf32))
+    restore = _set_tf32(tf32)
     try:
         yield
     finally:
-        for (backend, name), (_, value) in zip(backends, saved):
-            setattr(backend, name, value)
+        restore()
         cudnn.benchmark = saved_benchmark
 
 
-def _precision_backends() -> list[tuple[object, str]]:
-    """The (object, attribute) pairs that decide TF32 for convolutions and matmuls."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return [(torch.backends.cuda.matmul, "fp32_precision"), (conv, "fp32_precision")]
-    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+def _set_tf32(tf32: bool) -> Callable[[], None]:
+    """TF32 on or off for CUDA's convolutions and matmuls; the call that puts every setting back.
+
+    torch 2.9 added a per-backend ``fp32_precision`` beside the legacy flags and keeps both: a
+    legacy reader (``torch.backends.cudnn.allow_tf32``, ``get_float32_matmul_precision``, and
+    inductor, which reads them: pytorch/pytorch#166387) raises once the two disagree. So both are set, to
+    the same mode: the legacy flags first (they rewrite the new values), then the new values
+    explicitly. Where the legacy flags cannot be read (the user's own settings mix the two APIs)
+    they cannot be put back either: the new API alone is set.
+    """
+    mode = "tf32" if tf32 else "ieee"
+    new_api = _fp32_precision_settings()
+    saved_new = [(setting, setting.fp32_precision) for setting in new_api]
+    saved_legacy = _legacy_tf32_flags(strict=not new_api)
+    if saved_legacy is not None:
+        _set_legacy_tf32_flags(tf32, tf32)
+    cuda_new_api = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn] if new_api else []
+    for setting in cuda_new_api:
+        setting.fp32_precision = mode
+
+    def restore() -> None:
+        if saved_legacy is not None:
+            _set_legacy_tf32_flags(*saved_legacy)
+        for setting, value in saved_new:
+            setting.fp32_precision = value
+
+    return restore
 
 
-def _precision_value(name: str, tf32: bool) -> object:
-    if name == "fp32_precision":
-        return "tf32" if tf32 else "ieee"
-    return tf32
+def _fp32_precision_settings() -> list[Any]:
+    """torch's objects with an ``fp32_precision`` (2.9 on; none before): the global one and each backend's."""
+    backends = torch.backends
+    candidates = [backends, backends.cuda.matmul, backends.cudnn, getattr(backends.cudnn, "conv", None),
+                  getattr(backends.cudnn, "rnn", None), backends.mkldnn, getattr(backends.mkldnn, "matmul", None),
+                  getattr(backends.mkldnn, "conv", None), getattr(backends.mkldnn, "rnn", None)]
+    return [candidate for candidate in candidates if hasattr(candidate, "fp32_precision")]
+
+
+def _legacy_tf32_flags(*, strict: bool = False) -> tuple[bool | str, bool] | None:
+    """The matmul precision and cuDNN's ``allow_tf32``; ``None`` where torch refuses to read them
+    (the new API was set apart from them), unless ``strict``."""
+    try:
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        if strict:
+            raise
+        return None
+
+
+def _set_legacy_tf32_flags(matmul: bool | str, cudnn: bool) -> None:
+    """``matmul``: TF32 on or off, or a precision read by ``_legacy_tf32_flags``."""
+    with warnings.catch_warnings():  # torch 2.9 asks once, in a warning, to use the new API
+        warnings.simplefilter("ignore")
+        if isinstance(matmul, str):
+            torch.set_float32_matmul_precision(matmul)
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
