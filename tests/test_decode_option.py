@@ -198,6 +198,21 @@ def test_the_usual_interpolations_are_not_probed_on_the_gpu(monkeypatch) -> None
     assert all(resizes_tensors_with(name, torch.device("cuda", 0)) for name in ("nearest", "nearest-exact", "bilinear", "bicubic"))
 
 
+
+@pytest.mark.parametrize("failure", [NotImplementedError("no kernel"), AssertionError("align_corners is unexpectedly None"),
+                                     ValueError("mode")])
+def test_a_resize_that_fails_in_the_probe_is_unsupported_not_a_traceback(monkeypatch, failure: Exception) -> None:
+    """A torch with lanczos under a torchvision that passes no align_corners asserts (torch 2.14's interpolate)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from backbone_inspect.device_transforms import resizes_tensors_with
+
+    def resize(*args, **options):
+        raise failure
+
+    monkeypatch.setattr(F, "resize", resize)
+    assert resizes_tensors_with("lanczos", torch.device("cpu")) is False
+
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_decode_gpu_refuses_the_interpolations_the_runs_gpu_cannot_resize_with(interpolation: str, monkeypatch) -> None:
     import dataclasses
