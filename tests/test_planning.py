@@ -127,6 +127,7 @@ def test_a_ray_driver_in_a_slurm_batch_script_is_not_told_to_use_srun(tmp_path: 
     """Ray's recipe for Slurm: one task per node (SLURM_NTASKS = the nodes), ``ray start`` on each
     by srun, and the driver, one process for the whole cluster, in the batch script itself."""
     monkeypatch.setenv("SLURM_PROCID", "0"), monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setattr("backbone_inspect.ray_engine.check_ray_installed", lambda: None)  # the same with Ray or without
     result = invoke(chelsea, "--save", tmp_path / "out", "--engine", "ray", "--viz", tmp_path / "viz", *SMALL)
     assert result.exit_code == 2 and result.stderr.splitlines() == [
         "Error: --viz works with the local engine only: draw pictures of a few images without --engine ray"]

@@ -36,15 +36,7 @@ USERS_SETTINGS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("settings", list(USERS_SETTINGS.values()), ids=list(USERS_SETTINGS))
-def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(settings: str) -> None:
-    """In a process of its own: torch refuses to mix its legacy and new TF32 APIs once either is set."""
-    if "fp32_precision" in settings and not NEW_PRECISION_API:
-        pytest.skip(f"torch {torch.__version__} has no fp32_precision API (2.9 on)")
-    # Warnings are errors from cuda_math on, not before: torch 2.9 (and later releases, until it was
-    # dropped) warns once when the user's own line sets a legacy flag or set_float32_matmul_precision.
-    code = f"""
+CUDA_MATH_CHECK = """
 import warnings
 import torch
 from backbone_inspect.precision import cuda_math
@@ -53,7 +45,7 @@ from conftest import precision_state
 warnings.simplefilter("error")
 users = precision_state()
 
-def legacy_flags():  # what torch.compile's guards read; None where torch refuses (the APIs were mixed)
+def legacy_flags():  # what inductor reads; None where torch refuses (the APIs were mixed)
     try:
         return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     except RuntimeError:
@@ -76,6 +68,18 @@ for tf32, autotune in [(False, False), (True, True), (False, True)]:
     assert precision_state() == users
 print("ok")
 """
+"""Run in a process of its own after the user's ``settings`` line: cuda_math in both modes, and after a failing block."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", list(USERS_SETTINGS.values()), ids=list(USERS_SETTINGS))
+def test_cuda_math_sets_the_flags_inside_and_restores_the_users_own(settings: str) -> None:
+    """In a process of its own: torch refuses to mix its legacy and new TF32 APIs once either is set."""
+    if "fp32_precision" in settings and not NEW_PRECISION_API:
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision API (2.9 on)")
+    # Warnings are errors from cuda_math on, not before: torch 2.9 (and later releases, until it was
+    # dropped) warns once when the user's own line sets a legacy flag or set_float32_matmul_precision.
+    code = CUDA_MATH_CHECK.format(settings=settings)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])})
     assert done.stdout == "ok\n", done.stderr
