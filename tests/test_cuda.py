@@ -99,8 +99,10 @@ def test_batches_for_a_gpu_arrive_in_pinned_memory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("local_rank", [0, 1, 2])
 def test_torchruns_local_rank_picks_the_gpu(local_rank: int) -> None:
-    assert resolve_device("auto", local_rank=local_rank) == torch.device("cuda", local_rank % torch.cuda.device_count())
-    assert resolve_device("auto") == torch.device("cuda")
+    for spec in ("auto", "cuda"):
+        assert resolve_device(spec, local_rank=local_rank) == torch.device("cuda", local_rank % torch.cuda.device_count())
+        assert resolve_device(spec) == torch.device("cuda")
+    assert resolve_device("cuda:0", local_rank=local_rank) == torch.device("cuda", 0)
 
 
 def test_the_warm_up_starts_cuda_without_touching_the_precision_flags() -> None:

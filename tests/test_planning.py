@@ -211,3 +211,19 @@ def test_the_local_engine_keeps_its_options() -> None:
     engine = make_engine("local", batch_size=4, workers=0)
     assert (engine.batch_size, engine.workers, engine.supports_pictures) == (4, 0, True)
     assert make_engine().workers is None  # the default for the device the model lands on: see test_precision
+
+
+@pytest.mark.parametrize(("spec", "local_rank", "expected"), [
+    ("cuda", 3, "cuda:1"), ("auto", 3, "cuda:1"), ("cuda", 0, "cuda:0"), ("cuda:0", 1, "cuda:0"), ("cuda:1", None, "cuda:1"),
+    ("cuda", None, "cuda"), ("cpu", 1, "cpu"),
+])
+def test_each_torchrun_process_gets_its_own_gpu_unless_one_is_named(monkeypatch, spec: str, local_rank: int | None,
+                                                                     expected: str) -> None:
+    """Plain ``cuda`` under torchrun put every process of a node on GPU 0 (two GPUs here, as torch would report them)."""
+    import torch
+
+    from backbone_inspect.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(spec, local_rank=local_rank) == torch.device(expected)

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def resolve_device(spec: str, *, local_rank: int | None = None) -> torch.device:
     """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; exit 2 if absent.
 
-    ``local_rank``: under torchrun or Slurm, ``auto`` picks ``cuda:LOCAL_RANK``.
+    ``local_rank``: under torchrun or Slurm, ``auto`` and ``cuda`` pick ``cuda:LOCAL_RANK`` (plain
+    ``cuda`` would put every process of the node on GPU 0); ``cuda:N`` is taken as given.
     """
     text = check_device_spec(spec)
     mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
@@ -35,13 +36,15 @@ def resolve_device(spec: str, *, local_rank: int | None = None) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise UsageError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        if device.index is None and local_rank is not None:
+            return torch.device("cuda", local_rank % count)
     if device.type == "mps" and not mps_available:
         raise UsageError(f"--device {spec}: MPS is not available on this machine")
     return device
 
 
 def process_device(spec: str) -> torch.device:
-    """``resolve_device`` for this process: under torchrun or Slurm, ``auto`` is its own GPU (LOCAL_RANK)."""
+    """``resolve_device`` for this process: under torchrun or Slurm, ``auto`` and ``cuda`` are its own GPU (LOCAL_RANK)."""
     from .shards import local_rank_from_env, shard_from_env
 
     return resolve_device(spec, local_rank=local_rank_from_env() if shard_from_env(strict=False) else None)
