@@ -190,3 +190,18 @@ def test_warming_up_cuda_is_nothing_on_a_cpu_and_never_fails_the_run(monkeypatch
     assert not thread.is_alive() and escaped == [], "the run reports a missing device itself, in words"
     result = invoke(SAMPLES / "chelsea.jpg", *SMALL[:-2], "--device", "cuda")
     assert result.exit_code != 0 and result.stderr.startswith("Error:") and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("initialised", "expected"), [(True, torch.device("cuda", 1)), (False, torch.device("cuda"))])
+def test_the_warm_up_starts_the_callers_current_gpu(monkeypatch: pytest.MonkeyPatch, initialised: bool,
+                                                     expected: torch.device) -> None:
+    """A library user who chose GPU 1 (torch.cuda.set_device) builds on plain ``cuda``: the warm-up's
+    thread would start GPU 0, its own current device. Not asked before CUDA starts: asking starts it."""
+    from backbone_inspect import device
+
+    warmed = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1 if initialised else pytest.fail("CUDA started"))
+    monkeypatch.setattr(device, "_warm_up", lambda on, dtype: warmed.append(on))
+    warm_up_cuda(torch.device("cuda"), torch.float16).join(timeout=60)
+    assert warmed == [expected]

@@ -135,6 +135,8 @@ def warm_up_cuda(device: torch.device, dtype: torch.dtype) -> threading.Thread |
     """
     if device.type != "cuda":
         return None
+    if device.index is None and torch.cuda.is_initialized():  # a new thread's current device is GPU 0, not the caller's
+        device = torch.device("cuda", torch.cuda.current_device())
     thread = threading.Thread(target=_warm_up, args=(device, dtype), name="cuda-warm-up")
     thread.start()
     return thread
