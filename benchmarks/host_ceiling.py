@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--save", choices=["pt", "shards"], default=None, help="also save the stages in float16 in this format")
     parser.add_argument("--layers", default="4", help="resnet50 stages, as the command's --layers (1-4)")
+    parser.add_argument("--pool", choices=["none", "avg", "max"], default="none", help="with --save: the command's --pool")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the precomputed maps are")
     parser.add_argument("--disk", action="store_true",
                         help="with --save: first write as many bytes as the maps hold sequentially into the same filesystem")
@@ -95,7 +96,7 @@ def main() -> None:
         options = [str(images), "--arch", "resnet50", "--layers", args.layers, "--device", args.device, "--dtype", "float32",
                    "--batch-size", str(args.batch_size), "--workers", "0"]
         if args.save:
-            options += ["--save", str(Path(work) / "out"), "--format", args.save, "--save-dtype", "float16"]
+            options += ["--save", str(Path(work) / "out"), "--format", args.save, "--save-dtype", "float16", "--pool", args.pool]
         result = CliRunner().invoke(app, options)
     summary = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     print(f"{args.device}, exit {result.exit_code}: {summary}")

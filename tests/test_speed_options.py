@@ -14,7 +14,7 @@ from backbone_inspect.config import feature_config
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.stats import batch_stage_stats, stage_stats
 
-from conftest import SMALL, assert_close_scaled, imagenet_normalised, invoke, seeded_model
+from conftest import SMALL, SMALL_OPTIONS, assert_close_scaled, imagenet_normalised, invoke, many_images, seeded_model
 
 
 def extractor_on_cpu(**options) -> Extractor:
@@ -199,3 +199,31 @@ def test_fast_zero_count_equals_count_nonzero(dtype: torch.dtype) -> None:
     assert torch.equal(_count_nonzero(values, (1, 2, 3)).long(), expected)
     assert torch.equal(_count_nonzero(channels_last, (1, 2, 3)).long(), expected)
 
+
+
+def test_a_run_leaves_the_objects_it_found_to_reference_counting_and_unfreezes_them(tmp_path: Path) -> None:
+    """Full collections otherwise walk the whole process (torch's modules, every planned image) again and again."""
+    import gc
+
+    from backbone_inspect import dump_features
+
+    frozen_while_running = []
+    summary = dump_features(many_images(tmp_path / "in", 3), tmp_path / "out", **SMALL_OPTIONS,
+                            on_outcome=lambda outcome: frozen_while_running.append(gc.get_freeze_count()))
+    assert summary.processed == 3 and len(frozen_while_running) == 3 and min(frozen_while_running) > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_collector_the_caller_froze_stays_as_it_is() -> None:
+    import gc
+
+    from backbone_inspect.device import frozen_collector
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_collector():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

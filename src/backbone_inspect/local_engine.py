@@ -20,7 +20,7 @@ import torch
 
 from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
-from .device import is_out_of_memory, keep_freed_memory, out_of_memory, process_device, warm_up_cuda
+from .device import frozen_collector, is_out_of_memory, keep_freed_memory, out_of_memory, process_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
 from .extractor import Extractor
@@ -140,7 +140,8 @@ class LocalEngine:
         # Under torchrun each process's GPU is its current device for the run, or the DataLoader's
         # pinning thread would open a CUDA context on GPU 0 in every process.
         try:
-            with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext():
+            with torch.cuda.device(extractor.device) if extractor.device.type == "cuda" else contextlib.nullcontext(), \
+                    frozen_collector():  # before the DataLoader's workers fork
                 _drive(extractor, batches, writes, stop, overlap=overlap)
         except RuntimeError as error:
             if is_out_of_memory(error):
