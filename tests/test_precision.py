@@ -47,7 +47,7 @@ users = precision_state()
 
 def legacy_flags():  # what inductor reads; None where torch refuses (the APIs were mixed)
     try:
-        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        return torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     except RuntimeError:
         return None
 
@@ -55,7 +55,8 @@ users_legacy = legacy_flags()
 for tf32, autotune in [(False, False), (True, True), (False, True)]:
     with cuda_math(tf32=tf32, autotune=autotune):
         inside = precision_state()
-        assert legacy_flags() == (None if users_legacy is None else (tf32, tf32)), legacy_flags()
+        legacy = None if users_legacy is None else ('high' if tf32 else 'highest', tf32, tf32)
+        assert legacy_flags() == legacy, legacy_flags()
     assert legacy_flags() == users_legacy
     assert precision_state() == users, (precision_state(), users)
     mode = "tf32" if tf32 else "ieee"

@@ -67,7 +67,7 @@ def _set_tf32(tf32: bool) -> Callable[[], None]:
     saved_new = [(setting, setting.fp32_precision) for setting in new_api]
     saved_legacy = _legacy_tf32_flags(strict=not new_api)
     if saved_legacy is not None:
-        _set_legacy_tf32_flags(tf32, tf32)
+        _set_legacy_tf32_flags("high" if tf32 else "highest", tf32)
     cuda_new_api = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn] if new_api else []
     for setting in cuda_new_api:
         setting.fp32_precision = mode
@@ -90,7 +90,7 @@ def _fp32_precision_settings() -> list[Any]:
     return [candidate for candidate in candidates if hasattr(candidate, "fp32_precision")]
 
 
-def _legacy_tf32_flags(*, strict: bool = False) -> tuple[bool | str, bool] | None:
+def _legacy_tf32_flags(*, strict: bool = False) -> tuple[str, bool] | None:
     """The matmul precision and cuDNN's ``allow_tf32``; ``None`` where torch refuses to read them
     (the new API was set apart from them), unless ``strict``."""
     try:
@@ -101,14 +101,15 @@ def _legacy_tf32_flags(*, strict: bool = False) -> tuple[bool | str, bool] | Non
         return None
 
 
-def _set_legacy_tf32_flags(matmul: bool | str, cudnn: bool) -> None:
-    """``matmul``: TF32 on or off, or a precision read by ``_legacy_tf32_flags``."""
+def _set_legacy_tf32_flags(matmul: str, cudnn: bool) -> None:
+    """``matmul``: a precision as ``torch.set_float32_matmul_precision`` takes it ("high": TF32).
+
+    Not ``matmul.allow_tf32``: from torch 2.9 it leaves oneDNN's matmul precision as it was, which
+    ``set_float32_matmul_precision("high")`` had also set, and the legacy reader then raises.
+    """
     with warnings.catch_warnings():  # torch 2.9 asks once, in a warning, to use the new API
         warnings.simplefilter("ignore")
-        if isinstance(matmul, str):
-            torch.set_float32_matmul_precision(matmul)
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
