@@ -43,6 +43,7 @@ from backbone_inspect.precision import cuda_math
 from conftest import precision_state
 {settings}
 warnings.simplefilter("error")
+warnings.filterwarnings("default", message=".*new API settings to control TF32")  # torch 2.9's one notice, not cuda_math's
 users = precision_state()
 
 def legacy_flags():  # what inductor reads; None where torch refuses (the APIs were mixed)

@@ -107,10 +107,11 @@ def _set_legacy_tf32_flags(matmul: str, cudnn: bool) -> None:
     Not ``matmul.allow_tf32``: from torch 2.9 it leaves oneDNN's matmul precision as it was, which
     ``set_float32_matmul_precision("high")`` had also set, and the legacy reader then raises.
     """
-    with warnings.catch_warnings():  # torch 2.9 asks once, in a warning, to use the new API
-        warnings.simplefilter("ignore")
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
+    # Unsilenced: torch 2.9 says once per process that the new API exists (2.11 and 2.14 do not). A
+    # catch_warnings here would swap the process's warning filters on every CUDA batch, under the
+    # feet of threads decoding with Pillow, and make every "once" warning show again.
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
