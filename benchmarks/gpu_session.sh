@@ -2,7 +2,7 @@
 # One GPU session's checks, in the order of their value, with logs under $OUT (or ./gpu-session):
 #   1. benchmarks/gpu_bench.py (under five minutes): the figures of issues 12 and 13;
 #   2. the CUDA test modules, each test's name and result in the log (a cut-off run still names them);
-#   3. the whole suite under pytest-xdist, verbose, with the slowest tests listed;
+#   3. the rest of the suite under pytest-xdist, verbose, with the slowest tests listed;
 #   4. where the command's main thread spends its time (cProfile of three runs: profile_run.py), and
 #      the run loop's own ceiling with the work precomputed (host_ceiling.py), also for shards of
 #      layers 2,3,4 against the disk.

@@ -87,7 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="host-ceiling-", dir=args.work_dir) as work:
         disk = None
         if args.save and args.disk:  # before the dump: a removal just before would slow the writes (discard)
-            image_bytes = sum(2 * RESNET50_MAPS[stage][0] * RESNET50_MAPS[stage][1] ** 2 for stage in stages)
+            side = {stage: 1 if args.pool != "none" else RESNET50_MAPS[stage][1] for stage in stages}  # pooled: a vector
+            image_bytes = sum(2 * RESNET50_MAPS[stage][0] * side[stage] ** 2 for stage in stages)
             disk = disk_write_rate(Path(work) / "disk", args.images * image_bytes)[0], image_bytes
         images = Path(work) / "images"
         images.mkdir()

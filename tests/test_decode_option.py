@@ -198,7 +198,6 @@ def test_the_usual_interpolations_are_not_probed_on_the_gpu(monkeypatch) -> None
     assert all(resizes_tensors_with(name, torch.device("cuda", 0)) for name in ("nearest", "nearest-exact", "bilinear", "bicubic"))
 
 
-
 @pytest.mark.parametrize("failure", [NotImplementedError("no kernel"), AssertionError("align_corners is unexpectedly None"),
                                      ValueError("mode")])
 def test_a_resize_that_fails_in_the_probe_is_unsupported_not_a_traceback(monkeypatch, failure: Exception) -> None:

@@ -200,7 +200,6 @@ def test_fast_zero_count_equals_count_nonzero(dtype: torch.dtype) -> None:
     assert torch.equal(_count_nonzero(channels_last, (1, 2, 3)).long(), expected)
 
 
-
 def test_a_run_leaves_the_objects_it_found_to_reference_counting_and_unfreezes_them(tmp_path: Path) -> None:
     """Full collections otherwise walk the whole process (torch's modules, every planned image) again and again."""
     import gc
