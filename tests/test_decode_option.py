@@ -212,6 +212,7 @@ def test_a_resize_that_fails_in_the_probe_is_unsupported_not_a_traceback(monkeyp
     monkeypatch.setattr(F, "resize", resize)
     assert resizes_tensors_with("lanczos", torch.device("cpu")) is False
 
+
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_decode_gpu_refuses_the_interpolations_the_runs_gpu_cannot_resize_with(interpolation: str, monkeypatch) -> None:
     import dataclasses
