@@ -10,6 +10,7 @@ and put back as they were: a library user's own settings survive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -81,13 +82,14 @@ def _set_tf32(tf32: bool) -> Callable[[], None]:
     return restore
 
 
-def _fp32_precision_settings() -> list[Any]:
+@functools.cache  # asked on every CUDA batch; torch's backend objects do not change
+def _fp32_precision_settings() -> tuple[Any, ...]:
     """torch's objects with an ``fp32_precision`` (2.9 on; none before): the global one and each backend's."""
     backends = torch.backends
     candidates = [backends, backends.cuda.matmul, backends.cudnn, getattr(backends.cudnn, "conv", None),
                   getattr(backends.cudnn, "rnn", None), backends.mkldnn, getattr(backends.mkldnn, "matmul", None),
                   getattr(backends.mkldnn, "conv", None), getattr(backends.mkldnn, "rnn", None)]
-    return [candidate for candidate in candidates if hasattr(candidate, "fp32_precision")]
+    return tuple(candidate for candidate in candidates if hasattr(candidate, "fp32_precision"))
 
 
 def _legacy_tf32_flags(*, strict: bool = False) -> tuple[str, bool] | None:
