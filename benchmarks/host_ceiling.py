@@ -10,12 +10,15 @@ ceiling is far above them, the run loop's Python is not what holds it back.
     PYTHONPATH=src python benchmarks/host_ceiling.py --device cuda   # the maps on the GPU: pinned copies, events, overlap
     .venv/bin/python benchmarks/host_ceiling.py --save shards --layers 2,3,4 --images 2048 --disk   # 1.4 MB an image,
         # against the disk's sequential write rate of as many bytes, measured first (issue 12's second target)
+    .venv/bin/python benchmarks/host_ceiling.py --jpegs --workers 2 --images 2048 [--save shards]
+        # real 500x375 JPEGs decoded by the command's own workers: what writing costs a decode-bound run
 
 What is replaced (in this process only): ``local_engine.decoded_batches`` yields batches of zeros
 (batch 256, 3x224x224) for files that hold one byte; ``Extractor.forward`` returns the same
 precomputed resnet50 maps of the ``--layers`` asked for (layer4: [256, 2048, 7, 7], float16);
 ``stat_columns`` returns precomputed
-columns. With ``--device cuda`` the maps and columns are on the GPU and the batches in pinned memory,
+columns. With ``--jpegs`` the decoding is the command's own (generated 500x375 JPEGs, ``--workers``
+processes), so that a run bound by decoding, as on a GPU machine, shows what saving costs it. With ``--device cuda`` the maps and columns are on the GPU and the batches in pinned memory,
 as a real run has them, so the copies to the host, their events and the overlapped batches are the
 command's own too. Everything else is the command's own: planning the inputs, launching and collecting each
 batch, building the results, the writer threads, the store, the screen.
@@ -24,6 +27,7 @@ batch, building the results, the writer threads, the store, the screen.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -39,14 +43,14 @@ from backbone_inspect import extractor, local_engine  # noqa: E402
 from backbone_inspect.images import DecodedBatch, SizeGroup  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from store_bench import disk_write_rate  # noqa: E402
+from store_bench import disk_write_rate, make_images  # noqa: E402
 
 
 RESNET50_MAPS = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14), "layer4": (2048, 7)}
 """Channels and side of resnet50's stages at 224 px."""
 
 
-def replace_the_work(batch: int, device: str, stages: list[str]) -> None:
+def replace_the_work(batch: int, device: str, stages: list[str], *, decode: bool) -> None:
     pixels = torch.zeros(batch, 3, 224, 224, dtype=torch.uint8)
     if device == "cuda":
         pixels = pixels.pin_memory()
@@ -60,7 +64,8 @@ def replace_the_work(batch: int, device: str, stages: list[str]) -> None:
             group = SizeGroup(tuple(range(len(part))), pixels[: len(part)])
             yield part, DecodedBatch(tuple(range(start, start + len(part))), (group,), {})
 
-    local_engine.decoded_batches = batches
+    if not decode:
+        local_engine.decoded_batches = batches
     extractor.Extractor.forward = lambda self, images: OrderedDict((stage, value[: len(images)]) for stage, value in maps.items())
     extractor.stat_columns = lambda value: columns[: len(value)]
 
@@ -77,9 +82,12 @@ def main() -> None:
                         help="with --save: first write as many bytes as the maps hold sequentially into the same filesystem")
     parser.add_argument("--work-dir", default=None, help="where the images and the dump go (default: the system's temporary "
                         "folder); /dev/shm leaves the disk out, so that only the CPU's share is left")
+    parser.add_argument("--jpegs", action="store_true", help="decode generated 500x375 JPEGs in the command's own workers "
+                        "(only the model and the statistics replaced)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="with --jpegs: the command's --workers")
     args = parser.parse_args()
     stages = [f"layer{number}" for number in args.layers.split(",")]
-    replace_the_work(args.batch_size, args.device, stages)
+    replace_the_work(args.batch_size, args.device, stages, decode=args.jpegs)
     from typer.testing import CliRunner
 
     from backbone_inspect.cli import app
@@ -92,10 +100,12 @@ def main() -> None:
             disk = disk_write_rate(Path(work) / "disk", args.images * image_bytes)[0], image_bytes
         images = Path(work) / "images"
         images.mkdir()
-        for index in range(args.images):
+        if args.jpegs:
+            make_images(images, args.images, (500, 375), processes=os.cpu_count() or 1)
+        for index in range(0 if args.jpegs else args.images):
             (images / f"img{index:06d}.jpg").write_bytes(b"x")
         options = [str(images), "--arch", "resnet50", "--layers", args.layers, "--device", args.device, "--dtype", "float32",
-                   "--batch-size", str(args.batch_size), "--workers", "0"]
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers if args.jpegs else 0)]
         if args.save:
             options += ["--save", str(Path(work) / "out"), "--format", args.save, "--save-dtype", "float16", "--pool", args.pool]
         result = CliRunner().invoke(app, options)
