@@ -89,6 +89,18 @@ def test_describe_command_needs_no_image_and_warns_on_odd_sizes() -> None:
     assert invoke("--describe", "x.jpg").stderr == "Error: --describe takes no images: it describes --arch for --input-size\n"
 
 
+@pytest.mark.parametrize(("options", "named"), [
+    (["--save", "out"], "--save"), (["--pool", "avg"], "--pool"), (["--weights", "DEFAULT"], "--weights"),
+    (["--layers", "4"], "--layers"), (["--dtype", "float16"], "--dtype"), (["--batch-size", "32"], "--batch-size"),
+])
+def test_describe_refuses_options_it_would_ignore(tmp_path: Path, options: list[str], named: str) -> None:
+    result = invoke("--describe", "--arch", "resnet18", *options)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"Error: {named} does nothing with --describe, which describes --arch for --input-size "
+                             "without weights or images: leave it out\n")
+    assert not (tmp_path / "out").exists() and not Path("out").exists()
+
+
 def test_runs_warn_once_when_the_input_is_not_divisible(chelsea: Path) -> None:
     result = invoke(chelsea, "--arch", "resnet18", "--resize", "100", "--crop", "100")
     assert result.exit_code == 0

@@ -259,3 +259,14 @@ def test_cache_sized_slices_of_a_batch_give_the_models_own_features(arch: str) -
         got = Backbone(arch, (0, 1, 2, 3, 4), model=model).eval().forward_in_chunks(x, sizes)
     for name in names:
         assert_close_scaled(got[name], as_nchw(arch, expected[name]), rtol=1e-6)
+
+
+def test_the_readme_and_help_name_every_family_by_its_title() -> None:
+    from conftest import REPO
+
+    archs_section = (REPO / "README.md").read_text(encoding="utf-8").split("### Archs")[1].split("\n#")[0]
+    listed = {row.split("|")[1].strip() for row in archs_section.splitlines() if row.startswith("| ") and "---" not in row}
+    titles = {family.title for family in FAMILIES}
+    assert listed - {"", "family"} == titles
+    help_text = " ".join(invoke("--help").stdout.replace("│", " ").split())  # rich wraps it in a box
+    assert all(title in help_text for title in titles) and f"{len(ARCHS)} builders" in help_text

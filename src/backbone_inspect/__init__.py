@@ -6,7 +6,7 @@ The API, by what people do with it:
 - ``open_features(DIR)``: a dump read back (either format), as a torch ``Dataset``.
 - ``inspect_images(inputs, ...)``: per-stage statistics (and features when asked), nothing saved.
 - ``Backbone``, ``feature_info``: the replay itself, as an ``nn.Module`` (FPN, detection).
-- ``feature_config``, ``plan_inputs``, ``make_store``, ``PtFileStore``, ``make_engine``, ``plan_run``,
+- ``feature_config``, ``plan_inputs``, ``make_store``, ``PtFileStore``, ``ShardStore``, ``make_engine``, ``plan_run``,
   ``execute_run``: the pieces those are built from, for pipelines of your own.
 """
 
@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "plan_inputs": "inputs",
     "FeatureStore": "store",
     "PtFileStore": "pt_store",
+    "ShardStore": "shard_store",
     "make_store": "run",
     "make_engine": "run",
     "RunCallbacks": "engine",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .inputs import plan_inputs
     from .outcomes import Outcome, RunSummary
     from .pt_store import PtFileStore
+    from .shard_store import ShardStore
     from .reader import StoredFeatures, open_features
     from .run import execute_run, make_engine, make_store, plan_run
     from .store import FeatureStore

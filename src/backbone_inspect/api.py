@@ -81,7 +81,8 @@ class Inspection:
     """What ``inspect_images`` found: each image's result, and the images that failed."""
 
     results: tuple[ImageResult, ...]
-    """In input order: per-stage statistics (``stats``), and ``features`` when asked."""
+    """Sorted by path, folders expanded, as the command prints them (``image`` names each): per-stage
+    statistics (``stats``), and ``features`` when asked."""
     failures: tuple[Outcome, ...]
     """Images that could not be processed; ``error`` says why."""
     summary: RunSummary

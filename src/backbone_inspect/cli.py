@@ -86,7 +86,7 @@ Version = Annotated[bool, typer.Option("--version", callback=_show_version, is_e
 
 @app.command(cls=OneLineErrorCommand)
 def inspect(
-    images: Images = None, layers: Layers = "2,3,4", arch: Arch = "resnet50", weights: Weights = "none",
+    ctx: typer.Context, images: Images = None, layers: Layers = "2,3,4", arch: Arch = "resnet50", weights: Weights = "none",
     seed: Seed = 0, describe: Describe = False, input_size: InputSize = "224", from_list: FromList = None,
     resize: Resize = None, crop: Crop = None, json_lines: JsonLines = False, summary: Summary = False,
     save: Save = None, save_dtype: SaveDtype = "float32", output_format: Format = "pt", shard_size: ShardSize = "auto",
@@ -102,6 +102,7 @@ def inspect(
         if describe:
             if images or from_list is not None:
                 raise UsageError("--describe takes no images: it describes --arch for --input-size")
+            _check_describe_options(ctx)
             with stdout_errors():
                 return _describe(arch, input_size, json_lines)
         if input_size != "224":
@@ -196,6 +197,19 @@ def _describe(arch: str, input_size_text: str, json_lines: bool) -> int:
     else:
         render_description(stdout_console(), arch, input_size, stages)
     return EXIT_OK
+
+
+DESCRIBE_OPTIONS = frozenset({"describe", "arch", "input_size", "json_lines", "debug", "version", "images", "from_list"})
+"""What ``--describe`` reads (the images are refused with their own message): any other option would change nothing."""
+
+
+def _check_describe_options(ctx: typer.Context) -> None:
+    """``UsageError`` for an option given with ``--describe`` that it ignores (no image, weights or device is used)."""
+    for parameter in ctx.command.params:
+        source = ctx.get_parameter_source(parameter.name) if parameter.name else None
+        if parameter.name not in DESCRIBE_OPTIONS and source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            raise UsageError(f"{parameter.opts[0]} does nothing with --describe, which describes --arch for --input-size "
+                             "without weights or images: leave it out")
 
 
 def _silence_stdout() -> None:

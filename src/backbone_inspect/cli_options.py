@@ -34,9 +34,10 @@ Layers = Annotated[str, _option("--layers", "-l", panel=MODEL, metavar="LIST", h
     "Stages, comma-separated, the same on every arch: 0=stem, 1-4 = the stride-4, 8, 16, 32 outputs "
     "(ResNet's layer1-layer4, other families' stage1-stage4); or aliases C2-C5, module paths (--describe lists them)."))]
 Arch = Annotated[str, _option("--arch", "-a", panel=MODEL, metavar="NAME", help=(
-    f"A torchvision builder of the {', '.join(family.name for family in FAMILIES)} families "
-    "(resnet50, convnext_tiny, regnet_y_400mf, efficientnet_b0, mobilenet_v3_large, swin_t, maxvit_t ...; "
-    "the README lists them all), or timm:<model name> with timm installed."))]
+    f"One of torchvision's {sum(len(family.archs) for family in FAMILIES)} builders of "
+    f"{', '.join(dict.fromkeys(family.title for family in FAMILIES))} (resnet50, convnext_tiny, regnet_y_400mf, "
+    "efficientnet_b0, mobilenet_v3_large, swin_t, maxvit_t ...; the README's Archs lists them all), "
+    "or timm:<model name> with timm installed."))]
 Weights = Annotated[str, _option("--weights", "-w", panel=MODEL, metavar="WEIGHTS", help=(
     "none (random, from --seed), a torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2) "
     "or a checkpoint path."))]
@@ -67,7 +68,7 @@ SaveDtype = Annotated[str, _option("--save-dtype", panel=OUTPUT, metavar="DTYPE"
     "dtype of the saved tensors: float32, float16 or bfloat16."))]
 
 Overwrite = Annotated[bool, _option("--overwrite", panel=DUMP, metavar="", help=(
-    "Recompute images whose .pt exists, and accept a folder made with other settings."))]
+    "Recompute images already saved (their .pt files, or their rows of shards), and accept a folder made with other settings."))]
 ShardOption = Annotated[str | None, _option("--shard", panel=DUMP, metavar="K/N", show_default=False, help=(
     "Process only slice K of N (0-based) of the sorted inputs. \\[default: from torchrun or Slurm]"))]
 DryRun = Annotated[bool, _option("--dry-run", panel=DUMP, metavar="", help=(

@@ -27,6 +27,8 @@ class Family:
     """One family of torchvision backbones that share a layout."""
 
     name: str
+    title: str
+    """The family as its papers name it (several entries may share one: EfficientNetV2's layouts)."""
     archs: tuple[str, ...]
     """torchvision's builders of this family (``torchvision.models.get_model`` names)."""
     steps: tuple[str, ...]
@@ -79,6 +81,7 @@ def _builders(prefix: str, *names: str) -> tuple[str, ...]:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="resnet",
+        title="ResNet",
         archs=(
             *_builders("resnet", "18", "34", "50", "101", "152"),
             *_builders("resnext", "50_32x4d", "101_32x8d", "101_64x4d"),
@@ -94,6 +97,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="regnet",
+        title="RegNet",
         archs=(
             *_builders("regnet_x_", "400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf"),
             *_builders("regnet_y_", "400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf"),
@@ -105,6 +109,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="convnext",
+        title="ConvNeXt",
         archs=_builders("convnext_", "tiny", "small", "base", "large"),
         steps=_indexed("features", 8),  # stem, stage, downsample, stage, downsample, ...
         stage_steps=("features.0", "features.1", "features.3", "features.5", "features.7"),
@@ -112,6 +117,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="efficientnet",
+        title="EfficientNet",
         archs=_builders("efficientnet_b", *"01234567"),
         steps=_indexed("features", 8),  # features.8, the last 1×1 convolution, opens the head
         stage_steps=("features.1", "features.2", "features.3", "features.5", "features.7"),
@@ -119,6 +125,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="efficientnet_v2_s",
+        title="EfficientNetV2",
         archs=("efficientnet_v2_s",),
         steps=_indexed("features", 7),  # six block stages
         stage_steps=("features.1", "features.2", "features.3", "features.5", "features.6"),
@@ -126,6 +133,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="efficientnet_v2_m_l",
+        title="EfficientNetV2",
         archs=("efficientnet_v2_m", "efficientnet_v2_l"),
         steps=_indexed("features", 8),  # seven block stages: two at stride 32
         stage_steps=("features.1", "features.2", "features.3", "features.5", "features.7"),
@@ -133,6 +141,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="mobilenet_v3_large",
+        title="MobileNetV3",
         archs=("mobilenet_v3_large",),
         steps=_indexed("features", 16),
         stage_steps=("features.1", "features.3", "features.6", "features.12", "features.15"),
@@ -140,6 +149,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="mobilenet_v3_small",
+        title="MobileNetV3",
         archs=("mobilenet_v3_small",),
         steps=_indexed("features", 12),
         stage_steps=("features.0", "features.1", "features.3", "features.8", "features.11"),
@@ -147,6 +157,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="swin",
+        title="Swin",
         archs=("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"),
         steps=_indexed("features", 8),  # patch embedding, stage, patch merging, stage, ...
         stage_steps=("features.0", "features.1", "features.3", "features.5", "features.7"),
@@ -156,6 +167,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="maxvit",
+        title="MaxViT",
         archs=("maxvit_t",),
         steps=("stem", *_indexed("blocks", 4)),
         stage_steps=("stem", *_indexed("blocks", 4)),

@@ -268,7 +268,8 @@ def make_engine(
     check_engine(name)
     _check_positive("--batch-size", batch_size)
     if name == "local":
-        given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors)) if value is not None]
+        given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors),
+                                              ("--ray-actor-cpus", None if ray_actor_cpus == 1.0 else ray_actor_cpus)) if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --engine ray")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
