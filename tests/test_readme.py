@@ -44,3 +44,13 @@ def test_the_reader_example_trains_on_a_pooled_dump_and_prints_what_it_says(tmp_
     ]
     (shard,) = (tmp_path / "vecs" / "shards").glob("*.safetensors")
     assert load_file(shard)["layer4"].shape == (5, 512)
+
+
+def test_the_shard_sizes_the_readme_gives_are_the_stores_own(tmp_path: Path) -> None:
+    from backbone_inspect import ShardStore, feature_config
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for layers, key in (((2, 3, 4), "1.4 MB an image, "), ((4,), "`--layers 4`: ")):
+        config = feature_config(arch="resnet50", layers=layers, save_dtype="float16")
+        images = ShardStore(tmp_path / "out", config).commit_size([(224, 224)])
+        assert f"{key}{images:,}" in " ".join(text.split()), (layers, images)
