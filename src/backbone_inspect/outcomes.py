@@ -77,10 +77,10 @@ class RunTally:
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, outcome: Outcome, output_error: str | None = None) -> None:
-        """Count one image; an output error (the first is kept) ends the run, already shown as its error."""
-        if output_error is not None:
-            self.output_error = self.output_error or output_error
-            self.output_error_shown = True
+        """Count one image; an output error (the first is kept) ends the run. Kept here, it is shown as
+        this image's error; one kept before (a manifest that cannot be written) is not, and stays to be shown."""
+        if output_error is not None and self.output_error is None:
+            self.output_error, self.output_error_shown = output_error, True
         if outcome.status == "ok":
             self.processed += 1
         elif outcome.status == "error":

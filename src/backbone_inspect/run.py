@@ -220,8 +220,12 @@ def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCal
         callbacks.on_start(info)
 
     def on_outcome(outcome: Outcome, result: ImageResult | None) -> None:
+        unrecorded = None
         if store is not None:
-            store.record(outcome)
+            try:
+                store.record(outcome)
+            except OutputError as error:  # a manifest that cannot be written: the image is still shown, then the run ends
+                unrecorded = error
         if result is not None:
             if pictures is not None:
                 from .viz import write_viz
@@ -235,6 +239,8 @@ def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCal
             except BaseException:
                 failed.append(True)
                 raise
+        if unrecorded is not None:
+            raise unrecorded
 
     return RunCallbacks(on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
 
