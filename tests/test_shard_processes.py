@@ -113,3 +113,24 @@ def test_ray_actors_write_shards_that_read_back_like_the_local_engines(tmp_path:
                         "--ray-actor-cpus", "0.5", cwd=tmp_path)
     assert "processed 0, skipped 7, failed 3" in again.stderr, again.stderr
     assert shard_rows(tmp_path / "ray").keys() == rows.keys()
+
+
+def test_a_stopped_ray_dump_records_every_shard_its_actors_committed(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason=RAY_MISSING)
+    import os
+
+    root, out = many_images(tmp_path / "in", 40), tmp_path / "out"
+    args = [*HEAVIER, "--format", "shards", "--shard-size", "4", "--batch-size", "2", "--engine", "ray", "--ray-actors", "1",
+            "--ray-actor-cpus", "0.5"]
+    process = subprocess.Popen(command(root, "--save", out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "RAY_ADDRESS": "", "PYTHONWARNINGS": "ignore"})
+    wait_for_a_shard(out, process, seconds=180)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr
+    rows = shard_rows(out)
+    recorded = {line["output"]: line for line in manifest(out) if line["status"] in ("ok", "skipped")}
+    assert 4 <= len(rows) < 40 and sorted(recorded) == sorted(rows), "each image of a committed shard is in the manifest"
+    assert all((line["shard"], line["row"]) == (rows[output]["shard"], rows[output]["row"]) for output, line in recorded.items())
+    assert f"processed {len(rows)}, skipped 0, failed 0" in stderr and len(open_features(out)) == len(rows)
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")], "no temporary file left behind"

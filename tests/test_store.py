@@ -19,7 +19,7 @@ from backbone_inspect.outcomes import Outcome
 from backbone_inspect.shards import Shard
 from backbone_inspect.store import SETTINGS_FILE
 
-from conftest import SMALL_OPTIONS, manifest
+from conftest import SAMPLES, SMALL, SMALL_OPTIONS, invoke, manifest
 from store_helpers import fake_result, opened, store_for
 
 
@@ -138,3 +138,33 @@ def _real_shapes(result: ImageResult) -> ImageResult:
     """The result with resnet18's real shapes at 64×64: layer2 128×8×8, layer4 512×2×2."""
     maps = OrderedDict([("layer2", torch.rand(128, 8, 8)), ("layer4", torch.rand(512, 2, 2))])
     return ImageResult(result.image, result.input_size, maps, result.stats, result.seconds)
+
+
+def test_a_manifest_that_cannot_be_written_is_said_once_and_each_image_still_shown(tmp_path: Path, monkeypatch) -> None:
+    from backbone_inspect.store import FolderStore
+
+    def full_manifest(self, outcome) -> None:
+        raise OutputError(f"cannot write manifest {self.manifest_path}: No space left on device")
+
+    monkeypatch.setattr(FolderStore, "record", full_manifest)
+    broken = tmp_path / "in"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    (broken / "b.jpg").write_bytes((SAMPLES / "chelsea.jpg").read_bytes())
+    result = invoke(broken, "--save", tmp_path / "out", "--workers", "0", *SMALL)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors[0].startswith(f"Error: {broken / 'a.jpg'}: ")  # the bad image is still named
+    assert errors[1:] == [f"Error: cannot write manifest {tmp_path / 'out' / 'manifest.jsonl'}: No space left on device"]
+
+
+@pytest.mark.parametrize("manifest_first", [True, False])
+def test_the_output_error_kept_is_the_first_and_shown_only_if_an_image_showed_it(manifest_first: bool) -> None:
+    from backbone_inspect.outcomes import RunTally
+
+    tally = RunTally()
+    if manifest_first:
+        tally.output_error = "cannot write manifest"  # kept by the engine: no image line showed it
+    tally.add(Outcome("a.jpg", "a.pt", "error", error="cannot write a.pt"), "cannot write a.pt")
+    assert tally.output_error == ("cannot write manifest" if manifest_first else "cannot write a.pt")
+    assert tally.output_error_shown is not manifest_first

@@ -14,15 +14,18 @@ import math
 import os
 import pickle
 import signal
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import OutputError, UsageError
+from .errors import InspectError, OutputError, UsageError
 from .images import ImageDataset, LoadedImage, Preprocessing, collate_batch
 from .inputs import FoundImage
+from .outcomes import Outcome
+from .signals import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -158,6 +161,40 @@ def _actor_resources(engine: RayEngine, device: str, cluster: dict[str, float]) 
     return engine.actors or 1, {"num_cpus": engine.actor_cpus}, max(1, math.ceil(engine.actor_cpus))
 
 
+def _join_cluster(address: str | None) -> None:
+    """``ray.init``, keeping the run's own signal handlers: Ray's driver installs its own, and its
+    SIGTERM handler aborts the process with a stack dump (exit 134) instead of the run's clean stop."""
+    import ray
+
+    _quiet_ray()
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UsageError(f"--ray-address {address}: cannot join the Ray cluster: {error}") from error
+    finally:
+        for number, handler in handlers.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(number, handler)
+
+
+def _record_committed_after_stop(
+    store: FeatureStore | None, unreported: Sequence[FoundImage], callbacks: RunCallbacks, tally: RunTally
+) -> None:
+    """After a stop, the calls it cut short may have committed files whose results never reached the
+    driver (the actors are gone): those images are recorded as a re-run would find them (``skipped``,
+    naming their shard), and counted as processed. Best effort: what cannot be read is left to the re-run."""
+    if store is None or not unreported:
+        return
+    try:
+        found = store.split_done(unreported, overwrite=False).skipped
+    except InspectError:
+        return
+    for image in found:
+        callbacks.on_outcome(Outcome(image.path, image.output, "skipped"), None)
+        tally.processed += 1
+
+
 def check_room_for_decoding(actors: int, actor_cpus: float, cluster_cpus: float) -> None:
     """Actors holding every CPU would leave decoding tasks waiting for ever: refuse up front."""
     if actors * actor_cpus + DECODE_TASK_CPUS > cluster_cpus:
@@ -211,26 +248,26 @@ class RayEngine:
         callbacks.on_start(model_info(checked, device=config.device, engine=self.label(config.device)))
         del checked
         tally = RunTally()
-        _quiet_ray()
+        _join_cluster(self.address)
+        reported: set[str] = set()
         try:
-            ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise UsageError(f"--ray-address {self.address}: cannot join the Ray cluster: {error}") from error
-        try:
-            self._stream(config, todo, store, callbacks, stop, tally)
+            self._stream(config, todo, store, callbacks, stop, tally, reported)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now
             stop.signal_number = signal.SIGINT
         finally:
             ray.shutdown()
+        if stop.signal_number is not None:
+            _record_committed_after_stop(store, [image for image in todo if image.output not in reported], callbacks, tally)
         return tally.summary(stop.signal_number, len(todo))
 
     def _stream(
         self, config: FeatureConfig, todo: Sequence[FoundImage], store: FeatureStore | None,
-        callbacks: RunCallbacks, stop: StopRequest, tally: RunTally,
+        callbacks: RunCallbacks, stop: StopRequest, tally: RunTally, reported: set[str],
     ) -> None:
         for batch in self._dataset(config, todo, store).iter_batches(batch_size=None, batch_format="numpy"):
             for record in batch["record"]:
                 outcome, result, output_error = pickle.loads(record)
+                reported.add(outcome.output)
                 tally.add(outcome, output_error)
                 callbacks.on_outcome(outcome, result)
             if stop() or tally.output_error is not None:

@@ -92,8 +92,8 @@ def plan_run(
     check_decode(config, engine)
     if pictures is not None:
         check_pictures_outside_inputs(pictures.folder, inputs.folders)
-    if pictures is not None and not dry_run:
-        pictures.claim()
+        if not dry_run:
+            pictures.claim()
     if store is None:
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
@@ -132,10 +132,8 @@ def check_decode(config: FeatureConfig, engine: Engine) -> None:
 
 def redo_warning(redo: Sequence[FoundImage]) -> str:
     """What a run says when it computes stored files again."""
-    return (
-        f"{len(redo)} existing feature file(s) are unreadable or were made with other settings "
-        f"(e.g. {redo[0].output}); they are computed again"
-    )
+    return (f"{len(redo)} existing feature file(s) are unreadable or were made with other settings "
+            f"(e.g. {redo[0].output}); they are computed again")
 
 
 @dataclass(frozen=True)
@@ -202,8 +200,7 @@ def _flushed(store: FeatureStore | None, summary: RunSummary) -> RunSummary:
     except OutputError as error:
         summary = dataclasses.replace(summary, output_error=summary.output_error or str(error))
     return dataclasses.replace(summary, processed=summary.processed - store.unsaved, failed=summary.failed + store.unsaved,
-                               bytes_written=summary.bytes_written - store.unsaved_bytes,
-                               seconds=summary.seconds + time.perf_counter() - started)
+                               bytes_written=summary.bytes_written - store.unsaved_bytes, seconds=summary.seconds + time.perf_counter() - started)
 
 
 def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCallbacks) -> RunCallbacks:
