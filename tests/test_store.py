@@ -168,3 +168,21 @@ def test_the_output_error_kept_is_the_first_and_shown_only_if_an_image_showed_it
     tally.add(Outcome("a.jpg", "a.pt", "error", error="cannot write a.pt"), "cannot write a.pt")
     assert tally.output_error == ("cannot write manifest" if manifest_first else "cannot write a.pt")
     assert tally.output_error_shown is not manifest_first
+
+
+@pytest.mark.parametrize("second", [{"arch": "resnet34"}, {"format": "shards"}], ids=["settings", "format"])
+def test_two_slices_claiming_a_new_folder_at_once_cannot_both_record_their_settings(tmp_path: Path, second: dict) -> None:
+    from backbone_inspect.run import make_store
+
+    folder = tmp_path / "new"
+    first = make_store(folder, feature_config(**SMALL_OPTIONS), shard=Shard(0, 2))
+    other = make_store(folder, feature_config(**{**SMALL_OPTIONS, "arch": second.get("arch", "resnet18")}),
+                       format=second.get("format", "pt"), shard=Shard(1, 2))
+    first.claim(overwrite=False)
+    other.claim(overwrite=False)  # both find no settings yet: each loads its model
+    first.open()
+    with pytest.raises(UsageError, match="holds (features made with other settings: arch|--format pt features)"):
+        other.open()
+    other.close()
+    first.close()
+    assert json.loads((folder / SETTINGS_FILE).read_text())["arch"] == "resnet18"

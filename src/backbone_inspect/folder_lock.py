@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -46,3 +48,24 @@ class FolderLock:
 
     def release(self) -> None:
         self._handle.close()  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def folder_held(folder: Path) -> Iterator[None]:
+    """The folder itself locked (``flock`` on its directory) while the block runs: runs of every slice
+    of a folder check the settings they find and write their own in turn, so two started at once with
+    other settings cannot both pass. Where the filesystem cannot lock a directory, the block runs unlocked."""
+    import fcntl
+
+    try:
+        descriptor: int | None = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        descriptor = None
+    try:
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_EX)  # released when the descriptor is closed
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
 from .files import atomic_write
-from .folder_lock import FolderLock
+from .folder_lock import FolderLock, folder_held
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -185,6 +185,7 @@ class FolderStore(FeatureStore):
         self.manifest_path = self.folder / (shard.manifest_name if shard is not None else UNSHARDED_MANIFEST)
         self._manifest: IO[bytes] | None = None
         self._lock: FolderLock | None = None
+        self._overwrite = False  # claim()'s, for open()'s second look at the settings
         self._recording = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -196,7 +197,7 @@ class FolderStore(FeatureStore):
         self.__dict__.update(state, _recording=threading.RLock())
 
     def claim(self, *, overwrite: bool, record: bool = True) -> None:
-        path = self.folder / SETTINGS_FILE
+        path, self._overwrite = self.folder / SETTINGS_FILE, overwrite
         try:
             if record:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -218,29 +219,27 @@ class FolderStore(FeatureStore):
         old_format = saved.get("format", SETTINGS_BEFORE_THEY_EXISTED["format"]) if isinstance(saved, dict) else None
         if old_format is not None and old_format != self.FORMAT:
             # Even --overwrite would leave the other format's files beside the new ones: each image twice.
-            raise UsageError(
-                f"{self.folder} holds --format {old_format} features (now --format {self.FORMAT}), which even "
-                "--overwrite does not mix: give this format another --save folder, or empty this one first"
-            )
+            raise UsageError(f"{self.folder} holds --format {old_format} features (now --format {self.FORMAT}), which even "
+                             "--overwrite does not mix: give this format another --save folder, or empty this one first")
         if overwrite:
             return
         if not isinstance(saved, dict):
-            raise UsageError(
-                f"{path} is not a settings file of backbone-inspect (not a JSON object): "
-                "use --overwrite to replace it, or another --save folder"
-            )
+            raise UsageError(f"{path} is not a settings file of backbone-inspect (not a JSON object): "
+                             "use --overwrite to replace it, or another --save folder")
         differences = settings_differences(saved, self.settings)
         if differences:
-            raise UsageError(
-                f"{self.folder} holds features made with other settings: {', '.join(differences)}; "
-                "use --overwrite to replace them, or another --save folder"
-            )
+            raise UsageError(f"{self.folder} holds features made with other settings: {', '.join(differences)}; "
+                             "use --overwrite to replace them, or another --save folder")
 
     def open(self) -> None:
-        """Record the settings in the folder and open the manifest: the run has its model."""
-        text = json.dumps(self.settings, indent=2) + "\n"
+        """Record the settings in the folder and open the manifest: the run has its model. The folder's
+        settings are checked again first: another slice's run may have recorded its own since ``claim``."""
+        text, path = json.dumps(self.settings, indent=2) + "\n", self.folder / SETTINGS_FILE
         try:
-            atomic_write(self.folder / SETTINGS_FILE, lambda handle: handle.write(text.encode("utf-8")))
+            with folder_held(self.folder):
+                if path.exists():
+                    self._check_settings(path, overwrite=self._overwrite)
+                atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
         except OSError as error:
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
         try:
