@@ -126,3 +126,47 @@ def test_writers_wait_for_the_disk_instead_of_holding_more_shards(tmp_path: Path
     store.close()
     assert len(shard_files(tmp_path / "out")) == 20 and sorted(shard_rows(tmp_path / "out")) == sorted(f"i{i}.pt" for i in range(40))
     assert max(held) <= shard_store.COMMITS_IN_FLIGHT + 1, f"at most two full shards and one being filled: {max(held)}"
+
+
+def rewrite_header(path: Path, change) -> None:
+    """The shard's header changed by ``change``, its data kept: the file's size still agrees with the header."""
+    import json
+
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    change(header, header["__metadata__"])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+
+
+TAMPERINGS = {
+    "shape": lambda header, meta: header["layer4"].update(shape=[2, 512, 2, 1]),
+    "dtype": lambda header, meta: header["layer4"].update(dtype="F16"),
+    "offsets": lambda header, meta: header["layer4"].update(data_offsets=[header["layer4"]["data_offsets"][0] + 4,
+                                                                          header["layer4"]["data_offsets"][1] + 4]),
+    "more images than rows": lambda header, meta: meta.update(images=json_list(3, "x.png"), outputs=json_list(3, "x.pt"),
+                                                              input_sizes=json_list(3, [64, 64])),
+    "a size that is no size": lambda header, meta: meta.update(input_sizes='[["a", 1], [224]]'),
+    "a stage missing": lambda header, meta: meta.update(settings=meta["settings"].replace('"layer4"', '"layer4", "layer3"')),
+}
+
+
+def json_list(count: int, item: object) -> str:
+    import json
+
+    return json.dumps([item] * count)
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS)
+def test_a_shard_whose_header_disagrees_with_its_data_is_not_whole_refused_and_redone(tmp_path: Path, tampering: str) -> None:
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    first = shard_files(out)[0]
+    rewrite_header(first, TAMPERINGS[tampering])
+    with pytest.raises(UsageError, match=f"{first.name} is not a whole shard: run the dump again to replace it"):
+        open_features(out)
+    again = dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
+    assert (again.processed, again.skipped) == (2, 2), "the tampered shard's images are computed again"
+    assert first not in shard_files(out) and sorted(shard_rows(out)) == outputs(4)

@@ -13,6 +13,7 @@ one tensor ``[N, C, H, W]`` (``[N, C]`` pooled) when its images' shapes agree, e
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -78,9 +79,50 @@ def _parse_header(raw: bytes, size: int, file_size: int) -> dict[str, Any] | Non
     rows = [decoded[key] for key in ("images", "outputs", "input_sizes")]
     if not isinstance(decoded["settings"], dict) or not all(isinstance(value, list) for value in rows):
         return None
-    if len({len(value) for value in rows}) != 1 or not all(isinstance(output, str) for output in decoded["outputs"]):
+    if len({len(value) for value in rows}) != 1 or not all(isinstance(name, str) for name in decoded["images"] + decoded["outputs"]):
+        return None
+    if not all(_is_size(size) for size in decoded["input_sizes"]) or not _tensors_hold_rows(tensors, decoded):
         return None
     return {**decoded, "version": metadata.get("version"), "tensors": tensors}
+
+
+ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(type(side) is int and side > 0 for side in value)
+
+
+def _tensors_hold_rows(tensors: Mapping[str, Any], decoded: Mapping[str, Any]) -> bool:
+    """Whether the tensors are laid out end to end, each as large as its dtype and shape say (what
+    safetensors itself checks on reading), and hold every stage of the settings for every row."""
+    try:
+        return _laid_out_end_to_end(tensors) and _every_stage_for_every_row(tensors, decoded)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):  # an entry of another structure
+        return False
+
+
+def _laid_out_end_to_end(tensors: Mapping[str, Any]) -> bool:
+    offset = 0
+    for entry in sorted(tensors.values(), key=lambda entry: entry["data_offsets"][0]):
+        shape, (start, end) = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(type(side) is int and side >= 0 for side in shape)):
+            return False
+        if start != offset or end - start != math.prod(shape) * ELEMENT_BYTES.get(entry["dtype"], -1):
+            return False
+        offset = end
+    return True
+
+
+def _every_stage_for_every_row(tensors: Mapping[str, Any], decoded: Mapping[str, Any]) -> bool:
+    images = len(decoded["images"])
+    for stage in decoded["settings"].get("layers", []):
+        stacked = tensors.get(stage)
+        if stacked is not None and stacked["shape"][:1] != [images]:
+            return False
+        if stacked is None and not all(f"{stage}.{row}" in tensors for row in range(images)):
+            return False
+    return True
 
 
 def kept_rows(path: Path, metadata: dict[str, Any], stages: Sequence[str], dropped: Set[str], into: FillingShard) -> FillingShard:
