@@ -19,7 +19,7 @@ from backbone_inspect.errors import UsageError
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.local_engine import LocalEngine
 from backbone_inspect.options import default_workers
-from backbone_inspect.precision import check_compute_dtype, cpu_has_native_bfloat16, warn_if_slow_bfloat16
+from backbone_inspect.precision import check_compute_dtype, cpu_computes_natively, warn_if_emulated
 from conftest import NEW_PRECISION_API, REPO, SAMPLES, SMALL, invoke, precision_state
 
 SRC = REPO / "src"
@@ -123,33 +123,40 @@ def test_header_json_and_dump_name_the_compute_dtype(tmp_path: Path, chelsea: Pa
     assert saved["meta"]["dtype"] == dtype
 
 
-@pytest.mark.parametrize(("flags", "native"), [
-    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),
-    ("fpu sse2 avx2 avx512f amx_bf16", True),
-    ("fpu sse2 avx2 avx512f avx512bw", False),
-    ("fpu sse2 avx2", False),
+@pytest.mark.parametrize(("dtype", "flags", "native"), [
+    ("bfloat16", "fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),
+    ("bfloat16", "fpu sse2 avx2 avx512f amx_bf16", True),
+    ("bfloat16", "fpu sse2 avx2 avx512f avx512bw avx512_fp16", False),
+    ("bfloat16", "fpu sse2 avx2", False),
+    ("float16", "fpu sse2 avx2 avx512f avx512_fp16", True),
+    ("float16", "fpu sse2 avx2 avx512f amx_fp16", True),
+    ("float16", "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16", False),
 ])
-def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+def test_native_half_precision_is_read_from_the_cpu_flags(tmp_path: Path, dtype: str, flags: str, native: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    assert cpu_has_native_bfloat16(cpuinfo) is native
+    assert cpu_computes_natively(dtype, cpuinfo) is native
     arm = tmp_path / "arm"
-    arm.write_text(f"processor\t: 0\nFeatures\t: fp asimd {'bf16 ' if native else ''}sve\n")
-    assert cpu_has_native_bfloat16(arm) is native
-    assert cpu_has_native_bfloat16(tmp_path / "absent") is None
+    arm_flag = {"bfloat16": "bf16", "float16": "asimdhp"}[dtype]
+    arm.write_text(f"processor\t: 0\nFeatures\t: fp asimd {arm_flag + ' ' if native else ''}sve\n")
+    assert cpu_computes_natively(dtype, arm) is native
+    assert cpu_computes_natively(dtype, tmp_path / "absent") is None
 
 
-def test_emulated_bfloat16_is_one_warning_line(monkeypatch: pytest.MonkeyPatch, chelsea: Path, tmp_path: Path) -> None:
-    monkeypatch.setattr("backbone_inspect.precision.cpu_has_native_bfloat16", lambda: False)
-    with pytest.warns(UserWarning, match="no native bfloat16"):
-        warn_if_slow_bfloat16("bfloat16", torch.device("cpu"))
-    result = invoke(chelsea, chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16", "--summary")
+@pytest.mark.parametrize(("dtype", "flags"), [("bfloat16", "avx512_bf16 or amx_bf16 flag, or bf16"),
+                                              ("float16", "avx512_fp16 or amx_fp16 flag, or asimdhp")])
+def test_an_emulated_half_precision_is_one_warning_line(monkeypatch: pytest.MonkeyPatch, chelsea: Path, dtype: str,
+                                                        flags: str) -> None:
+    monkeypatch.setattr("backbone_inspect.precision.cpu_computes_natively", lambda name: False)
+    with pytest.warns(UserWarning, match=f"no native {dtype}"):
+        warn_if_emulated(dtype, torch.device("cpu"))
+    result = invoke(chelsea, chelsea, *SMALL, "--layers", "4", "--dtype", dtype, "--summary")
     assert result.exit_code == 0
-    warned = [line for line in result.stderr.splitlines() if "bfloat16" in line]
-    assert warned == ["Warning: --dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag, "
-                      "or bf16 on Arm, in /proc/cpuinfo), so it is emulated and slower than float32; use --dtype float32"]
-    monkeypatch.setattr("backbone_inspect.precision.cpu_has_native_bfloat16", lambda: True)
-    assert "bfloat16" not in invoke(chelsea, *SMALL, "--layers", "4", "--dtype", "bfloat16").stderr
+    warned = [line for line in result.stderr.splitlines() if "Warning" in line]
+    assert warned == [f"Warning: --dtype {dtype}: this CPU has no native {dtype} (no {flags} on Arm, in /proc/cpuinfo), "
+                      "so it is emulated and slower than float32; use --dtype float32"]
+    monkeypatch.setattr("backbone_inspect.precision.cpu_computes_natively", lambda name: True)
+    assert "Warning" not in invoke(chelsea, *SMALL, "--layers", "4", "--dtype", dtype).stderr
 
 
 @pytest.mark.parametrize(("cores", "device", "processes", "expected"), [

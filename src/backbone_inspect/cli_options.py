@@ -77,7 +77,7 @@ DryRun = Annotated[bool, _option("--dry-run", panel=DUMP, metavar="", help=(
 Device = Annotated[str, _option("--device", panel=SPEED, metavar="DEVICE", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, _option("--dtype", panel=SPEED, metavar="DTYPE", help=(
     "Compute dtype: float32 (true float32 on every device), tf32 (CUDA: float32 with TF32 convolutions, faster), "
-    "float16 (CUDA) or bfloat16 (CUDA, and CPUs with AVX-512 BF16/AMX)."))]
+    "float16 (CUDA) or bfloat16 (CUDA, and CPUs with AVX-512 BF16/AMX); a warning where the CPU emulates it."))]
 ChannelsLast = Annotated[bool | None, _option("--channels-last/--no-channels-last", panel=SPEED, metavar="", show_default=False, help=(
     "Run in channels_last memory format. \\[default: on for cpu and cuda, where it is faster]"))]
 Compile = Annotated[bool, _option("--compile", panel=SPEED, metavar="", help=(
