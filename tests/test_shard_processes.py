@@ -86,6 +86,8 @@ def test_a_shard_that_cannot_be_written_fails_each_of_its_images(tmp_path: Path)
     assert len({line["output"] for line in lines}) == len(lines) and left >= 0
     assert f"processed {len(rows)}, skipped 0, failed {len(failed)}" in result.stderr
     assert (f"{left} left" in result.stderr) if left else "left" not in result.stderr
+    shards = len({line["error"] for line in lines if line["status"] == "error"})  # each names its shard
+    assert f"({len(failed)} image(s) in {shards} shard(s) not saved: run again once it is fixed)" in result.stderr
 
 
 def test_ray_actors_write_shards_that_read_back_like_the_local_engines(tmp_path: Path, mixed: Path) -> None:  # noqa: F811

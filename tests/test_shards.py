@@ -224,3 +224,23 @@ def test_the_run_s_seconds_include_committing_its_last_shards(tmp_path: Path, mo
     summary = dump_features(many_images(tmp_path / "in", 3), tmp_path / "out", format="shards", shard_size=8, **OPTIONS)
     assert summary.processed == 3 and len(shard_files(tmp_path / "out")) == 1
     assert commit_seconds <= summary.seconds <= time.perf_counter() - started
+
+
+def test_the_error_of_a_full_disk_counts_every_shard_that_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards still being committed when the first fails fail too: the run's last word counts them all."""
+    import time
+
+    from backbone_inspect import shard_store
+    from backbone_inspect.errors import OutputError
+
+    def slow_full_disk(folder, filling, *args, **kwargs):
+        time.sleep(0.3)
+        raise OutputError(f"cannot write {filling.name}: No space left on device")
+
+    monkeypatch.setattr(shard_store, "write_shard", slow_full_disk)
+    with pytest.raises(OutputError) as raised:
+        dump_features(many_images(tmp_path / "in", 8), tmp_path / "out", format="shards", shard_size=2, **{**OPTIONS, "batch_size": 8})
+    failed = [line for line in manifest(tmp_path / "out") if line["status"] == "error"]
+    shards = {line["error"] for line in failed}
+    assert raised.value.summary.failed == len(failed) and len(shards) >= 2, "a second shard was in flight"
+    assert str(raised.value).endswith(f"({len(failed)} image(s) in {len(shards)} shard(s) not saved: run again once it is fixed)")

@@ -197,8 +197,8 @@ def _flushed(store: FeatureStore | None, summary: RunSummary) -> RunSummary:
     started = time.perf_counter()
     try:
         store.flush()
-    except OutputError as error:
-        summary = dataclasses.replace(summary, output_error=summary.output_error or str(error))
+    except OutputError as error:  # the store's account once every commit is done: whole, where the run's first word was not
+        summary = dataclasses.replace(summary, output_error=str(error), output_error_shown=summary.output_error_shown and summary.output_error == str(error))
     return dataclasses.replace(summary, processed=summary.processed - store.unsaved, failed=summary.failed + store.unsaved,
                                bytes_written=summary.bytes_written - store.unsaved_bytes, seconds=summary.seconds + time.perf_counter() - started)
 
