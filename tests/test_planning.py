@@ -168,6 +168,11 @@ def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: 
     assert named.named_files and len(named.found) == 2
     with pytest.raises(UsageError, match="no such file or directory"):
         plan_inputs([tmp_path / "missing.jpg"])
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "missing.jpg")
+    for link in ("loop.jpg", "broken.jpg"):
+        with pytest.raises(UsageError, match=f"{link}: a symbolic link that leads nowhere \\(broken, or a loop\\)$"):
+            plan_inputs([tmp_path / link])
     with pytest.raises(UsageError, match="no inputs"):
         plan_inputs([])
     (tmp_path / "empty").mkdir()

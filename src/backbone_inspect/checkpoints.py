@@ -25,11 +25,20 @@ def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
         reason = f"it holds pickled Python objects ({found.group(1)}), not only tensors; save model.state_dict() instead"
     elif "PytorchStreamReader failed" in text or _starts_like_a_zip(path):
         reason = "truncated or corrupt: its zip archive is incomplete (copy or save it again)"
+    elif _is_empty(path):
+        reason = "the file is empty (copy or save it again)"
     elif "Weights only load failed" in text:
         reason = "not a PyTorch checkpoint (it cannot be unpickled)"
     else:
         reason = f"not a PyTorch checkpoint ({type(error).__name__}: {first_line(error)})"
     return WeightsError(f"cannot read checkpoint {path}: {reason}")
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _starts_like_a_zip(path: Path) -> bool:

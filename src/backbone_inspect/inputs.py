@@ -106,7 +106,7 @@ def find_images(inputs: Sequence[str], exclude: Iterable[str | os.PathLike[str]]
         elif kind == "file":
             images = [FoundImage(given, f"{path.stem}.pt")]
         else:
-            raise UsageError(f"{given}: no such file or directory")
+            raise UsageError(f"{given}: {'a symbolic link that leads nowhere (broken, or a loop)' if path.is_symlink() else 'no such file or directory'}")
         for image in images:
             found.setdefault(same_file.key(image.path), image)
     if not found:
