@@ -130,8 +130,7 @@ def test_bad_files_of_every_kind_are_one_line_each(tmp_path: Path, chelsea: Path
         (lambda path: path.write_bytes(_checkpoint_bytes()[:50000]), "truncated or corrupt: its zip archive is incomplete"),
         (lambda path: path.mkdir(), "is a folder, not a file"),
         (lambda path: path.write_bytes(b""), "the file is empty (copy or save it again)"),
-    ],
-    ids=["raw pickle", "truncated", "folder", "empty"],
+    ], ids=["raw pickle", "truncated", "folder", "empty"],
 )
 def test_unreadable_checkpoints_are_one_line_and_claim_no_folder(tmp_path: Path, chelsea: Path, make, message: str) -> None:
     path = tmp_path / "model.pth"
