@@ -205,6 +205,7 @@ def test_a_folder_reached_through_a_link_is_taken_once(tmp_path: Path, photos: P
         ({"ray_address": "auto"}, "--ray-address needs --engine ray"),
         ({"ray_actors": 2}, "--ray-actors needs --engine ray"),
         ({"ray_actor_cpus": 0.5}, "--ray-actor-cpus needs --engine ray"),
+        ({"ray_actor_cpus": 1.0}, "--ray-actor-cpus needs --engine ray"),  # the default's value, given
         ({"batch_size": 0}, "--batch-size 0"),
         ({"workers": -1}, "--workers -1"),
     ],

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from backbone_inspect.extractor import Extractor
 from backbone_inspect.local_engine import LocalEngine
 from backbone_inspect.options import default_workers
 from backbone_inspect.precision import check_compute_dtype, cpu_computes_natively, warn_if_emulated
-from conftest import NEW_PRECISION_API, REPO, SAMPLES, SMALL, invoke, precision_state
+from conftest import NEW_PRECISION_API, REPO, SAMPLES, SMALL, SMALL_OPTIONS, invoke, precision_state
 
 SRC = REPO / "src"
 
@@ -149,7 +150,7 @@ def test_an_emulated_half_precision_is_one_warning_line(monkeypatch: pytest.Monk
                                                         flags: str) -> None:
     monkeypatch.setattr("backbone_inspect.precision.cpu_computes_natively", lambda name: False)
     with pytest.warns(UserWarning, match=f"no native {dtype}"):
-        warn_if_emulated(dtype, torch.device("cpu"))
+        warn_if_emulated(dtype, "cpu")
     result = invoke(chelsea, chelsea, *SMALL, "--layers", "4", "--dtype", dtype, "--summary")
     assert result.exit_code == 0
     warned = [line for line in result.stderr.splitlines() if "Warning" in line]
@@ -157,6 +158,10 @@ def test_an_emulated_half_precision_is_one_warning_line(monkeypatch: pytest.Monk
                       "so it is emulated and slower than float32; use --dtype float32"]
     monkeypatch.setattr("backbone_inspect.precision.cpu_computes_natively", lambda name: True)
     assert "Warning" not in invoke(chelsea, *SMALL, "--layers", "4", "--dtype", dtype).stderr
+    monkeypatch.setattr("backbone_inspect.precision.cpu_computes_natively", lambda name: False)
+    with warnings.catch_warnings():  # the Ray driver's copy checks the weights on its CPU: where the model runs, not it, warns
+        warnings.simplefilter("error")
+        Extractor(feature_config(**{**SMALL_OPTIONS, "dtype": dtype}), device="cpu")
 
 
 @pytest.mark.parametrize(("cores", "device", "processes", "expected"), [

@@ -186,3 +186,16 @@ def test_two_slices_claiming_a_new_folder_at_once_cannot_both_record_their_setti
     other.close()
     first.close()
     assert json.loads((folder / SETTINGS_FILE).read_text())["arch"] == "resnet18"
+
+
+def test_written_since_counts_only_files_of_these_settings_written_after_the_start(tmp_path: Path) -> None:
+    import time
+
+    store = store_for(tmp_path)
+    images = [FoundImage(f"{name}.jpg", f"{name}.pt") for name in ("old", "new", "foreign", "missing")]
+    store.write(images[0], fake_result("old.jpg"))
+    os.utime(tmp_path / "old.pt", (time.time() - 60, time.time() - 60))  # left by an earlier run: --overwrite keeps it till replaced
+    started = time.time() - 1
+    store.write(images[1], fake_result("new.jpg"))
+    store_for(tmp_path, crop=48).write(images[2], fake_result("foreign.jpg"))
+    assert [image.output for image in store.written_since(images, started)] == ["new.pt"]

@@ -32,7 +32,7 @@ def dump_features(
     save_dtype: str = "float32", format: str = "pt", shard_size: int | str | None = None, pool: str = "none",
     dtype: str = "float32", channels_last: bool | None = None, compile: bool = False, batch_size: int = 32,
     workers: int | None = None, decode: str = "cpu", overwrite: bool = False, shard: str | Shard | None = None,
-    engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None, ray_actor_cpus: float = 1.0,
+    engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None, ray_actor_cpus: float | None = None,
     viz: PathLike | None = None, viz_channels: int = 16, on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RunSummary:
     """Exactly what ``backbone-inspect INPUTS --save SAVE`` does; the keywords are its long options.

@@ -94,7 +94,7 @@ def inspect(
     dry_run: DryRun = False, device: Device = "auto", dtype: Dtype = "float32", channels_last: ChannelsLast = None,
     compile_model: Compile = False, batch_size: BatchSize = 32, workers: Workers = None, decode: Decode = "cpu", viz: Viz = None,
     viz_channels: VizChannels = 16, topk: Topk = None, categories: Categories = None, engine: Engine = "local",
-    ray_address: RayAddress = None, ray_actors: RayActors = None, ray_actor_cpus: RayActorCpus = 1.0,
+    ray_address: RayAddress = None, ray_actors: RayActors = None, ray_actor_cpus: RayActorCpus = None,
     debug: Debug = False, version: Version = False,
 ) -> int:
     """Shapes, strides and statistics of a CNN backbone's stages (torchvision's families, timm's models); feature dumps with --save."""
@@ -208,7 +208,7 @@ def _check_describe_options(ctx: typer.Context) -> None:
     for parameter in ctx.command.params:
         source = ctx.get_parameter_source(parameter.name) if parameter.name else None
         if parameter.name not in DESCRIBE_OPTIONS and source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            raise UsageError(f"{parameter.opts[0]} does nothing with --describe, which describes --arch for --input-size "
+            raise UsageError(f"{'/'.join(parameter.opts[:1] + parameter.secondary_opts)} does nothing with --describe, which describes --arch for --input-size "
                              "without weights or images: leave it out")
 
 

@@ -105,7 +105,7 @@ RayAddress = Annotated[str | None, _option("--ray-address", panel=CLUSTER, metav
     "The cluster to join (e.g. auto, or HOST:6379). \\[default: this machine's, or a new local one]"))]
 RayActors = Annotated[int | None, _option("--ray-actors", panel=CLUSTER, metavar="N", show_default=False, help=(
     "Models run in parallel. \\[default: one per GPU of the cluster, else 1]"))]
-RayActorCpus = Annotated[float, _option("--ray-actor-cpus", panel=CLUSTER, metavar="CPUS", help=(
-    "CPUs each model reserves (on CPUs: its threads, rounded up)."))]
+RayActorCpus = Annotated[float | None, _option("--ray-actor-cpus", panel=CLUSTER, metavar="CPUS", show_default=False, help=(
+    "CPUs each model reserves (on CPUs: its threads, rounded up). \\[default: 1]"))]
 
 Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks of unexpected errors.")]

@@ -19,7 +19,7 @@ from .config import FeatureConfig
 from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
 from .errors import ImageError, UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
-from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math, warn_if_emulated
+from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math
 from .stages import stage_names
 from .results import ForwardClock, ImageResult, InFlightGroup, TopClasses
 from .stats import stat_columns
@@ -47,7 +47,6 @@ class Extractor:
         self.feature_dtype = TORCH_DTYPES[feature_dtype] if feature_dtype is not None else None
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.dtype = check_compute_dtype(config.dtype, self.device)
-        warn_if_emulated(config.dtype, self.device)
         self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
         self.requested: tuple[str, ...] = config.stages
         self.deepest = stage_names(config.arch)[-1]

@@ -28,7 +28,7 @@ from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
 from .options import default_workers
 from .outcomes import Outcome, RunSummary, RunTally
-from .precision import TORCH_DTYPES
+from .precision import TORCH_DTYPES, warn_if_emulated
 from .results import ImageResult
 from .shards import local_processes_from_env, shard_from_env
 from .signals import StopRequest
@@ -161,6 +161,7 @@ class LocalEngine:
 def _extractor(config: FeatureConfig, *, saving: bool, keep_features: bool) -> Extractor:
     """The run's extractor, on this process's device; CUDA is started while the model is built."""
     device = process_device(config.device)
+    warn_if_emulated(config.dtype, device.type)
     warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
     try:
         return Extractor(config, device=device, keep_features=saving or keep_features, keep_pixels=keep_features,

@@ -146,9 +146,9 @@ class EmulatedDtypeWarning(UserWarning):
     """``--dtype bfloat16`` or ``float16`` on a CPU that emulates it."""
 
 
-def warn_if_emulated(name: str, device: torch.device) -> None:
-    """One warning for a half-precision ``--dtype`` this CPU emulates (slower than float32)."""
-    if name in NATIVE_CPU_FLAGS and device.type == "cpu" and cpu_computes_natively(name) is False:
+def warn_if_emulated(name: str, device_type: str) -> None:
+    """One warning for a half-precision ``--dtype`` this CPU emulates (slower than float32), for a model on ``device_type``."""
+    if name in NATIVE_CPU_FLAGS and device_type == "cpu" and cpu_computes_natively(name) is False:
         *x86, arm = NATIVE_CPU_FLAGS[name]
         warnings.warn(EmulatedDtypeWarning(
             f"--dtype {name}: this CPU has no native {name} (no {' or '.join(x86)} flag, or {arm} on Arm, "

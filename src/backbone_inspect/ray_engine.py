@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from .errors import InspectError, OutputError, UsageError
 from .images import ImageDataset, LoadedImage, Preprocessing, collate_batch
 from .inputs import FoundImage
 from .outcomes import Outcome
+from .precision import warn_if_emulated
 from .signals import STOP_SIGNALS
 
 if TYPE_CHECKING:
@@ -181,13 +183,12 @@ def _join_cluster(address: str | None) -> None:
 def _record_committed_after_stop(
     store: FeatureStore | None, unreported: Sequence[FoundImage], callbacks: RunCallbacks, tally: RunTally
 ) -> None:
-    """After a stop, the calls it cut short may have committed files whose results never reached the
-    driver (the actors are gone): those images are recorded as a re-run would find them (``skipped``,
-    naming their shard), and counted as processed. Best effort: what cannot be read is left to the re-run."""
+    """After a stop, files that calls it cut short wrote (their results never reached the driver) are recorded
+    as a re-run would find them (``skipped``, naming their shard) and counted as processed; best effort."""
     if store is None or not unreported:
         return
     try:
-        found = store.split_done(unreported, overwrite=False).skipped
+        found = store.written_since(unreported, time.time() - (time.perf_counter() - tally.started))
     except InspectError:
         return
     for image in found:
@@ -280,6 +281,8 @@ class RayEngine:
         cluster = ray.cluster_resources()
         actors, resources, threads = _actor_resources(self, config.device, cluster)
         check_room_for_decoding(actors, self.actor_cpus, cluster.get("CPU", 0))
+        if "num_gpus" not in resources:  # models on CPUs: this machine's stands for theirs (the actors' own warnings are not shown)
+            warn_if_emulated(config.dtype, "cpu")
         ray.data.DataContext.get_current().enable_progress_bars = False
         rows = [{"path": image.path, "read_path": os.path.abspath(image.path), "output": image.output} for image in todo]
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / self.batch_size)))

@@ -18,7 +18,8 @@ import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
-from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, load_feature_file, settings_differences
+from .pt_store import load_feature_file
+from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
 
 
 @dataclass(frozen=True)

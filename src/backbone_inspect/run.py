@@ -265,14 +265,14 @@ def make_engine(
     workers: int | None = None,
     ray_address: str | None = None,
     ray_actors: int | None = None,
-    ray_actor_cpus: float = 1.0,
+    ray_actor_cpus: float | None = None,
 ) -> Engine:
     """The engine ``name`` (``local`` or ``ray``) with its options, checked (``UsageError``)."""
     check_engine(name)
     _check_positive("--batch-size", batch_size)
     if name == "local":
         given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors),
-                                              ("--ray-actor-cpus", None if ray_actor_cpus == 1.0 else ray_actor_cpus)) if value is not None]
+                                              ("--ray-actor-cpus", ray_actor_cpus)) if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --engine ray")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
@@ -286,13 +286,13 @@ def make_engine(
 
         return LocalEngine(batch_size=batch_size, workers=workers)
     from .ray_engine import RayEngine, check_ray_installed
-
     check_ray_installed()
     if ray_actors is not None:
         _check_positive("--ray-actors", ray_actors)
-    if isinstance(ray_actor_cpus, bool) or not isinstance(ray_actor_cpus, (int, float)) or not 0 < ray_actor_cpus < math.inf:
-        raise UsageError(f"--ray-actor-cpus {ray_actor_cpus!r}: expected a positive number of CPUs")
-    return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(ray_actor_cpus), batch_size=batch_size)
+    cpus = 1.0 if ray_actor_cpus is None else ray_actor_cpus  # the default, given or not
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus < math.inf:
+        raise UsageError(f"--ray-actor-cpus {cpus!r}: expected a positive number of CPUs")
+    return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(cpus), batch_size=batch_size)
 
 
 def _check_positive(option: str, value: int) -> None:

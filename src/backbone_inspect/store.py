@@ -124,6 +124,12 @@ class FeatureStore(ABC):
     def discard(self, images: Sequence[FoundImage]) -> None:
         """Images whose input failed when computed: what an earlier run stored for them goes, if it stands alone."""
 
+    def written_since(self, images: Sequence[FoundImage], started: float) -> Sequence[FoundImage]:
+        """Of ``images``, those stored by writes since ``started`` (``time.time()``): what a stopped run
+        of another process wrote whose results it never got. Here: every one stored, which holds for a
+        store that removes what it will rewrite when it opens."""
+        return self.split_done(images, overwrite=False).skipped
+
     @abstractmethod
     def record(self, outcome: Outcome) -> None:
         """Record one image's outcome (written, skipped or failed)."""
@@ -149,23 +155,6 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
         elif old != value:
             differences.append(f"{prefix}{key} {json.dumps(old)} (now {json.dumps(value)})")
     return differences
-
-
-def load_feature_file(path: Path) -> dict[str, Any]:
-    """A ``.pt`` feature file, memory-mapped: only its small pickled part is read now, about 0.2 ms a
-    file; torch's own error if it is not whole."""
-    import torch
-
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def made_with(path: Path, settings: dict[str, Any]) -> bool:
-    """Whether a feature file is complete and was made with these settings (its own meta says)."""
-    try:
-        meta = load_feature_file(path)["meta"]
-    except Exception:
-        return False
-    return not settings_differences(meta, settings)
 
 
 class FolderStore(FeatureStore):
