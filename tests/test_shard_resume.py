@@ -4,6 +4,7 @@ where each image is, copies of shards, and things with a shard's name that are n
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -130,8 +131,6 @@ def test_writers_wait_for_the_disk_instead_of_holding_more_shards(tmp_path: Path
 
 def rewrite_header(path: Path, change) -> None:
     """The shard's header changed by ``change``, its data kept: the file's size still agrees with the header."""
-    import json
-
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size])
@@ -154,8 +153,6 @@ TAMPERINGS = {
 
 
 def json_list(count: int, item: object) -> str:
-    import json
-
     return json.dumps([item] * count)
 
 

@@ -289,7 +289,7 @@ def make_engine(
     check_ray_installed()
     if ray_actors is not None:
         _check_positive("--ray-actors", ray_actors)
-    cpus = 1.0 if ray_actor_cpus is None else ray_actor_cpus  # the default, given or not
+    cpus = 1.0 if ray_actor_cpus is None else ray_actor_cpus  # not given: one CPU an actor
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus < math.inf:
         raise UsageError(f"--ray-actor-cpus {cpus!r}: expected a positive number of CPUs")
     return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(cpus), batch_size=batch_size)
