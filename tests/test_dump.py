@@ -169,6 +169,20 @@ def test_dry_run_counts_and_estimates_without_running(tmp_path: Path, photos: Pa
     assert plan["estimated_bytes"] == pytest.approx(written, rel=0.05)
 
 
+@pytest.mark.parametrize("save", [True, False])
+def test_the_summary_line_counts_the_bytes_written_only_when_saving(tmp_path: Path, photos: Path, save: bool) -> None:
+    out = tmp_path / "out"
+    result = invoke(photos, *(["--save", out] if save else ["--summary"]), *SMALL)
+    assert result.exit_code == 0
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("processed 4, skipped 0, failed 0 in ")
+    if save:
+        files = sum(path.stat().st_size for path in out.rglob("*.pt"))
+        assert line.endswith(f"images/s), {files / 1000:.1f} KB written") or line.endswith(f"images/s), {files / 1e6:.1f} MB written")
+    else:
+        assert line.endswith("images/s)"), line
+
+
 def test_many_images_print_one_summary_per_stage_pooled_over_all(tmp_path: Path, photos: Path) -> None:
     out = tmp_path / "out"
     result = invoke(photos, "--save", out, "--layers", "2", *SMALL)

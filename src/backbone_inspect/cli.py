@@ -169,7 +169,7 @@ def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, store:
             summary = execute_run(plan, callbacks=screen.callbacks(), stop=stop)
     finally:
         screen.stop_progress()
-    screen.finish(summary, summary_line=store is not None or len(inputs.found) > 1)
+    screen.finish(summary, summary_line=store is not None or len(inputs.found) > 1, saving=store is not None)
     code = _exit_code(summary)
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
 

@@ -233,16 +233,18 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def run_summary_line(summary: RunSummary) -> str:
+def run_summary_line(summary: RunSummary, *, saving: bool = True) -> str:
+    """The run's account in one line; the bytes written only when features were saved (``saving``)."""
     import signal
 
     shard = summary.shard
     where = f"shard {shard.index}/{shard.count}: " if shard is not None else ""
     line = (
         f"{where}processed {summary.processed}, skipped {summary.skipped}, failed {summary.failed} "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s), "
-        f"{human_bytes(summary.bytes_written)} written"
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
     )
+    if saving:
+        line += f", {human_bytes(summary.bytes_written)} written"
     if summary.stopped_by is not None and not summary.left:
         line += f"; stopped by {signal.Signals(summary.stopped_by).name} after the last image (nothing left)"
     elif summary.stopped_by is not None:

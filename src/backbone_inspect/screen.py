@@ -135,7 +135,7 @@ class Screen:
         if self._progress is not None:
             self._progress.stop()
 
-    def finish(self, summary: RunSummary, *, summary_line: bool) -> None:
+    def finish(self, summary: RunSummary, *, summary_line: bool, saving: bool) -> None:
         """The per-stage tables (unless shown per image), the run's summary line, and its output error."""
         from .render import render_stage_summaries, run_summary_line
 
@@ -143,7 +143,7 @@ class Screen:
             with stdout_errors():
                 render_stage_summaries(self.console, summary.stages)
         if summary_line or summary.stopped_by is not None:
-            print(run_summary_line(summary), file=sys.stderr, flush=True)
+            print(run_summary_line(summary, saving=saving), file=sys.stderr, flush=True)
         if summary.output_error is not None and not summary.output_error_shown:
             error_line(summary.output_error)
 
