@@ -386,7 +386,8 @@ def writer_bench(report: Report, root: Path, files: int, rounds: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The command in subprocesses
 
-SUMMARY = re.compile(r"processed (\d+), skipped (\d+), failed (\d+) in ([\d.]+) s \(([\d.]+) images/s\), (.+?) written")
+SUMMARY = re.compile(r"processed (\d+), skipped (\d+), failed (\d+) in ([\d.]+) s \(([\d.]+) images/s\)(?:, (.+?) written)?")
+"""The run's summary line; the bytes written are there only when it saved features."""
 
 
 def child_environment() -> dict[str, str]:
@@ -433,7 +434,7 @@ def run_command(images: Path, out: Path | None, options: list[str], timeout: flo
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     return {"processed": processed, "rate": rate, "seconds": processed / rate if rate > 0 else float(match[4]),
-            "written": match[6], "wall": wall, "bytes": on_disk, "bytes_per_image": on_disk / max(1, processed)}
+            "written": match[6] or "nothing", "wall": wall, "bytes": on_disk, "bytes_per_image": on_disk / max(1, processed)}
 
 
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def test_json_lines_hold_the_documented_record_and_nothing_else(chelsea: Path) -
             assert stats["zeros"] == pytest.approx((feature == 0).float().mean().item(), abs=1e-6)
 
 
+@pytest.mark.cuda_by_default
 def test_stride_is_measured_per_axis_when_the_input_is_not_a_multiple(tmp_path: Path) -> None:
     path = tmp_path / "odd.png"
     Image.new("RGB", (100, 70), (120, 80, 40)).save(path)

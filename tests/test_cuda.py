@@ -15,6 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from backbone_inspect import dump_features, open_features
 from backbone_inspect.config import feature_config
 from backbone_inspect.device import resolve_device, warm_up_cuda
+from backbone_inspect.device_transforms import cuda_resizes, preprocess_on_device, shared_memory_per_block
 from backbone_inspect.engine import RunCallbacks
 from backbone_inspect.extractor import Extractor
 from backbone_inspect.inputs import plan_inputs
@@ -142,3 +143,47 @@ def test_pixels_decoded_on_the_gpu_reach_the_results_whole(tmp_path: Path) -> No
         assert group.pixels.device.type == "cuda"
         results = extractor.launch_group([found[position].path for position in group.positions], group).results()
         assert all(torch.equal(result.pixels, group.pixels[row].cpu()) for row, result in enumerate(results))
+
+
+SHARED = shared_memory_per_block(torch.device("cuda")) if torch.cuda.is_available() else 0
+
+
+def steepest_taken(interpolation: str, output: tuple[int, int], grow: int) -> int:
+    """The largest ``n`` for which ``cuda_resizes`` takes the shrink of output + n × grow (per axis) to ``output``."""
+    n = 0
+    while cuda_resizes(tuple(o + (n + 1) * g for o, g in zip(output, grow)), output, interpolation, SHARED):
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("grow", [(10, 10), (0, 10), (10, 0)])
+def test_cuda_resizes_says_which_shrinks_torchs_cuda_kernel_takes(interpolation: str, grow: tuple[int, int]) -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    output = (10, 10)
+    edge = steepest_taken(interpolation, output, grow)
+    seen = set()
+    for n in range(edge - 2, edge + 3):
+        source = tuple(o + n * g for o, g in zip(output, grow))
+        try:
+            F.resize(torch.zeros(1, 3, *source, device="cuda"), list(output), interpolation=InterpolationMode(interpolation),
+                     antialias=True)
+            taken = True
+        except RuntimeError as error:
+            assert "shared memory" in str(error), error
+            taken = False
+        assert cuda_resizes(source, output, interpolation, SHARED) == taken, source
+        seen.add(taken)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_shrink_too_steep_for_cuda_is_resized_on_the_cpu_with_the_same_pixels(interpolation: str) -> None:
+    image = torch.randint(0, 256, (3, 1500, 2000), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    preprocessing = Preprocessing(resize=12, crop=None, interpolation=interpolation)
+    assert not cuda_resizes((1500, 2000), (12, 16), interpolation)
+    on_gpu = preprocess_on_device(image.cuda(), preprocessing)
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == (3, 12, 16)
+    assert torch.equal(on_gpu.cpu(), preprocess_on_device(image, preprocessing))

@@ -101,6 +101,7 @@ def test_describe_refuses_options_it_would_ignore(tmp_path: Path, options: list[
     assert not (tmp_path / "out").exists() and not Path("out").exists()
 
 
+@pytest.mark.cuda_by_default
 def test_runs_warn_once_when_the_input_is_not_divisible(chelsea: Path) -> None:
     result = invoke(chelsea, "--arch", "resnet18", "--resize", "100", "--crop", "100")
     assert result.exit_code == 0
@@ -138,6 +139,7 @@ def test_topk_with_categories_replays_the_models_head(tmp_path: Path, chelsea: P
     assert "top-2: class7 (7) " in table.stdout
 
 
+@pytest.mark.cuda_by_default
 def test_topk_with_named_weights_uses_their_categories(tmp_path: Path, chelsea: Path, torch_home: Path) -> None:
     member = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     folder = torch_home / "hub" / "checkpoints"

@@ -7,6 +7,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, SAMPLES
 
 
@@ -16,6 +18,7 @@ def readme_block(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.cuda_by_default
 def test_the_python_api_example_runs_and_prints_what_it_says(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "sample_images").symlink_to(SAMPLES)
     monkeypatch.chdir(tmp_path)
@@ -31,6 +34,7 @@ def test_the_python_api_example_runs_and_prints_what_it_says(tmp_path: Path, mon
     assert len(list((tmp_path / "feats").glob("*.pt"))) == 5
 
 
+@pytest.mark.cuda_by_default
 def test_the_reader_example_trains_on_a_pooled_dump_and_prints_what_it_says(tmp_path: Path, monkeypatch) -> None:
     from safetensors.torch import load_file
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,8 @@ def _denormals_as_they_were():
     torch.set_flush_denormal(False)
 
 
+@pytest.mark.skipif(not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU builds C++: no compiler here")
 def test_compiled_extractor_keeps_the_replay_and_its_numbers() -> None:
     x = pixels(2)
     compiled = extractor_on_cpu(arch="resnet18", layers=(1, 3), compile=True)
@@ -107,6 +111,7 @@ def test_batches_are_stacked_by_size_in_the_worker() -> None:
     assert torch.equal(batch.groups[0].pixels[1], items[3].pixels)
 
 
+@pytest.mark.cuda_by_default
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning memory needs CUDA")
 def test_decoded_batches_can_be_pinned() -> None:
     batch = collate_batch([LoadedImage(0, torch.zeros(3, 8, 8, dtype=torch.uint8))])

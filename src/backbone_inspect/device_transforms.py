@@ -7,6 +7,7 @@ CPU decoder only; the mapping here is Pillow's ``ImageOps.exif_transpose``, on t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -42,19 +43,56 @@ def preprocess_on_device(image: torch.Tensor, preprocessing: Preprocessing) -> t
 
     The resize runs in float32 and is rounded back to uint8, on every device: CUDA has no
     antialiased uint8 kernel (torchvision converts the same way there), and a CPU test of this
-    function then computes what the GPU does.
+    function then computes what the GPU does. A shrink too steep for CUDA's kernel (``cuda_resizes``)
+    is resized on the CPU.
     """
-    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     height, width = check_sizes(int(image.shape[-2]), int(image.shape[-1]), preprocessing)
     if preprocessing.resize is not None:
-        resized = F.resize(image.float(), [height, width], interpolation=InterpolationMode(preprocessing.interpolation),
-                           antialias=True)
-        image = resized.round_().clamp_(0, 255).to(image.dtype)
+        image = _resized(image, (height, width), preprocessing.interpolation)
     if preprocessing.crop is not None:
         image = F.center_crop(image, [preprocessing.crop])
     return image
+
+
+def _resized(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """The antialiased resize in float32, rounded back to uint8; on the CPU where CUDA's kernel refuses the scale."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    source = image
+    if image.device.type == "cuda" and not cuda_resizes(tuple(image.shape[-2:]), size, interpolation,
+                                                        shared_memory_per_block(image.device)):
+        source = image.cpu()
+    resized = F.resize(source.float(), list(size), interpolation=InterpolationMode(interpolation), antialias=True)
+    return resized.round_().clamp_(0, 255).to(image.dtype).to(image.device, non_blocking=True)
+
+
+ANTIALIAS_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+"""Each antialiased filter's half-width, in input pixels at scale 1 (torch's ``size / 2``)."""
+
+
+def cuda_resizes(source: tuple[int, ...], size: tuple[int, int], interpolation: str, shared_memory: int = 48 * 1024) -> bool:
+    """Whether torch's antialiased CUDA kernel takes this float32 resize of [H, W] ``source`` to ``size``.
+
+    The kernel keeps a block's filter weights in shared memory, one row of 32 threads at least, and
+    refuses a scale whose filter does not fit ("Too much shared memory required"): about a 94x
+    shrink bilinear, 47x bicubic, in 48 KiB. Checked as its launcher checks
+    (``upsample_gen2d_aa_out_cuda_template`` in ATen's UpSampleBilinear2d.cu).
+    """
+    support = ANTIALIAS_SUPPORT.get(interpolation)
+    if support is None:  # nearest: no antialiased kernel
+        return True
+    taps_h, taps_w = (1 + 2 * math.ceil(support * max(before / after, 1.0)) for before, after in zip(source, size))
+    return 32 * taps_w + 33 * taps_h <= shared_memory // 4
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """The shared memory a CUDA kernel's block may use on ``device`` without opting in (48 KiB on NVIDIA's GPUs)."""
+    import torch
+
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block", 48 * 1024))
 
 
 RESIZED_ON_EVERY_DEVICE = ("nearest", "nearest-exact", "bilinear", "bicubic")
