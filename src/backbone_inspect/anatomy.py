@@ -30,9 +30,9 @@ def smallest_input_side(backbone: Backbone, *, largest_tried: int = SIDE_ANY_ARC
     return low
 
 
-def _runs_at(backbone: Backbone, side: int) -> bool:
+def _runs_at(backbone: Backbone, side: int | tuple[int, int]) -> bool:
     try:
-        stages = meta_call(backbone, (side, side))
+        stages = meta_call(backbone, side if isinstance(side, tuple) else (side, side))
     except (RuntimeError, ValueError, IndexError, AssertionError):
         return False
     # Older torch (2.4 measured) lets a kernel larger than its input through on the meta device, as an empty map.
@@ -46,6 +46,8 @@ def input_size_problem(backbone: Backbone, input_size: tuple[int, int]) -> str |
         return None if tuple(input_size) == (fixed, fixed) else f"{backbone.arch} takes only {fixed}×{fixed} inputs (fixed when it is built)"
     if min(input_size) >= SIDE_ANY_ARCH_TAKES:
         return None
+    if is_timm(backbone.arch):  # the size itself tried: the sizes a timm model takes need not all be above one
+        return None if _runs_at(backbone, tuple(input_size)) else f"{backbone.arch} cannot take inputs this small"
     smallest = smallest_input_side(backbone)
     return None if min(input_size) >= smallest else f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px"
 

@@ -1,0 +1,48 @@
+"""A timm model and an input too small for its layers: that image fails alone, named, and the run
+goes on; ``--describe`` refuses the size as a usage error. (timm's sizes are tried one by one on
+the meta device: the sizes a timm model takes need not all lie above one smallest side.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_close_scaled, features, imagenet_normalised, invoke, manifest, noise_image
+
+timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
+
+
+def test_an_image_too_small_for_a_timm_model_fails_alone_and_the_others_are_saved(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for name, side in (("a_tiny", 20), ("b_ok", 96), ("c_mid", 40)):
+        noise_image(images / f"{name}.png", (side, side), seed=side)
+    out = tmp_path / "out"
+    result = invoke(images, "--arch", "timm:convnext_atto", "--layers", "1,4", "--resize", "none", "--crop", "none",
+                    "--save", out, "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 1
+    tiny = images / "a_tiny.png"
+    assert result.stderr.splitlines()[0] == (f"Error: {tiny}: image is 20×20 (H×W) after preprocessing: "
+                                             "timm:convnext_atto cannot take inputs this small; use another --resize")
+    assert sorted((line["output"], line["status"]) for line in manifest(out)) == [
+        ("a_tiny.pt", "error"), ("b_ok.pt", "ok"), ("c_mid.pt", "ok")]
+    torch.manual_seed(0)  # the run's weights: seed 0, timm's own initialisation
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    for name in ("b_ok", "c_mid"):
+        pixels = torch.from_numpy(numpy.asarray(Image.open(images / f"{name}.png"))).permute(2, 0, 1)
+        with torch.no_grad():
+            expected = model.forward_intermediates(imagenet_normalised(pixels[None]), indices=[0, 3], intermediates_only=True)
+        saved = features(out / f"{name}.pt")
+        for stage, wanted in zip(("stage1", "stage4"), expected):
+            assert_close_scaled(saved[stage], wanted[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "side"), [("timm:convnext_atto", 31), ("timm:inception_v3", 64)])
+def test_describe_refuses_an_input_size_too_small_for_a_timm_model(arch: str, side: int) -> None:
+    result = invoke("--describe", "--arch", arch, "--input-size", str(side))
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {arch} cannot take inputs this small, not {side}×{side}\n"
+    assert invoke("--describe", "--arch", arch, "--input-size", str(side + 1 if side == 31 else 75)).exit_code == 0
