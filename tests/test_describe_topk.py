@@ -139,6 +139,20 @@ def test_topk_with_categories_replays_the_models_head(tmp_path: Path, chelsea: P
     assert "top-2: class7 (7) " in table.stdout
 
 
+def test_class_names_are_shown_as_text_never_as_markup_or_terminal_codes(tmp_path: Path, chelsea: Path) -> None:
+    checkpoint = tmp_path / "favours7.pth"
+    favouring_checkpoint(checkpoint, 7)
+    names = tmp_path / "classes.txt"
+    hostile = {7: "[/]", 8: "[bold red]cat\x1b[2J"}
+    names.write_text("\n".join(hostile.get(i, f"class{i}") for i in range(1000)) + "\n")
+    table = invoke(chelsea, "--weights", checkpoint, "--topk", "2", "--categories", names, *SMALL)
+    assert table.exit_code == 0, table.stderr
+    top = next(line for line in table.stdout.splitlines() if line.startswith("top-2: "))
+    assert top.startswith("top-2: [/] (7) ") and ", [bold red]cat\\x1b[2J (8) " in top
+    record = json.loads(invoke(chelsea, "--weights", checkpoint, "--topk", "2", "--categories", names, "--json", *SMALL).stdout)
+    assert [entry["label"] for entry in record["top"]] == [hostile[7], hostile[8]], "JSON keeps the names as they are"
+
+
 @pytest.mark.cuda_by_default
 def test_topk_with_named_weights_uses_their_categories(tmp_path: Path, chelsea: Path, torch_home: Path) -> None:
     member = torchvision.models.ResNet18_Weights.IMAGENET1K_V1

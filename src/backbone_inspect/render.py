@@ -91,7 +91,7 @@ def json_record(model: ModelInfo, result: ImageResult) -> dict[str, Any]:
 
 def top_text(result: ImageResult) -> str:
     assert result.top is not None
-    return f"top-{len(result.top)}: " + ", ".join(f"{c.label} ({c.index}) {c.probability:.1%}" for c in result.top)
+    return f"top-{len(result.top)}: " + ", ".join(f"{printable(c.label)} ({c.index}) {c.probability:.1%}" for c in result.top)
 
 
 def stride_warning(input_size: Sequence[int], stage: str, stride: int) -> str:
@@ -188,7 +188,7 @@ def render_image_table(console: Console, result: ImageResult) -> None:
         )
     console.print(table)
     if result.top is not None:
-        console.print(top_text(result), highlight=False)
+        console.print(top_text(result), highlight=False, markup=False)  # names from a --categories file are text
 
 
 def shape_text(shape: Sequence[int]) -> str:
