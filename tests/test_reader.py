@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,18 @@ def test_images_are_taken_by_position_and_a_name_or_slice_is_a_type_error_saying
     for index in (stored.images[0].output, slice(0, 2), 1.0):
         with pytest.raises(TypeError, match=r"^dump\[.*\]: expected an image's position, 0 to 2 \(dump.images\[i\].output is its name\)"):
             stored[index]
+
+
+@pytest.mark.parametrize("format", ["pt", "shards"])
+def test_a_file_name_that_is_not_utf8_reads_back_and_is_skipped_on_resume(tmp_path: Path, format: str) -> None:
+    root, out = many_images(tmp_path / "in", 2, size=(72, 72)), tmp_path / "out"
+    odd = root / os.fsdecode(b"bad\xff.png")  # a name Linux allows: bytes that are not UTF-8
+    (root / "img001.png").rename(odd)
+    dump(root, out, format, "none")
+    stored = open_features(out)
+    assert sorted(image.image for image in stored.images) == sorted([str(odd), str(root / "img000.png")])
+    for index, image in enumerate(stored.images):
+        for stage, expected in reference(image.image).items():
+            assert_close_scaled(stored[index][0][stage], expected)
+    again = dump_features(root, out, format=format, **({"shard_size": 2} if format == "shards" else {}), **OPTIONS)
+    assert (again.processed, again.skipped) == (0, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,11 @@ def load_feature_file(path: Path) -> dict[str, Any]:
     file; torch's own error if it is not whole."""
     import torch
 
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 (bytes Linux allows): torch's mmap takes only UTF-8 names
+        with open(path, "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=True)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
