@@ -50,6 +50,18 @@ def test_the_reader_example_trains_on_a_pooled_dump_and_prints_what_it_says(tmp_
     assert load_file(shard)["layer4"].shape == (5, 512)
 
 
+def test_the_detection_recipe_runs_a_training_step_with_gradients_through_the_backbone() -> None:
+    code = readme_block("### As a detection backbone")
+    assert code.count('weights="DEFAULT"') == 1
+    namespace: dict = {"__name__": "readme"}
+    # As written but for the weights, which the tests cannot download.
+    exec(compile(code.replace('weights="DEFAULT"', "weights=None"), "README.md", "exec"), namespace)
+    assert set(namespace["losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    stages = namespace["body"].body
+    assert stages.stage_names == ("stage2", "stage3", "stage4")
+    assert all(parameter.grad is not None for parameter in stages.parameters())
+
+
 def test_the_shard_sizes_the_readme_gives_are_the_stores_own(tmp_path: Path) -> None:
     from backbone_inspect import ShardStore, feature_config
 
