@@ -208,6 +208,7 @@ def test_a_folder_reached_through_a_link_is_taken_once(tmp_path: Path, photos: P
         ({"ray_actor_cpus": 1.0}, "--ray-actor-cpus needs --engine ray"),  # the default's value, given
         ({"batch_size": 0}, "--batch-size 0"),
         ({"workers": -1}, "--workers -1"),
+        ({"name": "ray", "workers": 3}, "--workers is for the local engine: with --engine ray, Ray schedules the decoding itself"),
     ],
 )
 def test_engine_options_are_checked_when_the_engine_is_made(options: dict, message: str) -> None:

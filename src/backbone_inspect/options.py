@@ -25,6 +25,12 @@ def parse_size(option: str, value: int | str | None) -> int | None | str:
     raise UsageError(f"invalid {option} {value!r}: expected a positive number of pixels or 'none'")
 
 
+def check_positive(option: str, value: int) -> None:
+    """``UsageError`` unless ``value`` is a whole number of at least 1 (``--batch-size``, ``--ray-actors``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} {value!r}: expected a positive whole number")
+
+
 def check_device_spec(spec: str) -> str:
     text = str(spec).strip().lower()
     if not _DEVICE_PATTERN.match(text):

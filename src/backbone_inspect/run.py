@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .engine import Engine, ModelInfo, RunCallbacks
 from .errors import OutputError, UsageError
-from .options import check_engine, max_workers
+from .options import check_engine, check_positive, max_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
 from .stats import SummaryAccumulator
@@ -269,7 +269,7 @@ def make_engine(
 ) -> Engine:
     """The engine ``name`` (``local`` or ``ray``) with its options, checked (``UsageError``)."""
     check_engine(name)
-    _check_positive("--batch-size", batch_size)
+    check_positive("--batch-size", batch_size)
     if name == "local":
         given = [option for option, value in (("--ray-address", ray_address), ("--ray-actors", ray_actors),
                                               ("--ray-actor-cpus", ray_actor_cpus)) if value is not None]
@@ -285,16 +285,14 @@ def make_engine(
         from .local_engine import LocalEngine
 
         return LocalEngine(batch_size=batch_size, workers=workers)
+    if workers is not None:
+        raise UsageError("--workers is for the local engine: with --engine ray, Ray schedules the decoding itself")
     from .ray_engine import RayEngine, check_ray_installed
     check_ray_installed()
     if ray_actors is not None:
-        _check_positive("--ray-actors", ray_actors)
+        check_positive("--ray-actors", ray_actors)
     cpus = 1.0 if ray_actor_cpus is None else ray_actor_cpus  # not given: one CPU an actor
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus < math.inf:
         raise UsageError(f"--ray-actor-cpus {cpus!r}: expected a positive number of CPUs")
     return RayEngine(address=ray_address, actors=ray_actors, actor_cpus=float(cpus), batch_size=batch_size)
 
-
-def _check_positive(option: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{option} {value!r}: expected a positive whole number")
