@@ -5,6 +5,7 @@ follows the files and the manifest's last word for each image, and what it canno
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,24 @@ def test_a_truncated_feature_file_is_an_error_naming_it(tmp_path: Path) -> None:
         stored[1]
     with pytest.warns(UserWarning, match=r"unreadable or were made with other settings \(e\.g\. img001\.pt\)"):
         dump_features(root, out, **OPTIONS)  # the resume finds it incomplete and writes it again
+    assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda features: features.pop("layer4"), "its stages are not layer1, layer4"),
+    (lambda features: features.update(layer4=torch.zeros(3)), "its layer4 is not a [C, H, W] tensor of float32"),
+    (lambda features: features.update(layer4=features["layer4"].half()), "its layer4 is not a [C, H, W] tensor of float32"),
+])
+def test_a_feature_file_edited_to_hold_other_features_is_an_error_and_is_redone(tmp_path: Path, edit, problem) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    saved = torch.load(out / "img001.pt", weights_only=True)
+    edit(saved["features"])
+    torch.save(saved, out / "img001.pt")
+    with pytest.raises(UsageError, match=rf"^{out / 'img001.pt'} is not a whole feature file \({re.escape(problem)}\)"):
+        open_features(out)[1]
+    with pytest.warns(UserWarning, match=r"unreadable or were made with other settings \(e\.g\. img001\.pt\)"):
+        dump_features(root, out, **OPTIONS)  # the resume finds it is not what these settings make, and writes it again
     assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
 
 

@@ -34,12 +34,29 @@ def load_feature_file(path: Path) -> dict[str, Any]:
 
 
 def made_with(path: Path, settings: dict[str, Any]) -> bool:
-    """Whether a feature file is complete and was made with these settings (its own meta says)."""
+    """Whether a feature file is complete and was made with these settings (its own meta says), and
+    holds what they make (``features_problem``)."""
     try:
-        meta = load_feature_file(path)["meta"]
+        saved = load_feature_file(path)
+        return not settings_differences(saved["meta"], settings) and features_problem(saved, settings) is None
     except Exception:
         return False
-    return not settings_differences(meta, settings)
+
+
+def features_problem(saved: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """Why a loaded feature file does not hold the features these settings make: each stage, in
+    order, a tensor of the saved dtype, [C] pooled or [C, H, W]; ``None`` when it does."""
+    import torch
+
+    stages, pooled = list(settings.get("layers", ())), settings.get("pool", "none") != "none"
+    features = saved.get("features")
+    if not isinstance(features, dict) or list(features) != stages:
+        return f"its stages are not {', '.join(stages)}"
+    dtype = getattr(torch, str(settings.get("save_dtype", "float32")), None)
+    for stage, tensor in features.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != (1 if pooled else 3) or tensor.dtype != dtype:
+            return f"its {stage} is not a {'[C]' if pooled else '[C, H, W]'} tensor of {settings.get('save_dtype', 'float32')}"
+    return None
 
 
 class PtFileStore(FolderStore):

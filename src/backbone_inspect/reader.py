@@ -18,7 +18,7 @@ import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
-from .pt_store import load_feature_file
+from .pt_store import features_problem, load_feature_file
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
 
 
@@ -114,9 +114,12 @@ class StoredFeatures(torch.utils.data.Dataset):
         try:
             saved = load_feature_file(path)
             differences = settings_differences(saved["meta"], self.settings)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UsageError(f"{path} is not a whole feature file ({reason}): run the dump again to replace it") from error
+            problem = features_problem(saved, self.settings) if not differences else None
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                pickle.UnpicklingError) as error:
+            problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if problem is not None:
+            raise UsageError(f"{path} is not a whole feature file ({problem}): run the dump again to replace it")
         if differences:
             raise UsageError(f"{path} was made with other settings ({', '.join(differences)}): the dump is not "
                              "finished, or was redone since it was opened; run its command again, then open_features again")
