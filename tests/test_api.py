@@ -56,9 +56,12 @@ def test_dump_features_resumes_and_refuses_other_settings_with_exceptions(tmp_pa
         dump_features(photos / "a", out, **{**SMALL_OPTIONS, "crop": 48})
     for options, message in ((dict(batch_size=0), "--batch-size 0"), (dict(layers="9"), "invalid stage 9"),
                              (dict(engine="spark"), "--engine spark"),
-                             (dict(on_outcome=3), r"^on_outcome 3: expected a function taking each image's Outcome, or None$")):
+                             (dict(on_outcome=3), r"^on_outcome 3: expected a function taking each image's Outcome, or None$"),
+                             (dict(viz_channels=4), r"^--viz-channels needs --viz DIR$")):
         with pytest.raises(UsageError, match=message):
             dump_features(photos, tmp_path / "never", **{**SMALL_OPTIONS, **options})
+    with pytest.raises(UsageError, match=r"^inputs of type Tensor: expected a path, or a list of paths, of image files or folders$"):
+        dump_features(torch.zeros(2, 3, 8, 8), tmp_path / "never", **SMALL_OPTIONS)
     assert not (tmp_path / "never").exists()
 
 

@@ -77,6 +77,8 @@ def test_matrix_stacks_the_pooled_vectors_in_images_order(tmp_path: Path, format
             assert_close_scaled(matrix[row], reference(image.image, pool="max")[stage])
     with pytest.raises(UsageError, match=r"matrix\('layer2'\): the dump has layer1, layer4"):
         stored.matrix("layer2")
+    for alias in ("C5", "c5", 4, "4"):  # the names --layers takes
+        assert torch.equal(stored.matrix(alias), stored.matrix("layer4"))
 
 
 @pytest.mark.parametrize("format", ["pt", "shards"])

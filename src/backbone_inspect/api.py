@@ -46,6 +46,8 @@ def dump_features(
     the run began) and ``RunStopped`` on SIGINT/SIGTERM (files written by then are complete;
     calling again finishes the rest). ``on_outcome`` sees each image's manifest line as it is done.
     ``decode="gpu"``: JPEGs decoded and resized on the CUDA device (``UsageError`` without one).
+    ``resize``/``crop`` ``None`` is the option not given (the weights' preset, 256/224);
+    ``"none"`` keeps the image's own size, as ``--resize none`` does.
     """
     from .config import feature_config
     from .inputs import plan_inputs
@@ -145,6 +147,8 @@ def _handed_back(result: ImageResult, features: bool) -> ImageResult:
 
 
 def _pictures(viz: PathLike | None, channels: int) -> Pictures | None:
+    if viz is None and channels != 16:  # the command's rule: the picture options need --viz
+        raise UsageError("--viz-channels needs --viz DIR")
     return Pictures(output_folder("--viz", viz), channels) if viz is not None else None
 
 

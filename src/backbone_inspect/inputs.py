@@ -153,7 +153,9 @@ def _paths(inputs: object) -> list[str]:
         items = list(inputs)
         if all(isinstance(item, (str, os.PathLike)) for item in items):
             return [os.fspath(item) for item in items]
-    raise UsageError(f"inputs {inputs!r}: expected a path, or a list of paths, of image files or folders")
+    shown = repr(inputs)
+    shown = shown if len(shown) <= 80 and "\n" not in shown else f"of type {type(inputs).__name__}"
+    raise UsageError(f"inputs {shown}: expected a path, or a list of paths, of image files or folders")
 
 
 @dataclass(frozen=True)

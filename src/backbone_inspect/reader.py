@@ -18,6 +18,7 @@ import torch
 
 from .errors import UsageError
 from .shard_files import committed_shards, read_shard_metadata, shard_row
+from .stages import stage_name
 from .pt_store import features_problem, load_feature_file
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
 
@@ -83,13 +84,14 @@ class StoredFeatures(torch.utils.data.Dataset):
         shard = self._file(stored.file)
         return {stage: shard_row(shard, stage, stored.row) for stage in self.stages}, meta
 
-    def matrix(self, stage: str) -> torch.Tensor:
+    def matrix(self, stage: int | str) -> torch.Tensor:
         """Every image's pooled vector of ``stage``, as one ``[N, C]`` tensor in ``images`` order.
 
         Each file is read once, straight into its rows of the result.
         """
         if self.pool == "none":
             raise UsageError(f"matrix({stage!r}) needs pooled features: dump with --pool avg or --pool max")
+        stage = self._canonical(stage)
         if stage not in self.stages:
             raise UsageError(f"matrix({stage!r}): the dump has {', '.join(self.stages)}")
         by_file: dict[str, list[tuple[int, int | None]]] = {}
@@ -106,6 +108,15 @@ class StoredFeatures(torch.utils.data.Dataset):
                 result = torch.empty(len(self.images), values.shape[-1], dtype=values.dtype)
             result[positions] = values
         return result if result is not None else torch.empty(0, 0)
+
+    def _canonical(self, stage: int | str) -> int | str:
+        """A stage as the dump names it: ``"C5"`` or ``4`` is ``layer4`` on a ResNet, as ``--layers`` takes them."""
+        if stage in self.stages:
+            return stage
+        try:
+            return stage_name(stage, str(self.settings.get("arch")))
+        except (UsageError, ImportError, TypeError, ValueError):
+            return stage
 
     def _pt_file(self, relative: str) -> dict[str, Any]:
         """A ``.pt`` file, loaded each time (there may be millions), memory-mapped; ``UsageError`` if it
