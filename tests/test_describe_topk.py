@@ -178,6 +178,9 @@ def test_topk_errors(tmp_path: Path, chelsea: Path) -> None:
     names.write_text("\n".join(map(str, range(1000))))
     no_head = invoke(chelsea, "--weights", headless, "--topk", "1", "--categories", names, *SMALL)
     assert no_head.exit_code == 1 and "classifier head not loaded" in no_head.stderr
+    for k in ("0", "-3"):
+        refused = invoke(chelsea, "--topk", k, "--categories", names, *SMALL)
+        assert (refused.exit_code, refused.stderr) == (2, f"Error: --topk {k}: expected a positive number of classes\n")
 
 
 def test_topk_without_per_image_output_is_refused_before_anything_is_written(tmp_path: Path, photos: Path) -> None:

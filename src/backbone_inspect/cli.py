@@ -111,7 +111,7 @@ def inspect(
         _check_needed([("--format", output_format != "pt", "--save DIR", saving), ("--shard-size", shard_size != "auto", "--save DIR", saving),
                        ("--pool", pool != "none", "--save DIR", saving), ("--save-dtype", save_dtype != "float32", "--save DIR", saving),
                        ("--overwrite", overwrite, "--save DIR", saving), ("--viz-channels", viz_channels != 16, "--viz DIR", viz is not None),
-                       ("--categories", categories is not None, "--topk K", bool(topk))])
+                       ("--categories", categories is not None, "--topk K", topk is not None)])
         from .config import feature_config
         from .inputs import plan_inputs
         from .options import output_folder
@@ -119,7 +119,7 @@ def inspect(
 
         config = feature_config(
             arch=arch, layers=layers, weights=weights, seed=seed, resize=resize, crop=crop, dtype=dtype,
-            save_dtype=save_dtype, channels_last=channels_last, compile=compile_model, topk=topk or 0,
+            save_dtype=save_dtype, channels_last=channels_last, compile=compile_model, topk=_classes_wanted(topk),
             categories=categories, device=device, pool=pool, decode=decode,
         )
         save_folder = output_folder("--save", save) if save is not None else None
@@ -172,6 +172,13 @@ def _run(config: FeatureConfig, inputs: InputPlan, runner: EngineType, *, store:
     screen.finish(summary, summary_line=store is not None or len(inputs.found) > 1, saving=store is not None)
     code = _exit_code(summary)
     return rank_group.agree_on_exit_code(code) if rank_group is not None else code
+
+
+def _classes_wanted(topk: int | None) -> int:
+    """``--topk K``: 0 (the library's "off") when not given; given, K must be at least 1."""
+    if topk is not None and topk < 1:
+        raise UsageError(f"--topk {topk}: expected a positive number of classes")
+    return topk or 0
 
 
 def _exit_code(summary: RunSummary) -> int:
