@@ -45,9 +45,8 @@ def dump_features(
     ``WeightsError``, ``OutputError`` when the folder cannot be written (with ``.summary`` once
     the run began) and ``RunStopped`` on SIGINT/SIGTERM (files written by then are complete;
     calling again finishes the rest). ``on_outcome`` sees each image's manifest line as it is done.
-    ``decode="gpu"``: JPEGs decoded and resized on the CUDA device (``UsageError`` without one).
-    ``resize``/``crop`` ``None`` is the option not given (the weights' preset, 256/224);
-    ``"none"`` keeps the image's own size, as ``--resize none`` does.
+    ``decode="gpu"``: JPEGs decoded and resized on the CUDA device (``UsageError`` without one). ``resize``/``crop``
+    ``None``: the option not given (the weights' preset, 256/224); ``"none"``: the image's own size, as ``--resize none``.
     """
     from .config import feature_config
     from .inputs import plan_inputs
@@ -58,8 +57,7 @@ def dump_features(
                             save_dtype=save_dtype, channels_last=channels_last, compile=compile, device=device, pool=pool,
                             decode=decode)
     folder, pictures = output_folder("--save", save), _pictures(viz, viz_channels)
-    found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder),
-                        advise_srun=engine != "ray")
+    found = plan_inputs(inputs, from_list=from_list, shard=shard, outputs=(folder, pictures and pictures.folder), advise_srun=engine != "ray")
     runner = make_engine(engine, batch_size=batch_size, workers=workers, ray_address=ray_address,
                          ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
     store = make_store(folder, config, format=format, shard=found.shard, shard_size=shard_size)
