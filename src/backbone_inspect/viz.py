@@ -4,6 +4,7 @@ mean activation as a heatmap over the input."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,29 +137,55 @@ def save_png(path: Path, image: Image.Image) -> None:
 
 
 def write_visualisations(folder: Path, result: ImageResult, channels: int = 16) -> list[Path]:
-    """``folder/<stage>-channels.png`` and ``folder/<stage>-heatmap.png`` for each stage of a result."""
+    """``folder/<stage>-channels.png`` and ``folder/<stage>-heatmap.png`` for each stage of a result.
+    ``OutputError`` naming the picture that cannot be drawn or written (see ``picture_error``)."""
     from .stats import stride_text
 
     written = []
     for stats in result.stats:
         feature = result.features[stats.name]
         stride = stride_text(stats.stride)
-        grid_path = folder / f"{stats.name}-channels.png"
-        save_png(grid_path, channel_grid(stats.name, feature, stride, channels))
-        written.append(grid_path)
+        drawings: list[tuple[Path, Callable[[], Image.Image]]] = [
+            (folder / f"{stats.name}-channels.png", lambda: channel_grid(stats.name, feature, stride, channels))]
         if result.pixels is not None:
-            heat_path = folder / f"{stats.name}-heatmap.png"
-            save_png(heat_path, heatmap_overlay(stats.name, feature, result.pixels, stride))
-            written.append(heat_path)
+            pixels = result.pixels
+            drawings.append((folder / f"{stats.name}-heatmap.png", lambda: heatmap_overlay(stats.name, feature, pixels, stride)))
+        for path, draw in drawings:
+            try:
+                save_png(path, draw())
+            except (OSError, MemoryError) as error:
+                raise picture_error(path, error) from error
+            written.append(path)
     return written
 
 
-def write_viz(folder: Path, result: ImageResult, channels: int) -> None:
+def write_viz(folder: Path, result: ImageResult, channels: int) -> OutputError | None:
+    """An image's pictures drawn; the ``OutputError`` that stopped them, or ``None``."""
     try:
         write_visualisations(folder, result, channels)
+    except OutputError as error:
+        return error
+    return None
+
+
+def picture_error(path: Path, error: OSError | MemoryError) -> OutputError:
+    """The picture's own error (``ends_run`` False) when only it cannot be made: too big for the memory,
+    a name too long, a file in the way of its folder; a full or read-only disk ends the run, as for ``--save``."""
+    from .files import output_error
+
+    if isinstance(error, OSError):
+        return output_error(path, error)
+    failure = OutputError(f"cannot draw {path}: out of memory")
+    failure.ends_run = False
+    return failure
+
+
+def claim_folder(folder: Path) -> None:
+    """The pictures' folder made, and a file written and removed there: ``OutputError`` if it cannot be."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
-        raise pictures_error(folder, error) from error
-
-
-def pictures_error(folder: Path, error: OSError) -> OutputError:
-    return OutputError(f"cannot write pictures under {folder}: {error.strerror or error}")
+        raise OutputError(f"cannot write pictures under {folder}: {error.strerror or error}") from error
