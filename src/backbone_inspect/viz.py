@@ -28,7 +28,22 @@ HEADER = 44
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 HEATMAP_SIDE = 336
-"""The shorter side of the heatmap panels: big enough to read, whatever the input size."""
+"""The shorter side of the heatmap panels: big enough to read, whatever the input size..."""
+HEATMAP_LONGEST = 4 * HEATMAP_SIDE
+"""...unless the longer side would then pass this: a panel is never over 336×1344 pixels, whatever the input."""
+MIN_WIDTH = 420
+"""Pictures are at least this wide: room for the header."""
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """``width``×``height`` scaled, the aspect ratio kept, at least a pixel each way."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def heatmap_size(width: int, height: int) -> tuple[int, int]:
+    """A heatmap panel's size for an input of ``width``×``height``: the shorter side ``HEATMAP_SIDE``,
+    the longer one at most ``HEATMAP_LONGEST`` (a thin strip gets a thinner panel)."""
+    return scaled_size(width, height, min(HEATMAP_SIDE / min(width, height), HEATMAP_LONGEST / max(width, height)))
 
 
 def viridis_palette() -> list[int]:
@@ -87,7 +102,7 @@ def channel_grid(stage: str, feature: torch.Tensor, stride: str, count: int = 16
     rows = math.ceil(len(chosen) / columns)
     width = GAP + columns * (TILE + GAP)
     height = HEADER + rows * (TILE + CAPTION + GAP) + GAP
-    canvas = Image.new("RGB", (max(width, 420), height), BACKGROUND)
+    canvas = Image.new("RGB", (max(width, MIN_WIDTH), height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
     draw.text(
@@ -99,13 +114,20 @@ def channel_grid(stage: str, feature: torch.Tensor, stride: str, count: int = 16
         row, column = divmod(slot, columns)
         left = GAP + column * (TILE + GAP)
         top = HEADER + row * (TILE + CAPTION + GAP)
-        # Nearest neighbour: every feature-map cell stays visible as a square.
-        tile = colourise(normalised_gray(feature[channel])).resize((TILE, TILE), Image.Resampling.NEAREST)
-        canvas.paste(tile, (left, top))
+        canvas.paste(*_tile(feature[channel], left, top))
         draw.text(
             (left, top + TILE + 2), f"ch {channel}  mean {means[channel].item():.3g}", fill=TEXT, font=_font(11)
         )
     return canvas
+
+
+def _tile(channel: torch.Tensor, left: int, top: int) -> tuple[Image.Image, tuple[int, int]]:
+    """One channel fitted into a ``TILE`` square, its aspect ratio kept, centred; where to paste it.
+    Nearest neighbour: every feature-map cell stays visible as a square."""
+    height, width = channel.shape
+    size = scaled_size(width, height, TILE / max(width, height))
+    tile = colourise(normalised_gray(channel)).resize(size, Image.Resampling.NEAREST)
+    return tile, (left + (TILE - size[0]) // 2, top + (TILE - size[1]) // 2)
 
 
 def heatmap_overlay(stage: str, feature: torch.Tensor, pixels: torch.Tensor, stride: str) -> Image.Image:
@@ -113,13 +135,12 @@ def heatmap_overlay(stage: str, feature: torch.Tensor, pixels: torch.Tensor, str
     from torchvision.transforms.functional import to_pil_image
 
     picture = to_pil_image(pixels.cpu())
-    scale = HEATMAP_SIDE / min(picture.size)
-    size = (round(picture.width * scale), round(picture.height * scale))
+    size = heatmap_size(picture.width, picture.height)
     picture = picture.resize(size, Image.Resampling.BILINEAR)
     mean_map = feature.detach().float().mean(dim=0)
     heat = colourise(normalised_gray(mean_map).resize(size, Image.Resampling.BILINEAR))
     overlay = Image.blend(picture, heat, 0.55)
-    canvas = Image.new("RGB", (GAP * 3 + size[0] * 2, HEADER + size[1] + GAP), BACKGROUND)
+    canvas = Image.new("RGB", (max(GAP * 3 + size[0] * 2, MIN_WIDTH), HEADER + size[1] + GAP), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
     draw.text(
