@@ -27,6 +27,9 @@ CAPTION = 18
 HEADER = 44
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
+NONFINITE = (150, 150, 150)
+"""NaN and inf cells: a neutral grey, in no colour of viridis."""
+NONFINITE_NOTE = "grey: NaN or inf"
 HEATMAP_SIDE = 336
 """The shorter side of the heatmap panels: big enough to read, whatever the input size..."""
 HEATMAP_LONGEST = 4 * HEATMAP_SIDE
@@ -60,14 +63,33 @@ def viridis_palette() -> list[int]:
     return palette
 
 
+def finite_range(values: torch.Tensor) -> tuple[float, float] | None:
+    """The min and max of a map's finite values; ``None`` when it has none."""
+    finite = values[values.isfinite()]
+    return (finite.min().item(), finite.max().item()) if finite.numel() else None
+
+
 def normalised_gray(values: torch.Tensor) -> Image.Image:
-    """A 2-D map scaled to 0..255 by its own min and max (a constant map is black)."""
+    """A 2-D map scaled to 0..255 by the min and max of its finite values (a constant map is black;
+    NaN and inf are black too here: ``paint_nonfinite`` draws them)."""
+    import torch
     from torchvision.transforms.functional import to_pil_image
 
     values = values.detach().float().cpu()
-    low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low) if high > low else values * 0
+    low, high = finite_range(values) or (0.0, 0.0)
+    scaled = ((values - low) / (high - low)).nan_to_num(0, 0, 0) if high > low else torch.zeros_like(values)
     return to_pil_image((scaled * 255).round().byte())
+
+
+def paint_nonfinite(image: Image.Image, values: torch.Tensor) -> Image.Image:
+    """``image`` (the 2-D map ``values`` drawn at any size) with its NaN and inf cells in ``NONFINITE`` grey."""
+    from torchvision.transforms.functional import to_pil_image
+
+    missing = ~values.detach().cpu().isfinite()
+    if missing.any():
+        mask = to_pil_image(missing.byte() * 255).resize(image.size, Image.Resampling.NEAREST)
+        image.paste(NONFINITE, mask=mask)
+    return image
 
 
 def colourise(gray: Image.Image) -> Image.Image:
@@ -92,7 +114,8 @@ def _header(result_stage: str, feature: torch.Tensor, stride: str) -> str:
 def most_active_channels(feature: torch.Tensor, count: int) -> list[int]:
     """Indices of the ``count`` channels with the highest mean activation, most active first."""
     means = feature.detach().float().mean(dim=(1, 2))
-    return means.topk(min(count, feature.shape[0])).indices.tolist()
+    ranked = means.nan_to_num(-math.inf, math.inf, -math.inf)  # a NaN mean ranks lowest
+    return ranked.sort(descending=True, stable=True).indices[:count].tolist()
 
 
 def channel_grid(stage: str, feature: torch.Tensor, stride: str, count: int = 16) -> Image.Image:
@@ -105,9 +128,10 @@ def channel_grid(stage: str, feature: torch.Tensor, stride: str, count: int = 16
     canvas = Image.new("RGB", (max(width, MIN_WIDTH), height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
+    finite = bool(feature[chosen].isfinite().all())
     draw.text(
-        (GAP, 25), f"{len(chosen)} most active of {feature.shape[0]} channels, each min-max normalised",
-        fill=(90, 90, 90), font=_font(12),
+        (GAP, 25), f"{len(chosen)} most active of {feature.shape[0]} channels, each min-max normalised"
+        + ("" if finite else f"; {NONFINITE_NOTE}"), fill=(90, 90, 90), font=_font(12),
     )
     means = feature.detach().float().mean(dim=(1, 2))
     for slot, channel in enumerate(chosen):
@@ -126,7 +150,7 @@ def _tile(channel: torch.Tensor, left: int, top: int) -> tuple[Image.Image, tupl
     Nearest neighbour: every feature-map cell stays visible as a square."""
     height, width = channel.shape
     size = scaled_size(width, height, TILE / max(width, height))
-    tile = colourise(normalised_gray(channel)).resize(size, Image.Resampling.NEAREST)
+    tile = paint_nonfinite(colourise(normalised_gray(channel)).resize(size, Image.Resampling.NEAREST), channel)
     return tile, (left + (TILE - size[0]) // 2, top + (TILE - size[1]) // 2)
 
 
@@ -139,18 +163,21 @@ def heatmap_overlay(stage: str, feature: torch.Tensor, pixels: torch.Tensor, str
     picture = picture.resize(size, Image.Resampling.BILINEAR)
     mean_map = feature.detach().float().mean(dim=0)
     heat = colourise(normalised_gray(mean_map).resize(size, Image.Resampling.BILINEAR))
-    overlay = Image.blend(picture, heat, 0.55)
+    overlay = paint_nonfinite(Image.blend(picture, heat, 0.55), mean_map)
     canvas = Image.new("RGB", (max(GAP * 3 + size[0] * 2, MIN_WIDTH), HEADER + size[1] + GAP), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((GAP, 6), _header(stage, feature, stride), fill=TEXT, font=_font(15))
-    draw.text(
-        (GAP, 25),
-        f"mean over channels, {mean_map.min().item():.3g} (dark) to {mean_map.max().item():.3g} (yellow)",
-        fill=(90, 90, 90), font=_font(12),
-    )
+    draw.text((GAP, 25), heatmap_legend(mean_map), fill=(90, 90, 90), font=_font(12))
     canvas.paste(picture, (GAP, HEADER))
     canvas.paste(overlay, (GAP * 2 + size[0], HEADER))
     return canvas
+
+
+def heatmap_legend(mean_map: torch.Tensor) -> str:
+    """What the heatmap's colours stand for: the range of its finite values, and grey where it has others."""
+    span = finite_range(mean_map)
+    legend = "mean over channels, " + (f"{span[0]:.3g} (dark) to {span[1]:.3g} (yellow)" if span else "no finite values")
+    return legend if bool(mean_map.isfinite().all()) else f"{legend}; {NONFINITE_NOTE}"
 
 
 def save_png(path: Path, image: Image.Image) -> None:
