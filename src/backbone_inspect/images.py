@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .colour_modes import ALPHA_BACKGROUND as ALPHA_BACKGROUND  # where transparency goes, as it always was
 from .colour_modes import to_rgb
 from .errors import ImageError
 
