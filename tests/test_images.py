@@ -10,7 +10,8 @@ from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.functional import pil_to_tensor
 
 from backbone_inspect.errors import ImageError
-from backbone_inspect.images import ALPHA_BACKGROUND, Preprocessing, load_image_tensor, load_rgb, preprocess
+from backbone_inspect.colour_modes import ALPHA_BACKGROUND
+from backbone_inspect.images import Preprocessing, load_image_tensor, load_rgb, preprocess
 
 from conftest import SAMPLES
 

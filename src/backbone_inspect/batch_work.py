@@ -122,19 +122,30 @@ def finish_images(done: Sequence[tuple[FoundImage, ImageResult | str]], store: F
     return stage_images(done, store)()
 
 
+Draw = Callable[[FoundImage, ImageResult], OutputError | None]
+"""Pictures drawn of an image's result before it is stored (``--viz``): the error that stopped them, or ``None``."""
+
+
 def stage_images(
-    done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None
+    done: Sequence[tuple[FoundImage, ImageResult | str]], store: FeatureStore | None, draw: Draw | None = None
 ) -> Callable[[], list[FinishedImage]]:
     """``finish_images`` in two steps (``FeatureStore.stage_all``): the features written now, and
-    the call that commits them and describes each image, in order (made once, from any thread)."""
-    computed = [(image, result) for image, result in done if not isinstance(result, str)]
+    the call that commits them and describes each image, in order (made once, from any thread).
+    With ``draw``, each computed image's pictures first: one whose pictures fail is that image's
+    error, as a write that fails is, and its features are not stored."""
+    refused = {position: error for position, (image, result) in enumerate(done) if not isinstance(result, str)
+               for error in [draw(image, result) if draw is not None else None] if error is not None}
+    computed = [(image, result) for position, (image, result) in enumerate(done)
+                if not isinstance(result, str) and position not in refused]
     if store is not None:
-        store.discard([image for image, result in done if isinstance(result, str)])
+        store.discard([image for position, (image, result) in enumerate(done) if isinstance(result, str) or position in refused])
     commit = store.stage_all(computed) if store is not None else lambda: [Stored(0)] * len(computed)
 
     def finish() -> list[FinishedImage]:
         stored = iter(commit())
-        return [finish_image(image, result, Stored(0) if isinstance(result, str) else next(stored)) for image, result in done]
+        return [finish_image(image, result, refused[position] if position in refused else
+                             Stored(0) if isinstance(result, str) else next(stored))
+                for position, (image, result) in enumerate(done)]
 
     return finish
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
+    from .errors import OutputError
     from .results import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome, RunSummary
@@ -54,6 +55,9 @@ class RunCallbacks:
     """Each image once it is written: its manifest line and, unless it failed, its result."""
     keep_features: bool = False
     """Whether ``on_outcome`` needs the feature tensors (features saved to a store are kept anyway)."""
+    draw: Callable[[FoundImage, ImageResult], OutputError | None] | None = None
+    """Pictures of each computed image, drawn before it is stored (``--viz``; engines with ``supports_pictures``):
+    an error returned is that image's, as a write's is (``batch_work.stage_images``)."""
 
 
 class Engine(Protocol):

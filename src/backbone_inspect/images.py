@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .colour_modes import to_rgb
 from .errors import ImageError
 
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ MAX_SIDE = 4096
 MAX_PIXELS = MAX_SIDE * MAX_SIDE
 """The most pixels an image may have after preprocessing (``--resize none --crop none`` keeps the native size)."""
 
-ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
-"""Transparent pixels are composited onto white before the model sees them."""
 
 
 
@@ -47,35 +46,6 @@ class Preprocessing:
         values["mean"] = list(self.mean)
         values["std"] = list(self.std)
         return values
-
-
-def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    # Pillow's convert("L"/"RGB") clips 16-bit values at 255, which turns almost every pixel
-    # white; scale the 0..65535 range down to 0..255 instead (65535 / 257 == 255).
-    if image.mode != "I":
-        image = image.convert("I")
-    return image.point(lambda value: value * (1 / 257)).convert("L")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Correct 8-bit RGB from any Pillow mode; transparency is composited onto ``ALPHA_BACKGROUND``."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I"):
-        image = _sixteen_bit_to_l(image)
-    elif image.mode == "F":
-        image = image.convert("L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("LA", "La", "PA", "RGBa"):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 # Held around warnings.catch_warnings, which swaps the process's filters and showwarning (Python 3.11):
@@ -102,6 +72,8 @@ def load_rgb(path: str | Path) -> Image.Image:
                 with _c_library_messages(said) if opened.format == "TIFF" else contextlib.nullcontext():
                     opened.load()
                 rgb = to_rgb(ImageOps.exif_transpose(opened))
+    except ImageError as error:  # pixel values to_rgb will not guess at
+        raise ImageError(f"{path}: {error}") from error
     except Exception as error:  # whatever a decoder raises, one bad file is that file's error
         if said and not isinstance(error, Image.UnidentifiedImageError):
             raise ImageError(f"{path}: cannot decode image ({error}: {'; '.join(said)})") from error

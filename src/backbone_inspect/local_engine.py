@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .batch_work import FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
+from .batch_work import Draw, FinishedImage, Slice, collect_batch, launch_batch, slices, stage_images, writer_threads
 from .config import FeatureConfig
 from .device import frozen_collector, is_out_of_memory, keep_freed_memory, out_of_memory, process_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
@@ -135,7 +135,7 @@ class LocalEngine:
         callbacks.on_start(model_info(extractor, device=str(extractor.device)))
         workers = self.workers_for(extractor.device.type) if len(todo) > self.batch_size else 0
         batches = decoded_batches(todo, extractor, batch_size=self.batch_size, workers=workers)
-        writes = _Writes(store, callbacks.on_outcome)
+        writes = _Writes(store, callbacks.on_outcome, callbacks.draw)
         overlap = self.overlap if self.overlap is not None else extractor.device.type == "cuda"
         # Under torchrun each process's GPU is its current device for the run, or the DataLoader's
         # pinning thread would open a CUDA context on GPU 0 in every process.
@@ -212,8 +212,9 @@ class _Writes:
     """The writer threads: each batch written in slices (``writer_threads``), each slice committed
     by one more thread while the writers write the next, and reported in order."""
 
-    def __init__(self, store: FeatureStore | None, on_outcome: Callable[[Outcome, ImageResult | None], None]) -> None:
-        self.store = store
+    def __init__(self, store: FeatureStore | None, on_outcome: Callable[[Outcome, ImageResult | None], None],
+                 draw: Draw | None = None) -> None:
+        self.store, self._draw = store, draw
         self.tally = RunTally()
         self._report = functools.partial(_report, tally=self.tally, on_outcome=on_outcome)
         self._threads = writer_threads()
@@ -228,7 +229,7 @@ class _Writes:
         # In a few slices, in order: few tasks however fast the model runs.
         with stop.shield():  # every write started is tracked, every write reported is recorded whole
             for part in slices(done, self._threads):
-                staged = self._writers.submit(stage_images, part, self.store)
+                staged = self._writers.submit(stage_images, part, self.store, self._draw)
                 self._staging.append(staged)
                 self._pending.append(self._committer.submit(_committed, staged))
             while self._staging and self._staging[0].done():
@@ -279,7 +280,7 @@ def _report(future: Slice, *, tally: RunTally, on_outcome: Callable[[Outcome, Im
         tally.add(outcome, output_error)
         try:
             on_outcome(outcome, result)
-        except OutputError as error:  # e.g. a picture that cannot be written
+        except OutputError as error:  # e.g. a manifest line that cannot be written
             tally.output_error = tally.output_error or str(error)
         except BaseException as error:  # noqa: BLE001 - stdout closed: the others are still recorded
             failure = failure or error

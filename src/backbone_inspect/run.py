@@ -43,17 +43,17 @@ class Pictures:
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
             raise UsageError(f"--viz-channels {self.channels!r}: expected a positive number of channels")
 
+    def draw(self, image: FoundImage, result: ImageResult) -> OutputError | None:
+        """``folder/<image>/``'s pictures of one result; the error that stopped them, or ``None``."""
+        from .viz import write_viz
+
+        return write_viz(self.folder / Path(image.output).with_suffix(""), result, self.channels)
+
     def claim(self) -> None:
         """The folder made, and a file written and removed there: ``OutputError`` before any work if it cannot be."""
-        import tempfile
+        from .viz import claim_folder
 
-        from .viz import pictures_error
-
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=self.folder).close()
-        except OSError as error:
-            raise pictures_error(self.folder, error) from error
+        claim_folder(self.folder)
 
 
 @dataclass(frozen=True)
@@ -224,10 +224,6 @@ def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCal
             except OutputError as error:  # a manifest that cannot be written: the image is still shown, then the run ends
                 unrecorded = error
         if result is not None:
-            if pictures is not None:
-                from .viz import write_viz
-
-                write_viz(pictures.folder / Path(str(outcome.output)).with_suffix(""), result, pictures.channels)
             for stats in result.stats:
                 accumulator.add(stats)
         if not failed:
@@ -239,7 +235,8 @@ def _recording(plan: RunPlan, accumulator: SummaryAccumulator, callbacks: RunCal
         if unrecorded is not None:
             raise unrecorded
 
-    return RunCallbacks(on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None)
+    return RunCallbacks(on_start, on_outcome, keep_features=callbacks.keep_features or pictures is not None,
+                        draw=pictures.draw if pictures is not None else None)
 
 
 def make_store(folder: str | Path, config: FeatureConfig, *, format: str = "pt", shard: Shard | None = None,
