@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module (os, subprocess), "unsupported GLOBAL x.y".
 _UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _EXAMPLES_SHOWN = 5
+Aliases = tuple[tuple[str, str], ...]
 
 
 def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
@@ -147,12 +148,28 @@ def _head_note(head: Mapping[str, torch.Tensor], expected_head: Mapping[str, tor
     return f"classifier head not loaded: checkpoint has {shapes(head)}; {arch} has {shapes(expected_head)}"
 
 
-def load_checkpoint_into(model: nn.Module, arch: str, path: Path, head_prefixes: tuple[str, ...]) -> str | None:
+def _renamed(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], aliases: Aliases) -> dict[str, torch.Tensor]:
+    """``state`` with each key the model lacks renamed by the first alias ``(old prefix, new prefix)``
+    that gives a key the model has and the checkpoint does not."""
+    def rename(key: str) -> str:
+        for old, new in () if key in expected else aliases:
+            candidate = new + key[len(old) :]
+            if key.startswith(old) and candidate in expected and candidate not in state:
+                return candidate
+        return key
+
+    return {rename(key): value for key, value in state.items()}
+
+
+def load_checkpoint_into(
+    model: nn.Module, arch: str, path: Path, head_prefixes: tuple[str, ...], aliases: Aliases = (),
+) -> str | None:
     """Load the backbone of a local checkpoint; the head (the state under ``head_prefixes``) only
     when it has the model's shapes. Returns why the head was not loaded, or ``None`` when it was.
+    ``aliases``: key prefixes of other layouts of the same modules, as ``(theirs, the model's)``.
     """
-    state = read_checkpoint(path)
     expected = model.state_dict()
+    state = _renamed(read_checkpoint(path), expected, aliases)
     backbone = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
     given = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
     problems = fit_problems(backbone, given)

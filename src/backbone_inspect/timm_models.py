@@ -164,10 +164,11 @@ def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
     from .checkpoints import load_checkpoint_into
+    from .timm_checkpoints import features_only_aliases, timm_head_prefixes
 
-    head = model.pretrained_cfg.get("classifier") or "fc"
-    prefixes = tuple(f"{path}." for path in ((head,) if isinstance(head, str) else head))
-    note = load_checkpoint_into(model, arch, Path(plan.label), prefixes)
+    skeleton = timm_skeleton(arch)  # pruned to learn what the replay runs: the rest is the head
+    prefixes = timm_head_prefixes(skeleton, stage_indices(arch, feature_dicts(skeleton))["stage4"])
+    note = load_checkpoint_into(model, arch, Path(plan.label), prefixes, features_only_aliases(model))
     return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
 
 
