@@ -129,7 +129,7 @@ def test_without_timm_the_error_names_the_extra(chelsea: Path, monkeypatch: pyte
 def test_pretrained_weights_offline_name_the_cache_folder(chelsea: Path) -> None:
     result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith("Error: timm weights for resnet18 are not cached and cannot be downloaded")
+    assert result.stderr.startswith("Error: timm weights for resnet18.a1_in1k are not cached and cannot be downloaded")
     assert "models--timm--resnet18.a1_in1k" in result.stderr
 
 
@@ -156,10 +156,21 @@ def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(t
     trained = seeded_timm("resnet18", seed=5)
     cached_timm_weights(tmp_path, monkeypatch, trained.state_dict())
     model, loaded = build_timm_model("timm:resnet18", "DEFAULT")
-    assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "DEFAULT", 224, "bicubic")
+    assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "resnet18.a1_in1k", 224, "bicubic")
     assert loaded.preprocessing.resize == int(224 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_default_weights_are_recorded_as_the_tag_timm_resolves_them_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached_timm_weights(tmp_path / "hub", monkeypatch, seeded_timm("resnet18", seed=5).state_dict())
+    out, options = tmp_path / "out", ("--arch", "timm:resnet18", "--resize", "64", "--crop", "64", "--device", "cpu")
+    result = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "DEFAULT", "--save", out)
+    assert result.exit_code == 0, result.stderr
+    assert "weights resnet18.a1_in1k" in result.stdout
+    assert json.loads((out / "backbone-inspect.json").read_text())["weights"] == "resnet18.a1_in1k"
+    again = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "pretrained", "--save", out)
+    assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr, again.stderr
 
 
 @pytest.mark.parametrize(("content", "cause"), [
@@ -170,7 +181,7 @@ def test_unreadable_cached_pretrained_weights_are_named(tmp_path: Path, monkeypa
     cached = cached_timm_weights(tmp_path, monkeypatch, content if isinstance(content, bytes) else content())
     result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"Error: cannot read cached weights {cached} for timm:resnet18: {cause}")
+    assert result.stderr.startswith(f"Error: cannot read cached weights {cached} for timm:resnet18.a1_in1k: {cause}")
     assert result.stderr.endswith("; delete it to download it again\n")
 
 

@@ -130,12 +130,21 @@ def plan_timm_weights(arch: str, weights: Any = None) -> WeightsPlan:
     if weights is None or (isinstance(weights, str) and weights.strip().lower() == "none"):
         return WeightsPlan(arch, "none", "none", Preprocessing())
     if isinstance(weights, str) and weights.strip().upper() in NAMED_WEIGHTS and not Path(weights).exists():
-        return WeightsPlan(arch, "named", "DEFAULT", _timm_preprocessing(name))
+        return WeightsPlan(arch, "named", pretrained_name(name), _timm_preprocessing(name))
     if isinstance(weights, str) and weights.strip().isupper() and not Path(weights).exists():
         raise UsageError(f"--weights {weights!r} is torchvision's kind of name; for {arch} give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
     if isinstance(weights, (str, os.PathLike)) and str(weights).strip():
         return WeightsPlan(arch, "checkpoint", str(weights), Preprocessing())
     raise UsageError(f"--weights {weights!r} for {arch}: give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
+
+
+def pretrained_name(name: str) -> str:
+    """The pretrained weights ``name`` loads, with the tag timm resolves it to (``resnet18.a1_in1k``): what
+    the header and a dump's settings record, as torchvision's ``DEFAULT`` is recorded as the name it stands for."""
+    from timm.models import get_pretrained_cfg
+
+    base, tag = name.partition(".")[0], getattr(get_pretrained_cfg(name), "tag", "") or ""
+    return f"{base}.{tag}" if tag else base
 
 
 def _timm_preprocessing(name: str) -> Preprocessing:
@@ -157,7 +166,7 @@ def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[
     timm, plan = import_timm(), plan_timm_weights(arch, weights)
     name = timm_name(arch)
     if plan.kind == "named":
-        return _pretrained(timm, name), LoadedWeights("DEFAULT", "named", plan.preprocessing, head_loaded=True)
+        return _pretrained(timm, plan.label), LoadedWeights(plan.label, "named", plan.preprocessing, head_loaded=True)
     with torch.random.fork_rng(devices=[]):  # the CPU generator only, as weights._random_model seeds it
         torch.random.default_generator.manual_seed(check_seed(seed))
         model = timm.create_model(name, pretrained=False)
