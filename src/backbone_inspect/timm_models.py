@@ -20,7 +20,7 @@ from .errors import UsageError, WeightsError, first_line
 from .families import TIMM_PREFIX
 from .options import check_seed
 from .images import Preprocessing
-from .stages import STAGE_NAMES
+from .stages import STAGE_NAMES, check_arch
 from .weights import LoadedWeights, WeightsPlan
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def import_timm() -> Any:
 
 def timm_name(arch: str) -> str:
     """The timm model name of ``timm:<name>``, checked against timm's registry."""
-    timm, name = import_timm(), arch[len(TIMM_PREFIX) :].strip()
+    timm, name = import_timm(), check_arch(arch)[len(TIMM_PREFIX) :]
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
