@@ -177,14 +177,18 @@ def test_default_weights_are_recorded_as_the_tag_timm_resolves_them_to(tmp_path:
 
 
 @pytest.mark.parametrize(("content", "cause"), [
-    (b"\x00" * 100, "SafetensorError: Error while deserializing header"),
-    (lambda: seeded_timm("resnet34").state_dict(), "RuntimeError: Error(s) in loading state_dict for ResNet:"),
-], ids=["corrupt", "another arch"])
+    (b"\x00" * 100, "cannot read cached weights {cached} for timm:resnet18.a1_in1k: SafetensorError: Error while deserializing header"),
+    (lambda: seeded_timm("resnet34").state_dict(),
+     "cached weights {cached} for timm:resnet18.a1_in1k do not fit it: unexpected: layer1.2.bn1.bias, layer1.2.bn1.num_batches_tracked,"),
+    (lambda: timm.create_model("resnet18", num_classes=10).state_dict(),
+     "cached weights {cached} for timm:resnet18.a1_in1k do not fit it: wrong shape (checkpoint vs model): fc.bias [10] vs [1000], "
+     "fc.weight [10, 512] vs [1000, 512]; delete it"),
+], ids=["corrupt", "another arch", "another head"])
 def test_unreadable_cached_pretrained_weights_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chelsea: Path, content, cause: str) -> None:
     cached = cached_timm_weights(tmp_path, monkeypatch, content if isinstance(content, bytes) else content())
     result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"Error: cannot read cached weights {cached} for timm:resnet18.a1_in1k: {cause}")
+    assert result.stderr.startswith("Error: " + cause.format(cached=cached)), result.stderr
     assert result.stderr.endswith("; delete it to download it again\n")
 
 

@@ -42,3 +42,22 @@ def features_only_aliases(model: nn.Module) -> tuple[tuple[str, str], ...]:
         for child, _ in owner.named_children()
     )
     return (*flattened, ("model.", ""))
+
+
+def cached_misfit(path: str, skeleton: nn.Module) -> list[str]:
+    """Why a cached pretrained weights file does not load into the model ``skeleton`` is built as: its missing,
+    unexpected and wrongly shaped keys (none where the file cannot be read, or fits)."""
+    import torch
+
+    from .checkpoints import fit_problems
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        return fit_problems(skeleton.state_dict(), state) if isinstance(state, dict) else []
+    except Exception:  # unreadable: timm's own error says why
+        return []

@@ -198,10 +198,7 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found, "source": "file"})
         except Exception as error:
-            raise WeightsError(
-                f"cannot read cached weights {found} for {TIMM_PREFIX}{name}: {type(error).__name__}: {first_line(error)}; "
-                "delete it to download it again"
-            ) from error
+            raise _unreadable_cached(found, name, error) from error
     folder = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
     missing = (
         f"timm weights for {name} are not cached and cannot be downloaded (%s); on a machine online run "
@@ -214,6 +211,17 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
             return timm.create_model(name, pretrained=True)
     except Exception as error:
         raise WeightsError(missing % first_line(error)) from error
+
+
+def _unreadable_cached(found: str, name: str, error: Exception) -> WeightsError:
+    """A cached weights file that will not load: which keys do not fit, where that is why, else timm's error."""
+    from .timm_checkpoints import cached_misfit
+
+    arch = f"{TIMM_PREFIX}{name}"
+    problems = cached_misfit(found, timm_skeleton(f"{TIMM_PREFIX}{name.partition('.')[0]}"))
+    if problems:
+        return WeightsError(f"cached weights {found} for {arch} do not fit it: {'; '.join(problems)}; delete it to download it again")
+    return WeightsError(f"cannot read cached weights {found} for {arch}: {type(error).__name__}: {first_line(error)}; delete it to download it again")
 
 
 def _resolves(host: str) -> bool:
