@@ -61,6 +61,14 @@ def check_is_timm_model(model: nn.Module, arch: str) -> None:
         raise UsageError(f"the model passed is not a {TIMM_PREFIX}{name}: pass timm.create_model({name!r}) or its arch")
 
 
+def check_not_timm_model(model: nn.Module, arch: str) -> None:
+    """``UsageError`` for a timm model passed to replay as torchvision's ``arch``, naming the arch that replays it."""
+    if not type(model).__module__.startswith("timm."):
+        return
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or arch
+    raise UsageError(f"the model passed is timm's {name}, not torchvision's {arch}: pass arch \"{TIMM_PREFIX}{name}\" to replay it")
+
+
 def fixed_input_side(model: nn.Module) -> int | None:
     """The input side a timm model is built for, where its config says the size is fixed."""
     config = getattr(model, "pretrained_cfg", None) or {}
