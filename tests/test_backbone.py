@@ -157,10 +157,24 @@ def test_arch_list_is_every_classification_builder_of_torchvisions_cnn_families(
         pytest.param("timm:resnet18", {"seed": "1"}, "invalid --seed '1': expected a whole number", marks=NEEDS_TIMM),
         ("resnet18", {"model": "resnet18"}, "model 'resnet18': expected a torchvision resnet18 already built"),
         pytest.param("timm:resnet18", {"model": "resnet18"}, "the model passed is not a timm:resnet18", marks=NEEDS_TIMM),
+        pytest.param("resnet18", {"model": "timm:resnet18"},  # timm's resnet18 has torchvision's state_dict keys
+                     """the model passed is timm's resnet18, not torchvision's resnet18: pass arch "timm:resnet18" to replay it$""",
+                     marks=NEEDS_TIMM),
+        pytest.param("convnext_tiny", {"model": "timm:convnext_tiny"},
+                     """the model passed is timm's convnext_tiny, not torchvision's convnext_tiny: pass arch "timm:convnext_tiny" to replay it$""",
+                     marks=NEEDS_TIMM),
     ],
 )
 def test_a_bad_seed_or_model_is_a_usage_error_naming_it(arch: str, keywords: dict, message: str) -> None:
     from backbone_inspect.errors import UsageError
 
+    if str(keywords.get("model")).startswith("timm:"):
+        keywords = {"model": timm_model(keywords["model"].removeprefix("timm:"))}
     with pytest.raises(UsageError, match=f"^{message}"):
         Backbone(arch, layers=4, **keywords)
+
+
+def timm_model(name: str) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False)

@@ -111,6 +111,9 @@ def test_a_timm_checkpoint_loads(tmp_path: Path) -> None:
         (["--arch", "timm:resnet18.bogus_tag"], "Error: timm model 'resnet18' has no pretrained tag 'bogus_tag'; its tags: a1_in1k,"),
         (["--arch", "timm:swin_tiny_patch4_window7_224", "--crop", "64"],
          "Error: --crop 64: timm:swin_tiny_patch4_window7_224 takes only 224×224 inputs (fixed when it is built); use --crop 224"),
+        (["--arch", "timm:resnet18 "], "Error: --arch 'timm:resnet18 ' has spaces around the model name: give timm:resnet18"),
+        (["--arch", "timm: resnet18"], "Error: --arch 'timm: resnet18' has spaces around the model name: give timm:resnet18"),
+        (["--arch", " resnet18"], "Error: unknown arch ' resnet18'; valid archs:"),  # refused alike
         (["--arch", "timm:resnet18", "--weights", "IMAGENET1K_V1"], "Error: --weights 'IMAGENET1K_V1' is torchvision's kind of name; for timm:resnet18 give none, DEFAULT"),
     ],
 )
@@ -129,7 +132,7 @@ def test_without_timm_the_error_names_the_extra(chelsea: Path, monkeypatch: pyte
 def test_pretrained_weights_offline_name_the_cache_folder(chelsea: Path) -> None:
     result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith("Error: timm weights for resnet18 are not cached and cannot be downloaded")
+    assert result.stderr.startswith("Error: timm weights for resnet18.a1_in1k are not cached and cannot be downloaded")
     assert "models--timm--resnet18.a1_in1k" in result.stderr
 
 
@@ -156,21 +159,36 @@ def test_pretrained_weights_load_from_the_hugging_face_cache_without_a_request(t
     trained = seeded_timm("resnet18", seed=5)
     cached_timm_weights(tmp_path, monkeypatch, trained.state_dict())
     model, loaded = build_timm_model("timm:resnet18", "DEFAULT")
-    assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "DEFAULT", 224, "bicubic")
+    assert (loaded.kind, loaded.label, loaded.preprocessing.crop, loaded.preprocessing.interpolation) == ("named", "resnet18.a1_in1k", 224, "bicubic")
     assert loaded.preprocessing.resize == int(224 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_default_weights_are_recorded_as_the_tag_timm_resolves_them_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached_timm_weights(tmp_path / "hub", monkeypatch, seeded_timm("resnet18", seed=5).state_dict())
+    out, options = tmp_path / "out", ("--arch", "timm:resnet18", "--resize", "64", "--crop", "64", "--device", "cpu")
+    result = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "DEFAULT", "--save", out)
+    assert result.exit_code == 0, result.stderr
+    assert "weights resnet18.a1_in1k" in result.stdout
+    assert json.loads((out / "backbone-inspect.json").read_text())["weights"] == "resnet18.a1_in1k"
+    again = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "pretrained", "--save", out)
+    assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr, again.stderr
+
+
 @pytest.mark.parametrize(("content", "cause"), [
-    (b"\x00" * 100, "SafetensorError: Error while deserializing header"),
-    (lambda: seeded_timm("resnet34").state_dict(), "RuntimeError: Error(s) in loading state_dict for ResNet:"),
-], ids=["corrupt", "another arch"])
+    (b"\x00" * 100, "cannot read cached weights {cached} for timm:resnet18.a1_in1k: SafetensorError: Error while deserializing header"),
+    (lambda: seeded_timm("resnet34").state_dict(),
+     "cached weights {cached} for timm:resnet18.a1_in1k do not fit it: unexpected: layer1.2.bn1.bias, layer1.2.bn1.num_batches_tracked,"),
+    (lambda: timm.create_model("resnet18", num_classes=10).state_dict(),
+     "cached weights {cached} for timm:resnet18.a1_in1k do not fit it: wrong shape (checkpoint vs model): fc.bias [10] vs [1000], "
+     "fc.weight [10, 512] vs [1000, 512]; delete it"),
+], ids=["corrupt", "another arch", "another head"])
 def test_unreadable_cached_pretrained_weights_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chelsea: Path, content, cause: str) -> None:
     cached = cached_timm_weights(tmp_path, monkeypatch, content if isinstance(content, bytes) else content())
     result = invoke(chelsea, "--arch", "timm:resnet18", "--weights", "DEFAULT", "--device", "cpu")
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"Error: cannot read cached weights {cached} for timm:resnet18: {cause}")
+    assert result.stderr.startswith("Error: " + cause.format(cached=cached)), result.stderr
     assert result.stderr.endswith("; delete it to download it again\n")
 
 

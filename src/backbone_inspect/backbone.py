@@ -13,6 +13,7 @@ from torch import nn
 from .families import Family, family_of, is_timm
 from .errors import UsageError
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
+from .timm_models import check_not_timm_model
 
 if TYPE_CHECKING:
     from .weights import LoadedWeights
@@ -264,8 +265,10 @@ def _checked_reference(model: nn.Module, arch: str) -> nn.Module:
     """``arch`` built without weights; ``UsageError`` unless ``model``'s parameters outside the head have its shapes."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {model!r}: expected a torchvision {arch} already built (a torch.nn.Module), or leave it out")
+    check_not_timm_model(model, arch)  # timm's resnet18 has torchvision's keys, not its modules
     family, reference = torchvision_family(arch), skeleton(arch)
-    if _body_shapes(model, family) != _body_shapes(reference, family):
+    modules = {name for name, _ in model.named_modules()} | {"flatten"}  # a same-shaped model with other modules is not one
+    if _body_shapes(model, family) != _body_shapes(reference, family) or not {*family.steps, *family.head} <= modules:
         raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")
     return reference
 

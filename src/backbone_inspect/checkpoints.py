@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module (os, subprocess), "unsupported GLOBAL x.y".
 _UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 _EXAMPLES_SHOWN = 5
+Aliases = tuple[tuple[str, str], ...]
 
 
 def _checkpoint_read_error(path: Path, error: Exception) -> WeightsError:
@@ -113,7 +114,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = {strip_module(k): v for k, v in state.items()}
     body = "backbone.body."
     if any(k.startswith(body) for k in state):
-        # A detection checkpoint: keep the ResNet body, drop FPN, RPN and heads.
+        # A detection checkpoint: keep the body (ResNet's; MobileNetV3's features, see weights.py), drop FPN, RPN and heads.
         state = {k[len(body) :]: v for k, v in state.items() if k.startswith(body)}
     return state
 
@@ -139,25 +140,55 @@ def _head_note(head: Mapping[str, torch.Tensor], expected_head: Mapping[str, tor
     """Why a checkpoint's classifier head is not loaded; ``None`` when it fits."""
     if not head:
         return "classifier head not loaded: the checkpoint has none"
-    if head.keys() == expected_head.keys() and all(head[k].shape == expected_head[k].shape for k in head):
+    fits = all(k in expected_head and head[k].shape == expected_head[k].shape for k in head)
+    lacking = sorted(k for k in expected_head if k not in head and not k.endswith("num_batches_tracked"))
+    if fits and not lacking:
         return None
+    if fits:  # a detection body ends inside the head (MobileNetV3's features.16): the classifier is not there
+        return f"classifier head not loaded: the checkpoint has only part of it (no {_examples(lacking)})"
     def shapes(tensors: Mapping[str, torch.Tensor]) -> str:
         return ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(tensors.items()) if k.endswith("weight"))
 
     return f"classifier head not loaded: checkpoint has {shapes(head)}; {arch} has {shapes(expected_head)}"
 
 
-def load_checkpoint_into(model: nn.Module, arch: str, path: Path, head_prefixes: tuple[str, ...]) -> str | None:
+def _renamed(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], aliases: Aliases) -> dict[str, torch.Tensor]:
+    """``state`` with each key the model lacks renamed by the first alias ``(old prefix, new prefix)``
+    that gives a key the model has and the checkpoint does not."""
+    def rename(key: str) -> str:
+        for old, new in () if key in expected else aliases:
+            candidate = new + key[len(old) :]
+            if key.startswith(old) and candidate in expected and candidate not in state:
+                return candidate
+        return key
+
+    return {rename(key): value for key, value in state.items()}
+
+
+def _layout_hint(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any]) -> str:
+    """Why a detection checkpoint's keys cannot be matched, where it is one ``backbone.body.`` did not unwrap."""
+    if any(key.startswith("backbone.") for key in state) and not any(key.startswith("backbone.") for key in expected):
+        return (
+            "; its backbone is not under backbone.body. (torchvision's Faster/Mask R-CNN, RetinaNet and FCOS layout) "
+            "but in another detector's layout (SSD's backbone.features regroups the blocks), which cannot be mapped"
+        )
+    return ""
+
+
+def load_checkpoint_into(
+    model: nn.Module, arch: str, path: Path, head_prefixes: tuple[str, ...], aliases: Aliases = (),
+) -> str | None:
     """Load the backbone of a local checkpoint; the head (the state under ``head_prefixes``) only
     when it has the model's shapes. Returns why the head was not loaded, or ``None`` when it was.
+    ``aliases``: key prefixes of other layouts of the same modules, as ``(theirs, the model's)``.
     """
-    state = read_checkpoint(path)
     expected = model.state_dict()
+    state = _renamed(read_checkpoint(path), expected, aliases)
     backbone = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
     given = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
     problems = fit_problems(backbone, given)
     if problems:
-        raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems))
+        raise WeightsError(f"checkpoint {path} does not fit {arch}: " + "; ".join(problems) + _layout_hint(state, expected))
     head = {k: v for k, v in state.items() if k.startswith(head_prefixes)}
     note = _head_note(head, {k: v for k, v in expected.items() if k.startswith(head_prefixes)}, arch)
     model.load_state_dict({**given, **(head if note is None else {})}, strict=False)

@@ -121,6 +121,9 @@ def check_arch(arch: str) -> str:
     """``arch`` when it is a known torchvision arch or ``timm:<name>`` (a timm name is checked when built)."""
     if isinstance(arch, str) and is_timm(arch) and not arch[len(TIMM_PREFIX) :].strip():
         raise UsageError(f"--arch {arch!r} names no timm model: give timm:<model name>, e.g. timm:resnet50d")
+    if isinstance(arch, str) and is_timm(arch) and arch[len(TIMM_PREFIX) :] != arch[len(TIMM_PREFIX) :].strip():
+        # refused, as a torchvision name with spaces is: the name is recorded as given, and must be the model's
+        raise UsageError(f"--arch {arch!r} has spaces around the model name: give {TIMM_PREFIX}{arch[len(TIMM_PREFIX) :].strip()}")
     if not isinstance(arch, str) or not (arch in ARCHS or (is_timm(arch) and arch[len(TIMM_PREFIX) :].strip())):
         by_family = "; ".join(f"{family.name}: {', '.join(family.archs)}" for family in FAMILIES)
         raise UsageError(f"unknown arch {arch!r}; valid archs: {by_family}; or timm:<model name> (with timm installed)")

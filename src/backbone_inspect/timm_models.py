@@ -20,7 +20,7 @@ from .errors import UsageError, WeightsError, first_line
 from .families import TIMM_PREFIX
 from .options import check_seed
 from .images import Preprocessing
-from .stages import STAGE_NAMES
+from .stages import STAGE_NAMES, check_arch
 from .weights import LoadedWeights, WeightsPlan
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def import_timm() -> Any:
 
 def timm_name(arch: str) -> str:
     """The timm model name of ``timm:<name>``, checked against timm's registry."""
-    timm, name = import_timm(), arch[len(TIMM_PREFIX) :].strip()
+    timm, name = import_timm(), check_arch(arch)[len(TIMM_PREFIX) :]
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -59,6 +59,14 @@ def check_is_timm_model(model: nn.Module, arch: str) -> None:
     name = timm_name(arch).split(".")[0]
     if not hasattr(model, "forward_intermediates") or built_by != name:
         raise UsageError(f"the model passed is not a {TIMM_PREFIX}{name}: pass timm.create_model({name!r}) or its arch")
+
+
+def check_not_timm_model(model: nn.Module, arch: str) -> None:
+    """``UsageError`` for a timm model passed to replay as torchvision's ``arch``, naming the arch that replays it."""
+    if not type(model).__module__.startswith("timm."):
+        return
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or arch
+    raise UsageError(f"the model passed is timm's {name}, not torchvision's {arch}: pass arch \"{TIMM_PREFIX}{name}\" to replay it")
 
 
 def fixed_input_side(model: nn.Module) -> int | None:
@@ -130,12 +138,21 @@ def plan_timm_weights(arch: str, weights: Any = None) -> WeightsPlan:
     if weights is None or (isinstance(weights, str) and weights.strip().lower() == "none"):
         return WeightsPlan(arch, "none", "none", Preprocessing())
     if isinstance(weights, str) and weights.strip().upper() in NAMED_WEIGHTS and not Path(weights).exists():
-        return WeightsPlan(arch, "named", "DEFAULT", _timm_preprocessing(name))
+        return WeightsPlan(arch, "named", pretrained_name(name), _timm_preprocessing(name))
     if isinstance(weights, str) and weights.strip().isupper() and not Path(weights).exists():
         raise UsageError(f"--weights {weights!r} is torchvision's kind of name; for {arch} give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
     if isinstance(weights, (str, os.PathLike)) and str(weights).strip():
         return WeightsPlan(arch, "checkpoint", str(weights), Preprocessing())
     raise UsageError(f"--weights {weights!r} for {arch}: give none, DEFAULT (timm's pretrained weights) or a checkpoint path")
+
+
+def pretrained_name(name: str) -> str:
+    """The pretrained weights ``name`` loads, with the tag timm resolves it to (``resnet18.a1_in1k``): what
+    the header and a dump's settings record, as torchvision's ``DEFAULT`` is recorded as the name it stands for."""
+    from timm.models import get_pretrained_cfg
+
+    base, tag = name.partition(".")[0], getattr(get_pretrained_cfg(name), "tag", "") or ""
+    return f"{base}.{tag}" if tag else base
 
 
 def _timm_preprocessing(name: str) -> Preprocessing:
@@ -157,17 +174,18 @@ def build_timm_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[
     timm, plan = import_timm(), plan_timm_weights(arch, weights)
     name = timm_name(arch)
     if plan.kind == "named":
-        return _pretrained(timm, name), LoadedWeights("DEFAULT", "named", plan.preprocessing, head_loaded=True)
+        return _pretrained(timm, plan.label), LoadedWeights(plan.label, "named", plan.preprocessing, head_loaded=True)
     with torch.random.fork_rng(devices=[]):  # the CPU generator only, as weights._random_model seeds it
         torch.random.default_generator.manual_seed(check_seed(seed))
         model = timm.create_model(name, pretrained=False)
     if plan.kind == "none":
         return model, LoadedWeights("none", "none", plan.preprocessing, head_loaded=False)
     from .checkpoints import load_checkpoint_into
+    from .timm_checkpoints import features_only_aliases, timm_head_prefixes
 
-    head = model.pretrained_cfg.get("classifier") or "fc"
-    prefixes = tuple(f"{path}." for path in ((head,) if isinstance(head, str) else head))
-    note = load_checkpoint_into(model, arch, Path(plan.label), prefixes)
+    skeleton = timm_skeleton(arch)  # pruned to learn what the replay runs: the rest is the head
+    prefixes = timm_head_prefixes(skeleton, stage_indices(arch, feature_dicts(skeleton))["stage4"])
+    note = load_checkpoint_into(model, arch, Path(plan.label), prefixes, features_only_aliases(model))
     return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
 
 
@@ -188,10 +206,7 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found, "source": "file"})
         except Exception as error:
-            raise WeightsError(
-                f"cannot read cached weights {found} for {TIMM_PREFIX}{name}: {type(error).__name__}: {first_line(error)}; "
-                "delete it to download it again"
-            ) from error
+            raise _unreadable_cached(found, name, error) from error
     folder = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
     missing = (
         f"timm weights for {name} are not cached and cannot be downloaded (%s); on a machine online run "
@@ -204,6 +219,17 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
             return timm.create_model(name, pretrained=True)
     except Exception as error:
         raise WeightsError(missing % first_line(error)) from error
+
+
+def _unreadable_cached(found: str, name: str, error: Exception) -> WeightsError:
+    """A cached weights file that will not load: which keys do not fit, where that is why, else timm's error."""
+    from .timm_checkpoints import cached_misfit
+
+    arch = f"{TIMM_PREFIX}{name}"
+    problems = cached_misfit(found, timm_skeleton(f"{TIMM_PREFIX}{name.partition('.')[0]}"))
+    if problems:
+        return WeightsError(f"cached weights {found} for {arch} do not fit it: {'; '.join(problems)}; delete it to download it again")
+    return WeightsError(f"cannot read cached weights {found} for {arch}: {type(error).__name__}: {first_line(error)}; delete it to download it again")
 
 
 def _resolves(host: str) -> bool:

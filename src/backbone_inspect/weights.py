@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 _NAMED_WEIGHTS_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
+DETECTION_BODY_ALIASES = (("", "features."),)
+"""torchvision's detection bodies without ``backbone.body.``: ResNet's body keeps the model's keys
+(``layer1.``), MobileNetV3's is an ``IntermediateLayerGetter`` over ``features`` (its ``3.`` is ``features.3.``)."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ def build_model(arch: str, weights: Any = None, *, seed: int = 0) -> tuple[nn.Mo
     if plan.kind == "checkpoint":
         from .checkpoints import load_checkpoint_into
 
-        note = load_checkpoint_into(model, arch, Path(plan.label), family_of(arch).head_prefixes)  # type: ignore[union-attr]
+        head = family_of(arch).head_prefixes  # type: ignore[union-attr]
+        note = load_checkpoint_into(model, arch, Path(plan.label), head, DETECTION_BODY_ALIASES)
         return model, LoadedWeights(plan.label, "checkpoint", plan.preprocessing, head_loaded=note is None, head_note=note)
     member = _named_weights(arch, plan.label)
     _load_named(model, arch, member)
