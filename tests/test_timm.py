@@ -63,6 +63,8 @@ def test_a_callers_own_model_is_replayed_unchanged_and_must_be_that_arch() -> No
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000), "not pruned: the caller's model still classifies"
     with pytest.raises(UsageError, match="the model passed is not a timm:resnet18"):
         Backbone("timm:resnet18", (2,), model=seeded_timm("resnet34"))
+    with pytest.raises(UsageError, match=r"^head=True: timm:resnet18 runs through timm's forward_intermediates, which stops"):
+        Backbone("timm:resnet18", (2,), head=True)  # a library call names its keyword, not the command's --topk
 
 
 def test_modules_past_the_deepest_stage_are_not_held() -> None:

@@ -37,7 +37,7 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if head:
-            refuse_topk(arch)
+            refuse_topk(arch, "head=True")
         self.arch = check_arch(arch)
         chosen = None if layers is None else parse_layers(layers, arch)
         self.weights_info: LoadedWeights | None = None

@@ -102,8 +102,9 @@ def check_stages(arch: str, stages: tuple[str, ...], found: dict[str, int]) -> N
         raise UsageError(f"--arch {arch} has no stride-2 output for the stem (its first stage has stride 4): choose among 1-4")
 
 
-def refuse_topk(arch: str) -> None:
-    raise UsageError(f"--topk: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
+def refuse_topk(arch: str, asked_by: str = "--topk") -> None:
+    """``UsageError``: the head cannot run (``asked_by``: the option or keyword that asked for it)."""
+    raise UsageError(f"{asked_by}: {arch} runs through timm's forward_intermediates, which stops before the classifier; use a torchvision arch")
 
 
 def check_timm_config(arch: str, stages: tuple[str, ...], topk: int) -> int | None:
