@@ -176,6 +176,13 @@ def test_default_weights_are_recorded_as_the_tag_timm_resolves_them_to(tmp_path:
     assert json.loads((out / "backbone-inspect.json").read_text())["weights"] == "resnet18.a1_in1k"
     again = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "pretrained", "--save", out)
     assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr, again.stderr
+    # A dump made before, which recorded "DEFAULT" in its settings and its files, still resumes.
+    settings = json.loads((out / "backbone-inspect.json").read_text())
+    (out / "backbone-inspect.json").write_text(json.dumps({**settings, "weights": "DEFAULT"}))
+    saved = torch.load(out / "chelsea.pt", weights_only=True)
+    torch.save({**saved, "meta": {**saved["meta"], "weights": "DEFAULT"}}, out / "chelsea.pt")
+    older = invoke(SAMPLES / "chelsea.jpg", *options, "--weights", "DEFAULT", "--save", out)
+    assert older.exit_code == 0 and "processed 0, skipped 1" in older.stderr, older.stderr
 
 
 @pytest.mark.parametrize(("content", "cause"), [

@@ -152,9 +152,19 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], prefix:
         old = saved.get(key, SETTINGS_BEFORE_THEY_EXISTED.get(key) if not prefix else None)
         if isinstance(value, dict) and isinstance(old, dict):
             differences += settings_differences(old, value, f"{prefix}{key}.")
-        elif old != value:
+        elif old != value and not (not prefix and _timm_default_then(key, old, value, current)):
             differences.append(f"{prefix}{key} {json.dumps(old)} (now {json.dumps(value)})")
     return differences
+
+
+def _timm_default_then(key: str, old: Any, value: Any, current: dict[str, Any]) -> bool:
+    """Whether a timm dump's ``"DEFAULT"`` weights (recorded so before their tag was) are this run's weights:
+    timm still resolves ``DEFAULT`` to the tag recorded now."""
+    if key != "weights" or old != "DEFAULT" or not str(current.get("arch", "")).startswith("timm:"):
+        return False
+    from .timm_models import pretrained_name, timm_name
+
+    return value == pretrained_name(timm_name(current["arch"]))
 
 
 class FolderStore(FeatureStore):
