@@ -74,6 +74,15 @@ def test_a_model_of_another_arch_is_refused() -> None:
     with pytest.raises(UsageError, match="not a resnet18"):
         Backbone("resnet18", layers=4, model=torchvision.models.resnet34())
     assert Backbone("resnet18", layers=4, model=torchvision.models.resnet18(num_classes=3)).stage_names == ("layer4",)
+    headless = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = create_feature_extractor(headless, ["layer4"])(x)["layer4"]
+        del headless.fc  # a backbone without its head is still that arch's backbone
+        assert torch.equal(Backbone("resnet18", layers=4, model=headless).eval()(x)["layer4"], expected)
+    del headless.layer4
+    with pytest.raises(UsageError, match=r"^the model passed is not a resnet18: it has no layer4; pass its arch$"):
+        Backbone("resnet18", layers=4, model=headless)
 
 
 def test_layers_are_sorted_and_deduplicated() -> None:

@@ -267,9 +267,9 @@ def _checked_reference(model: nn.Module, arch: str) -> nn.Module:
         raise UsageError(f"model {model!r}: expected a torchvision {arch} already built (a torch.nn.Module), or leave it out")
     check_not_timm_model(model, arch)  # timm's resnet18 has torchvision's keys, not its modules
     family, reference = torchvision_family(arch), skeleton(arch)
-    modules = {name for name, _ in model.named_modules()} | {"flatten"}  # a same-shaped model with other modules is not one
-    if _body_shapes(model, family) != _body_shapes(reference, family) or not {*family.steps, *family.head} <= modules:
-        raise UsageError(f"the model passed is not a {arch}: its backbone's parameters differ; pass its arch")
+    missing = [step for step in family.steps if step not in {name for name, _ in model.named_modules()}]
+    if _body_shapes(model, family) != _body_shapes(reference, family) or missing:  # the head may be gone (head=False)
+        raise UsageError(f"the model passed is not a {arch}: {f'it has no {missing[0]}' if missing else 'its backbone differs'}; pass its arch")
     return reference
 
 
