@@ -133,8 +133,7 @@ def stage_images(
     the call that commits them and describes each image, in order (made once, from any thread).
     With ``draw``, each computed image's pictures first: one whose pictures fail is that image's
     error, as a write that fails is, and its features are not stored."""
-    refused = {position: error for position, (image, result) in enumerate(done) if not isinstance(result, str)
-               for error in [draw(image, result) if draw is not None else None] if error is not None}
+    refused = _pictures_refused(done, draw) if draw is not None else {}
     computed = [(image, result) for position, (image, result) in enumerate(done)
                 if not isinstance(result, str) and position not in refused]
     if store is not None:
@@ -148,6 +147,19 @@ def stage_images(
                 for position, (image, result) in enumerate(done)]
 
     return finish
+
+
+def _pictures_refused(done: Sequence[tuple[FoundImage, ImageResult | str]], draw: Draw) -> dict[int, OutputError]:
+    """Each computed image's pictures, in order: the positions whose pictures failed, with why. After an
+    error that ends the run (a full disk) the rest are not drawn but left for a re-run, as a store leaves them."""
+    refused: dict[int, OutputError] = {}
+    for position, (image, result) in enumerate(done):
+        ended = next((error for error in refused.values() if error.ends_run), None)
+        if ended is not None and not isinstance(result, str):
+            refused[position] = OutputStopped(f"{ended} (the pictures after it not drawn: run again once it is fixed)")
+        elif not isinstance(result, str) and (error := draw(image, result)) is not None:
+            refused[position] = error
+    return refused
 
 
 def process_batch(

@@ -182,10 +182,11 @@ def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """torch's own out-of-memory error, or a CUDA library's failure to allocate (cuDNN, cuBLAS) as torch raises it."""
+    """torch's own out-of-memory error, its CPU allocator's ("not enough memory", "can't allocate memory"), or a
+    CUDA library's failure to allocate (cuDNN, cuBLAS) as torch raises it."""
     text = str(error)
-    return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text))
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (isinstance(error, RuntimeError) and any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory", "ALLOC_FAILED")))
 
 
 def out_of_memory(error: BaseException, device: torch.device, batch_size: int, *, saving: bool) -> InspectError:

@@ -201,7 +201,11 @@ def write_visualisations(folder: Path, result: ImageResult, channels: int = 16) 
         for path, draw in drawings:
             try:
                 save_png(path, draw())
-            except (OSError, MemoryError) as error:
+            except (OSError, MemoryError, RuntimeError) as error:
+                from .device import is_out_of_memory
+
+                if isinstance(error, RuntimeError) and not is_out_of_memory(error):  # torch's allocators raise RuntimeError
+                    raise
                 raise picture_error(path, error) from error
             written.append(path)
     return written
@@ -216,7 +220,7 @@ def write_viz(folder: Path, result: ImageResult, channels: int) -> OutputError |
     return None
 
 
-def picture_error(path: Path, error: OSError | MemoryError) -> OutputError:
+def picture_error(path: Path, error: OSError | MemoryError | RuntimeError) -> OutputError:
     """The picture's own error (``ends_run`` False) when only it cannot be made: too big for the memory,
     a name too long, a file in the way of its folder; a full or read-only disk ends the run, as for ``--save``."""
     from .files import output_error
