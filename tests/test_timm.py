@@ -138,12 +138,13 @@ def test_pretrained_weights_offline_name_the_cache_folder(chelsea: Path) -> None
     assert "models--timm--resnet18.a1_in1k" in result.stderr
 
 
-def cached_timm_weights(cache: Path, monkeypatch: pytest.MonkeyPatch, state: dict[str, torch.Tensor] | bytes) -> Path:
-    """resnet18.a1_in1k's weights file in a Hugging Face cache at ``cache``, holding ``state`` (or those bytes)."""
+def cached_timm_weights(cache: Path, monkeypatch: pytest.MonkeyPatch, state: dict[str, torch.Tensor] | bytes,
+                        name: str = "resnet18.a1_in1k") -> Path:
+    """``name``'s weights file in a Hugging Face cache at ``cache``, holding ``state`` (or those bytes)."""
     import huggingface_hub.constants
     from safetensors.torch import save_file
 
-    snapshot = cache / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot = cache / f"models--timm--{name}" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
@@ -225,3 +226,16 @@ def test_channels_and_strides_name_only_the_stages_returned_as_on_every_backbone
     assert list(backbone.channels) == list(backbone.strides) == list(backbone.stage_names) == list(features)
     assert backbone.channels == {name: value.shape[1] for name, value in features.items()}
     assert backbone.strides == {name: 64 // value.shape[-1] for name, value in features.items()}
+
+
+def test_cached_weights_that_do_not_fit_name_only_the_keys_that_do_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbone_inspect.errors import WeightsError
+    from backbone_inspect.timm_models import build_timm_model
+
+    state = {key: value.contiguous() for key, value in timm.create_model("convnext_nano", num_classes=11821).state_dict().items()}
+    state["stem.0.weight"] = torch.zeros(80, 3, 2, 2)  # one body tensor of the wrong shape; the head is the tag's own (11821)
+    found = cached_timm_weights(tmp_path, monkeypatch, state, name="convnext_nano.in12k")
+    with pytest.raises(WeightsError) as refused:
+        build_timm_model("timm:convnext_nano.in12k", "DEFAULT")
+    assert str(refused.value) == (f"cached weights {found} for timm:convnext_nano.in12k do not fit it: wrong shape (checkpoint "
+                                  "vs model): stem.0.weight [80, 3, 2, 2] vs [80, 3, 4, 4]; delete it to download it again")

@@ -227,7 +227,7 @@ def _unreadable_cached(found: str, name: str, error: Exception) -> WeightsError:
     from .timm_checkpoints import cached_misfit
 
     arch = f"{TIMM_PREFIX}{name}"
-    problems = cached_misfit(found, timm_skeleton(f"{TIMM_PREFIX}{name.partition('.')[0]}"))
+    problems = cached_misfit(found, timm_skeleton(arch))  # with the tag: its head's size is the tag's
     if problems:
         return WeightsError(f"cached weights {found} for {arch} do not fit it: {'; '.join(problems)}; delete it to download it again")
     return WeightsError(f"cannot read cached weights {found} for {arch}: {type(error).__name__}: {first_line(error)}; delete it to download it again")
