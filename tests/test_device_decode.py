@@ -259,3 +259,27 @@ def test_images_of_one_size_are_preprocessed_together_as_they_are_one_by_one(
     for together in (preprocess_same_size(images, preprocessing), device_transforms.preprocess_same_size(images[:1], preprocessing)):
         assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))
     assert len(preprocess_same_size(images, preprocessing)) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA")
+def test_on_cuda_a_shrink_too_steep_for_the_gpu_is_resized_on_the_cpu_from_nvjpegs_pixels(tmp_path: Path) -> None:
+    from torchvision.io import decode_jpeg
+
+    from backbone_inspect.device_transforms import preprocess_on_device
+
+    paths = [str(photo_jpeg(tmp_path / f"big{i}.jpg", size=(2000, 1500), seed=i)) for i in range(2)]
+    paths.append(str(photo_jpeg(tmp_path / "small.jpg", seed=5)))  # 375 px high: the device's own resize
+    preprocessing = Preprocessing(resize=12, crop=None)  # 125x from the large photos: past CUDA's kernel
+    dataset = JpegDataset(paths, preprocessing)
+    device = torch.device("cuda")
+    batch = by_position(finish_on_device(collate_encoded([dataset[i] for i in range(3)]), preprocessing, device,
+                                         side_stream(device)))
+    torch.cuda.synchronize()
+    for position, path in enumerate(paths):
+        decoded = decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), device=device)
+        expected = preprocess_on_device(decoded.cpu(), preprocessing)  # nvJPEG's pixels, resized on the CPU
+        assert batch[position].is_cuda and batch[position].shape == expected.shape
+        if position < 2:
+            assert torch.equal(batch[position].cpu(), expected), path
+        else:
+            assert (batch[position].cpu().int() - expected.int()).abs().max() <= 1, path
