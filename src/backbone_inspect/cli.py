@@ -5,6 +5,7 @@ Nothing here opens manifests, writes feature files or decides what to skip: ``ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -251,4 +252,7 @@ def _check_needed(options: list[tuple[str, bool, str, bool]]) -> None:
 
 def main() -> None:
     _open_closed_standard_streams()
+    for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 (LANG=C): '×' shown as \xd7, not a crash
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     app(prog_name=PROG_NAME)

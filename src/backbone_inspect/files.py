@@ -205,8 +205,9 @@ _TEMPORARY_NAME = re.compile(r"\.(.+)\.\d+-\d+-\d+\.tmp", re.DOTALL)
 
 
 def _temporary_stem(name: str) -> str:
-    # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200.
-    return name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    # The temporary name must fit where the final one fits (255 bytes): its stem is cut to 200, in the
+    # filesystem's own bytes (os.fsencode: UTF-8 or not), and given back as the str os.open takes for them.
+    return os.fsdecode(os.fsencode(name)[:200])
 
 
 def remove_leftover_temporaries(paths: Iterable[Path]) -> int:
