@@ -62,6 +62,10 @@ def test_dump_features_resumes_and_refuses_other_settings_with_exceptions(tmp_pa
             dump_features(photos, tmp_path / "never", **{**SMALL_OPTIONS, **options})
     with pytest.raises(UsageError, match=r"^inputs of type Tensor: expected a path, or a list of paths, of image files or folders$"):
         dump_features(torch.zeros(2, 3, 8, 8), tmp_path / "never", **SMALL_OPTIONS)
+    with pytest.raises(UsageError, match=r"^--save '.*never\\x00x': a path cannot hold a NUL character$"):
+        dump_features(photos, f"{tmp_path / 'never'}\0x", **SMALL_OPTIONS)
+    with pytest.raises(UsageError, match=r"^--categories needs --topk K$"):
+        inspect_images(photos, categories=["a"], **SMALL_OPTIONS)  # as the command refuses it
     assert not (tmp_path / "never").exists()
 
 

@@ -187,3 +187,29 @@ def timm_model(name: str) -> torch.nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False)
+
+
+def test_misusing_the_head_is_a_usage_error_that_says_how_to_fix_it() -> None:
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^head=True needs layer4 among the layers: the classifier runs on it$"):
+        Backbone("resnet18", layers=2, head=True)
+    with pytest.raises(UsageError, match=r"^this Backbone holds no head; build it with head=True$"):
+        Backbone("resnet18", layers=4).classify(torch.zeros(1, 512, 2, 2))
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()  # a head without its classifier
+    with pytest.raises(UsageError, match=r"^this Backbone holds no classifier \(nn\.Linear\)"):
+        Backbone("resnet18", layers=4, model=model, head=True).classes
+
+
+def test_layers_given_as_numpy_or_tensor_integers_are_the_same_stages() -> None:
+    import numpy
+
+    expected = Backbone("resnet18", layers=(2, 3, 4)).stage_names
+    for layers in (numpy.arange(2, 5), list(numpy.arange(2, 5)), torch.tensor([2, 3, 4]), (numpy.int64(2), 3, torch.tensor(4))):
+        assert Backbone("resnet18", layers=layers).stage_names == expected
+    assert Backbone("resnet18", layers=numpy.int64(3)).stage_names == ("layer3",)
+    from backbone_inspect.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^invalid stage tensor\(2\.\)"):
+        Backbone("resnet18", layers=torch.tensor([2.0]))

@@ -107,7 +107,7 @@ class Backbone(nn.Module):
         if not head:
             return ()
         if self.stage_names[-1] != self.family.stage_names[-1]:
-            raise ValueError(f"head=True needs {self.family.stage_names[-1]} among the layers: the classifier runs on it")
+            raise UsageError(f"head=True needs {self.family.stage_names[-1]} among the layers: the classifier runs on it")
         return tuple(path for path in self.family.head if path != "flatten")
 
     def feature_info(self) -> list[StageInfo]:
@@ -143,13 +143,13 @@ class Backbone(nn.Module):
         """The number of classes of the held head (its last linear layer)."""
         linears = [m for path in self.head_paths for m in self.get_submodule(path).modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise RuntimeError("this Backbone holds no head; build it with head=True")
+            raise UsageError("this Backbone holds no classifier (nn.Linear): build it with head=True, from a model whose head has one")
         return linears[-1].out_features
 
     def classify(self, deepest: torch.Tensor) -> torch.Tensor:
         """The model's own head on the stride-32 stage's features (N, C, H, W), as its forward runs it."""
         if not self.head_paths:
-            raise RuntimeError("this Backbone holds no head; build it with head=True")
+            raise UsageError("this Backbone holds no head; build it with head=True")
         x = deepest.permute(0, 2, 3, 1) if self.family.channels_last_outputs else deepest
         for path in self.family.head:
             x = torch.flatten(x, 1) if path == "flatten" else self.get_submodule(path)(x)

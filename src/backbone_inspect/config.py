@@ -101,17 +101,13 @@ def feature_config(
         raise UsageError(f"--dtype tf32: TF32 is a CUDA mode (--device {device}); use --dtype float32")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise UsageError(f"--topk {topk!r}: expected a positive number of classes")
+    if categories is not None and not topk:  # the command's rule: names for the classes --topk shows
+        raise UsageError("--categories needs --topk K")
     plan = plan_timm_weights(arch, weights) if is_timm(arch) else plan_weights(arch, weights)
     preprocessing = _preprocessing(plan.preprocessing, parse_size("--resize", resize), parse_size("--crop", crop))
     _check_arch_takes(arch, stages, topk, preprocessing)
     return FeatureConfig(
-        arch=arch,
-        stages=stages,
-        weights=plan,
-        seed=check_seed(seed),
-        preprocessing=preprocessing,
-        dtype=dtype,
-        save_dtype=save_dtype,
+        arch=arch, stages=stages, weights=plan, seed=check_seed(seed), preprocessing=preprocessing, dtype=dtype, save_dtype=save_dtype,
         channels_last=check_flag("--channels-last", channels_last, optional=True),
         compile=bool(check_flag("--compile", compile)),
         topk=topk,

@@ -67,6 +67,8 @@ def output_folder(option: str, value: str | os.PathLike[str]) -> Path:
     text = os.fspath(value)
     if not text.strip():
         raise UsageError(f"{option} is empty: give a folder to write into")
+    if "\0" in text:
+        raise UsageError(f"{option} {text!r}: a path cannot hold a NUL character")
     if os.path.exists(text) and not os.path.isdir(text):
         raise UsageError(f"{option} {text}: a file, not a folder")
     return Path(text)

@@ -8,6 +8,7 @@ model (``features.3``); ResNet's also to detectron2's ``res2..res5`` and to ``st
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -84,8 +85,9 @@ def stage_name(token: int | str, arch: str = "resnet50") -> str:
     """The canonical name on ``arch`` of one stage given as an index (``2``), a name (``"layer2"``) or an alias (``"C3"``)."""
     names = stage_names(arch)
     by_alias = {alias.lower(): name for name, aliases in stage_aliases(arch).items() for alias in (name, *aliases)}
-    if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < len(names):
-        return names[token]
+    index = _as_index(token)
+    if index is not None and 0 <= index < len(names):
+        return names[index]
     text = token.strip() if isinstance(token, str) else None
     if text is not None and text.isascii() and text.isdigit():
         return stage_name(int(text), arch)
@@ -94,14 +96,24 @@ def stage_name(token: int | str, arch: str = "resnet50") -> str:
     raise UsageError(f"invalid stage {token!r}; valid stages: {valid_stages_text(arch)}")
 
 
+def _as_index(value: object) -> int | None:
+    """``value`` as a whole number when it is one (an int, numpy's, a 0-d integer tensor), not a bool or text."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # a float tensor has __index__ too
+        return None
+
+
 def parse_layers(layers: int | str | Iterable[int | str], arch: str = "resnet50") -> tuple[str, ...]:
     """Canonical stage names of ``arch``, shallow to deep, without repeats.
 
     Accepts ``"2,3,4"``, ``"layer2,layer4"``, ``"stem,1"`` or an iterable of indices and names.
     """
-    if not isinstance(layers, (int, str, Iterable)) or isinstance(layers, bytes):
+    if (not isinstance(layers, (int, str, Iterable)) and not hasattr(layers, "__index__")) or isinstance(layers, bytes):
         raise UsageError(f"invalid --layers {layers!r}: expected stages by index or name, e.g. '2,3,4'")
-    if isinstance(layers, int):
+    if _as_index(layers) is not None or isinstance(layers, bool):  # one stage: an int, numpy's or a 0-d tensor's
         layers = (layers,)
     if isinstance(layers, str):
         tokens: list[int | str] = list(layers.split(","))
