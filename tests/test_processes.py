@@ -199,15 +199,18 @@ def test_a_reader_gone_during_the_last_batch_still_leaves_every_file_recorded(tm
     assert len(recorded) == (5 if json_lines else 0)
 
 
+@pytest.mark.parametrize("stdout", ["full", "closed"])
 @pytest.mark.parametrize("shown", ["--json", "--summary"])
-def test_a_full_stdout_is_one_error_naming_it_and_every_file_is_recorded(tmp_path: Path, shown: str) -> None:
+def test_a_full_or_closed_stdout_is_one_error_naming_it_and_every_file_is_recorded(tmp_path: Path, shown: str, stdout: str) -> None:
     root = many_images(tmp_path / "in", 5)
     out = tmp_path / "out"
+    args = command(root, "--save", out, shown, "--batch-size", "2", "--workers", "0", *SMALL)
     with open("/dev/full", "w") as full:
-        result = subprocess.run(command(root, "--save", out, shown, "--batch-size", "2", "--workers", "0", *SMALL), stdout=full,
+        result = subprocess.run(args if stdout == "full" else ["sh", "-c", 'exec "$@" >&-', "sh", *args], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")})
     assert result.returncode == 1
-    assert result.stderr == "Error: cannot write to stdout: No space left on device\n"
+    cause = "No space left on device" if stdout == "full" else "Bad file descriptor (stdout is closed)"
+    assert result.stderr == f"Error: cannot write to stdout: {cause}\n"
     assert_manifest_is_the_files(out)
 
 

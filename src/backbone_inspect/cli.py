@@ -6,6 +6,8 @@ Nothing here opens manifests, writes feature files or decides what to skip: ``ru
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import sys
@@ -240,7 +242,18 @@ def _open_closed_standard_streams() -> None:
             if devnull != fd:
                 os.dup2(devnull, fd)
                 os.close(devnull)
-            setattr(sys, name, open(fd, mode, buffering=1, closefd=False, errors="backslashreplace"))
+            reopened = open(fd, mode, buffering=1, closefd=False, errors="backslashreplace")
+            setattr(sys, name, _ClosedStdout() if name == "stdout" else reopened)
+
+
+class _ClosedStdout(io.TextIOBase):
+    """stdout its caller closed (``>&-``): output asked for and lost is an error, as writing a closed descriptor is."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor (stdout is closed)")
 
 
 def _check_needed(options: list[tuple[str, bool, str, bool]]) -> None:
