@@ -266,8 +266,8 @@ def _checked_reference(model: nn.Module, arch: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {model!r}: expected a torchvision {arch} already built (a torch.nn.Module), or leave it out")
     check_not_timm_model(model, arch)  # timm's resnet18 has torchvision's keys, not its modules
-    family, reference = torchvision_family(arch), skeleton(arch)
-    missing = [step for step in family.steps if step not in {name for name, _ in model.named_modules()}]
+    family, reference, held = torchvision_family(arch), skeleton(arch), {name for name, _ in model.named_modules()}
+    missing = [step for step in family.steps if step not in held]
     if _body_shapes(model, family) != _body_shapes(reference, family) or missing:  # the head may be gone (head=False)
         raise UsageError(f"the model passed is not a {arch}: {f'it has no {missing[0]}' if missing else 'its backbone differs'}; pass its arch")
     return reference

@@ -153,12 +153,15 @@ def _pictures_refused(done: Sequence[tuple[FoundImage, ImageResult | str]], draw
     """Each computed image's pictures, in order: the positions whose pictures failed, with why. After an
     error that ends the run (a full disk) the rest are not drawn but left for a re-run, as a store leaves them."""
     refused: dict[int, OutputError] = {}
+    ended: OutputError | None = None
     for position, (image, result) in enumerate(done):
-        ended = next((error for error in refused.values() if error.ends_run), None)
-        if ended is not None and not isinstance(result, str):
+        if isinstance(result, str):
+            continue
+        if ended is not None:
             refused[position] = OutputStopped(f"{ended} (the pictures after it not drawn: run again once it is fixed)")
-        elif not isinstance(result, str) and (error := draw(image, result)) is not None:
+        elif (error := draw(image, result)) is not None:
             refused[position] = error
+            ended = error if error.ends_run else None
     return refused
 
 

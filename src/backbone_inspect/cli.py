@@ -242,8 +242,8 @@ def _open_closed_standard_streams() -> None:
             if devnull != fd:
                 os.dup2(devnull, fd)
                 os.close(devnull)
-            reopened = open(fd, mode, buffering=1, closefd=False, errors="backslashreplace")
-            setattr(sys, name, _ClosedStdout() if name == "stdout" else reopened)
+            stream = _ClosedStdout() if name == "stdout" else open(fd, mode, buffering=1, closefd=False, errors="backslashreplace")
+            setattr(sys, name, stream)
 
 
 class _ClosedStdout(io.TextIOBase):

@@ -29,8 +29,6 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE
 """The most pixels an image may have after preprocessing (``--resize none --crop none`` keeps the native size)."""
 
 
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """Resize the shorter side to ``resize``, centre-crop ``crop`` (``None``: skip), normalise."""
