@@ -13,6 +13,8 @@
 #   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 300 s on an H200 with 16 cores)
 #   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 300 s)
 #   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 190 s)
+#   PART=all bash benchmarks/gpu_session.sh       # one call of at most 570 s: the CUDA tests, bench
+#                                                 # (budget 270 s), then the suite in the time left
 # Every step's exit status also goes to $OUT/session.log. PYTHON picks the interpreter (default python).
 set -uo pipefail
 OUT="${OUT:-gpu-session}"
@@ -21,27 +23,25 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${BUDGET:-240}"
 case "${PART:-}" in
-  bench|tests|profile) ;;
-  *) echo "PART must be bench, tests or profile (one a call: together they pass the 600 s limit)" >&2; exit 2 ;;
+  bench|tests|profile|all) ;;
+  *) echo "PART must be bench, tests, profile or all (one a call: bench, tests and profile pass the 600 s limit)" >&2; exit 2 ;;
 esac
+STARTED=$SECONDS
+DEADLINE="${DEADLINE:-570}"  # PART=all: seconds from the start by which everything has ended
 
 said() {  # a step's exit status, on stdout and in the session log
   echo "$1 exit $2${3:+ $3}" | tee -a "$OUT/session.log"
 }
 
-if [[ "$PART" == bench ]]; then
+gpu_bench() {  # $1: its budget in seconds
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-  timeout 45 "$PYTHON" benchmarks/cuda_startup.py --device cuda > "$OUT/startup.log" 2>&1
-  said cuda_startup-cuda $?
-  timeout 45 "$PYTHON" benchmarks/cuda_startup.py --device cpu >> "$OUT/startup.log" 2>&1
-  said cuda_startup-cpu $?
-  timeout 300 "$PYTHON" benchmarks/gpu_bench.py --out-json "$OUT/gpu.json" > "$OUT/gpu_bench.log" 2>&1
+  timeout $(( $1 + 25 )) "$PYTHON" benchmarks/gpu_bench.py --budget-s "$1" --out-json "$OUT/gpu.json" > "$OUT/gpu_bench.log" 2>&1
   said gpu_bench $?
   tail -n 25 "$OUT/gpu_bench.log"
-fi
+}
 
-if [[ "$PART" == tests ]]; then
-  common=(-p no:cacheprovider -p no:benchmark -v -rfE --tb=short --durations=15)
+common=(-p no:cacheprovider -p no:benchmark -v -rfE --tb=short --durations=15)
+cuda_tests() {
   # The CUDA modules in one process with every core: under xdist's loadfile a module is one worker's.
   timeout 120 "$PYTHON" -m pytest "${common[@]}" -o addopts=-ra tests/test_cuda.py tests/test_device_decode.py \
     tests/test_decode_option.py > "$OUT/cuda_tests.log" 2>&1
@@ -50,16 +50,37 @@ if [[ "$PART" == tests ]]; then
   timeout 60 "$PYTHON" -m pytest "${common[@]}" -o addopts=-ra -m cuda_by_default tests >> "$OUT/cuda_tests.log" 2>&1
   said "cuda_by_default tests" $?
   grep -E "FAILED|ERROR" "$OUT/cuda_tests.log" | head -20
+}
+
+suite() {  # $1: its budget in seconds
   # pyproject's addopts ask for pytest-xdist; without it there, they are replaced, and the slow
   # tests (subprocesses) left out: one process would not reach the end of the suite in $BUDGET s.
   workers=(-o addopts=-ra -m "not slow")
   if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n $(( $(nproc) - 2 ))); fi
   # The rest of the suite: the CUDA modules ran above.
-  timeout "$BUDGET" "$PYTHON" -m pytest "${common[@]}" "${workers[@]}" tests --ignore=tests/test_cuda.py \
+  timeout "$1" "$PYTHON" -m pytest "${common[@]}" "${workers[@]}" tests --ignore=tests/test_cuda.py \
     --ignore=tests/test_device_decode.py --ignore=tests/test_decode_option.py > "$OUT/suite.log" 2>&1
-  said suite $? "(124: cut off after $BUDGET s; the log names every test that finished)"
+  said suite $? "(124: cut off after $1 s; the log names every test that finished)"
   grep -E "(FAILED|ERROR) tests/" "$OUT/suite.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -30
   tail -n 3 "$OUT/suite.log"
+}
+
+if [[ "$PART" == bench ]]; then
+  timeout 45 "$PYTHON" benchmarks/cuda_startup.py --device cuda > "$OUT/startup.log" 2>&1
+  said cuda_startup-cuda $?
+  timeout 45 "$PYTHON" benchmarks/cuda_startup.py --device cpu >> "$OUT/startup.log" 2>&1
+  said cuda_startup-cpu $?
+  gpu_bench 280
+fi
+if [[ "$PART" == tests ]]; then
+  cuda_tests
+  suite "$BUDGET"
+fi
+if [[ "$PART" == all ]]; then
+  cuda_tests
+  gpu_bench 270
+  left=$(( DEADLINE - (SECONDS - STARTED) ))
+  if (( left >= 30 )); then suite "$left"; else said suite skipped "(only $left s left)"; fi
 fi
 
 if [[ "$PART" == profile ]]; then
