@@ -138,6 +138,21 @@ def test_torchvisions_deprecation_of_its_decoders_is_no_warning_line(tmp_path: P
     assert image.shape == (3, 375, 500) and "Warning" not in capsys.readouterr().err
 
 
+def test_deprecations_are_no_warning_lines_and_other_warnings_are_one_line_once(capsys) -> None:
+    """Python 3.12 deprecates a fork with threads running: DataLoader workers made it the first line of stderr."""
+    import warnings
+
+    from backbone_inspect.screen import warnings_as_lines
+
+    with warnings_as_lines():
+        for pid in (101, 102):
+            warnings.warn(f"This process (pid={pid}) is multi-threaded, use of fork() may lead to deadlocks in the child.",
+                          DeprecationWarning, stacklevel=1)
+            warnings.warn("a feature is going away", PendingDeprecationWarning, stacklevel=1)
+            warnings.warn("input 100×150 is not divisible by 32", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "Warning: input 100×150 is not divisible by 32\n"
+
+
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_an_error_in_the_decoding_ends_the_worker_processes_with_it(tmp_path: Path, monkeypatch, decode: str) -> None:
     """Left to the garbage collector, workers that ignore SIGTERM kept the process from exiting after such an error."""

@@ -10,7 +10,7 @@ import torch
 from backbone_inspect import Backbone
 from backbone_inspect.errors import WeightsError
 
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, invoke
 
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
 
@@ -84,3 +84,38 @@ def test_a_checkpoint_missing_what_the_replay_runs_is_still_refused(tmp_path: Pa
     torch.save({k: v for k, v in trained_timm("convnext_atto").state_dict().items() if not k.startswith("stages.3.")}, path)
     with pytest.raises(WeightsError, match=rf"^checkpoint {path} does not fit timm:convnext_atto: missing: stages\.3\.blocks"):
         Backbone("timm:convnext_atto", (1,), path)
+
+
+def test_a_head_norm_that_pruning_keeps_is_still_head(tmp_path: Path, monkeypatch) -> None:
+    """timm 1.0.29 prunes ConvNeXt's classifier but keeps ``head.norm``, which forward_intermediates never runs."""
+    from timm.models.convnext import ConvNeXt
+
+    prune = ConvNeXt.prune_intermediate_layers
+
+    def prune_keeping_head_norm(self, *args, **kwargs):
+        head_norm = self.head.norm
+        kept = prune(self, *args, **kwargs)
+        self.head.norm = head_norm
+        return kept
+
+    monkeypatch.setattr(ConvNeXt, "prune_intermediate_layers", prune_keeping_head_norm)
+    model, path = trained_timm("convnext_atto"), tmp_path / "nohead.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, path)
+    backbone = assert_replay_equals_timms_own("convnext_atto", path, model)
+    assert backbone.weights_info.head_note == "classifier head not loaded: the checkpoint has none"
+
+
+def test_a_timm_model_without_forward_intermediates_is_a_usage_error_naming_timm(monkeypatch) -> None:
+    """timm 1.0.29's InceptionV3 has none: 'the model passed is not a timm:inception_v3' named no cause."""
+    from timm.models.convnext import ConvNeXt
+
+    from backbone_inspect.errors import UsageError
+
+    monkeypatch.delattr(ConvNeXt, "forward_intermediates")
+    said = (f"timm:convnext_atto: timm {timm.__version__}'s ConvNeXt has no forward_intermediates, which the replay "
+            "runs; a newer timm has it for more models (pip install -U timm)")
+    result = invoke("--describe", "--arch", "timm:convnext_atto")
+    assert (result.exit_code, result.stderr) == (2, f"Error: {said}\n")
+    with pytest.raises(UsageError) as raised:
+        Backbone("timm:convnext_atto", (4,), model=timm.create_model("convnext_atto"))
+    assert str(raised.value) == said

@@ -42,6 +42,8 @@ def test_an_image_too_small_for_a_timm_model_fails_alone_and_the_others_are_save
 
 @pytest.mark.parametrize(("arch", "side"), [("timm:convnext_atto", 31), ("timm:inception_v3", 64)])
 def test_describe_refuses_an_input_size_too_small_for_a_timm_model(arch: str, side: int) -> None:
+    if not hasattr(timm.create_model(arch.removeprefix("timm:")), "forward_intermediates"):
+        pytest.skip(f"timm {timm.__version__} cannot replay {arch} (no forward_intermediates)")
     result = invoke("--describe", "--arch", arch, "--input-size", str(side))
     assert result.exit_code == 2
     assert result.stderr == f"Error: {arch} cannot take inputs this small, not {side}×{side}\n"

@@ -38,9 +38,11 @@ def warnings_as_lines() -> Iterator[None]:
     """Python warnings (the library's own, and torch's or Pillow's) as one ``Warning:`` line each, once."""
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.simplefilter("ignore", ResourceWarning)  # for developers, not users
-        # torchvision 0.29 deprecates its image decoders (--decode gpu) on every call: for developers too.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        # For developers, not users, as Python's own default has it: torchvision 0.29 deprecates its
+        # image decoders (--decode gpu) on every call; Python 3.12 deprecates every fork of a process
+        # with threads (DataLoader workers, which touch none of the threads' locks).
+        for category in (ResourceWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.simplefilter("ignore", category)
         warnings.showwarning = lambda message, *_, **__: warning_line(str(message))
         yield
 

@@ -12,11 +12,37 @@ if TYPE_CHECKING:
 def timm_head_prefixes(model: nn.Module, deepest: int) -> tuple[str, ...]:
     """The state_dict prefixes of the modules the replay never runs: what ``prune_intermediate_layers``
     drops after ``deepest`` (the stride-32 stage), the final norm and the head (``head.norm``, EfficientNet's
-    ``conv_head`` and ``bn2``). ``model`` is pruned: pass a copy or a skeleton."""
+    ``conv_head`` and ``bn2``), and the top-level modules ``forward_intermediates`` does not enter (timm
+    1.0.29 prunes ConvNeXt's head but keeps its ``head.norm``). ``model`` is pruned: pass a copy or a skeleton."""
     whole = list(model.state_dict())
     model.prune_intermediate_layers([deepest], prune_norm=True, prune_head=True)
     kept = set(model.state_dict())
-    return tuple(sorted({_dropped_owner(key, kept) for key in whole if key not in kept}))
+    dropped = {_dropped_owner(key, kept) for key in whole if key not in kept}
+    unentered = {f"{name}." for name in _children_not_entered(model, deepest)}
+    found = dropped | {prefix for prefix in unentered if any(key.startswith(prefix) for key in whole)}
+    return tuple(sorted(prefix for prefix in found if not any(prefix.startswith(other) for other in found - {prefix})))
+
+
+def _children_not_entered(model: nn.Module, deepest: int) -> list[str]:
+    """The top-level children none of whose modules run in ``forward_intermediates`` up to ``deepest``,
+    learnt from one pass on the meta device (none where that pass fails: then pruning alone decides)."""
+    import torch
+
+    config = getattr(model, "pretrained_cfg", None) or {}
+    side = int(config.get("input_size", (3, 224, 224))[-1])
+    entered: set[int] = set()
+    hooks = [module.register_forward_pre_hook(lambda module, _: entered.add(id(module))) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            model.to("meta").forward_intermediates(
+                torch.empty(1, 3, side, side, device="meta"), indices=[deepest], stop_early=True, intermediates_only=True
+            )
+    except Exception:  # a model whose pass reads values: pruning alone decides
+        return []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [name for name, child in model.named_children() if not any(id(module) in entered for module in child.modules())]
 
 
 def _dropped_owner(key: str, kept: set[str]) -> str:

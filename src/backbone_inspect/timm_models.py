@@ -57,8 +57,18 @@ def check_is_timm_model(model: nn.Module, arch: str) -> None:
     """``UsageError`` unless ``model`` is a timm model built by the architecture ``arch`` names."""
     built_by = getattr(getattr(model, "pretrained_cfg", None), "get", lambda key: None)("architecture")
     name = timm_name(arch).split(".")[0]
-    if not hasattr(model, "forward_intermediates") or built_by != name:
+    check_replayable(model, name)
+    if built_by != name:
         raise UsageError(f"the model passed is not a {TIMM_PREFIX}{name}: pass timm.create_model({name!r}) or its arch")
+
+
+def check_replayable(model: nn.Module, name: str) -> None:
+    """``UsageError`` where this timm's model class has no ``forward_intermediates`` (timm 1.0.29's InceptionV3)."""
+    if not hasattr(model, "forward_intermediates"):
+        raise UsageError(
+            f"{TIMM_PREFIX}{name}: timm {import_timm().__version__}'s {type(model).__name__} has no forward_intermediates, "
+            "which the replay runs; a newer timm has it for more models (pip install -U timm)"
+        )
 
 
 def check_not_timm_model(model: nn.Module, arch: str) -> None:
@@ -124,9 +134,11 @@ def timm_skeleton(arch: str) -> nn.Module:
     timm, name = import_timm(), timm_name(arch)
     try:
         with torch.device("meta"):
-            return timm.create_model(name, pretrained=False).eval()
+            model = timm.create_model(name, pretrained=False).eval()
     except (NotImplementedError, RuntimeError):  # a builder that reads tensor values
-        return timm.create_model(name, pretrained=False).eval()
+        model = timm.create_model(name, pretrained=False).eval()
+    check_replayable(model, name)
+    return model
 
 
 def plan_timm_weights(arch: str, weights: Any = None) -> WeightsPlan:
