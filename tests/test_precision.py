@@ -216,6 +216,49 @@ def test_the_warm_up_starts_the_callers_current_gpu(monkeypatch: pytest.MonkeyPa
     warmed = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1 if initialised else pytest.fail("CUDA started"))
-    monkeypatch.setattr(device, "_warm_up", lambda on, dtype: warmed.append(on))
+    monkeypatch.setattr(device, "_warm_up", lambda on, dtype, rehearsal: warmed.append(on))
     warm_up_cuda(torch.device("cuda"), torch.float16).join(timeout=60)
     assert warmed == [expected]
+
+
+@pytest.mark.parametrize(("arch", "options", "rehearsed"), [
+    ("resnet18", {}, [(("layer2", "layer4"), (1, 3, 224, 224), torch.float32, True)]),
+    ("timm:convnext_atto", {"dtype": "bfloat16", "channels_last": False},
+     [(("stage2", "stage4"), (1, 3, 224, 224), torch.bfloat16, False)]),
+    ("resnet18", {"crop": "none"}, []),  # no size to rehearse
+    ("resnet18", {"compile": True}, []),  # a compiled graph runs other kernels
+])
+def test_the_first_forward_is_rehearsed_with_the_runs_shapes_and_no_random_draw(
+        monkeypatch: pytest.MonkeyPatch, arch: str, options: dict, rehearsed: list) -> None:
+    """The warm-up thread's rehearsal loads the first forward's kernels; a draw from the CPU generator
+    there would change the weights the caller's thread is seeding at the same time."""
+    from backbone_inspect.backbone import Backbone
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import rehearse_first_forward
+
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    seen, without_weights = [], Backbone.without_weights.__func__
+
+    def spied(cls, *args):
+        replay = without_weights(cls, *args)
+        assert next(replay.parameters()).is_meta
+        replay.register_forward_pre_hook(lambda module, given: seen.append((
+            module.stage_names, tuple(given[0].shape), given[0].dtype, given[0].is_contiguous(memory_format=torch.channels_last))))
+        return replay
+
+    monkeypatch.setattr(Backbone, "without_weights", classmethod(spied))
+    generator = torch.random.get_rng_state()
+    rehearse_first_forward(feature_config(arch=arch, layers=(2, 4), **options), torch.device("cpu"))
+    assert seen == rehearsed and torch.equal(torch.random.get_rng_state(), generator)
+
+
+def test_a_model_built_only_on_the_cpu_is_not_rehearsed() -> None:
+    """RegNet's builder reads tensor values: on the CPU it would draw from the generator the run seeds."""
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import rehearse_first_forward
+
+    generator = torch.random.get_rng_state()
+    with pytest.raises(NotImplementedError):  # the warm-up thread swallows it: the run goes on unrehearsed
+        rehearse_first_forward(feature_config(arch="regnet_y_400mf", layers=(4,)), torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), generator)

@@ -220,3 +220,27 @@ class Extractor:
     def inspect(self, path: str | Path) -> ImageResult:
         """One image: decode, preprocess, forward, statistics."""
         return self.extract([(str(path), self.load(path))])[0]
+
+
+def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
+    """``config``'s replay run once on ``device`` with its weights left unset, on one input of the run's
+    crop: CUDA loads the kernels of those shapes (it does so lazily, on first use) here, in the warm-up
+    thread while the caller builds the model, rather than in the first image's forward; cuDNN picks the
+    same kernels for the same shapes, since autotuning starts at a shape's second batch.
+
+    Built on the meta device only: a model built on the CPU would draw from the generator that seeds the
+    run's weights, in the caller's thread too (RegNet's builder raises there instead, and is not rehearsed).
+    Nothing where the input size is not fixed (``--crop none``) or the model is compiled.
+    """
+    side = config.preprocessing.crop
+    if side is None or config.compile:
+        return
+    dtype = TORCH_DTYPES[config.dtype]
+    channels_last = default_channels_last(device) if config.channels_last is None else config.channels_last
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.device("meta"):
+        replay = Backbone.without_weights(config.arch, config.stages)
+    replay = replay.to_empty(device=device).to(dtype=dtype, memory_format=layout)
+    pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
+    with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
+        replay(pixels)

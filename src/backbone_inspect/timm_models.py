@@ -57,9 +57,9 @@ def check_is_timm_model(model: nn.Module, arch: str) -> None:
     """``UsageError`` unless ``model`` is a timm model built by the architecture ``arch`` names."""
     built_by = getattr(getattr(model, "pretrained_cfg", None), "get", lambda key: None)("architecture")
     name = timm_name(arch).split(".")[0]
-    check_replayable(model, name)
     if built_by != name:
         raise UsageError(f"the model passed is not a {TIMM_PREFIX}{name}: pass timm.create_model({name!r}) or its arch")
+    check_replayable(model, name)
 
 
 def check_replayable(model: nn.Module, name: str) -> None:
