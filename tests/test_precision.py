@@ -262,3 +262,14 @@ def test_a_model_built_only_on_the_cpu_is_not_rehearsed() -> None:
     with pytest.raises(NotImplementedError):  # the warm-up thread swallows it: the run goes on unrehearsed
         rehearse_first_forward(feature_config(arch="regnet_y_400mf", layers=(4,)), torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), generator)
+
+
+def test_no_rehearsal_where_the_gpu_has_little_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rehearsal's weights sit on the GPU while the caller moves the model's own there."""
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import rehearse_first_forward
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (4 * 44_000_000, 80 << 30))
+    rehearse_first_forward(feature_config(arch="resnet18", layers=(4,)), torch.device("cuda", 0))  # 44.7 MB of weights
+    assert asked == [torch.device("cuda", 0)]

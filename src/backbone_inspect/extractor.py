@@ -230,7 +230,8 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
 
     Built on the meta device only: a model built on the CPU would draw from the generator that seeds the
     run's weights, in the caller's thread too (RegNet's builder raises there instead, and is not rehearsed).
-    Nothing where the input size is not fixed (``--crop none``) or the model is compiled.
+    Nothing where the input size is not fixed (``--crop none``), the model is compiled, or the GPU's free
+    memory is under four times the rehearsal's weights: the model itself is moved there meanwhile.
     """
     side = config.preprocessing.crop
     if side is None or config.compile:
@@ -240,6 +241,9 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device("meta"):
         replay = Backbone.without_weights(config.arch, config.stages)
+    weights_bytes = sum(value.numel() * dtype.itemsize for value in replay.state_dict().values())
+    if device.type == "cuda" and 4 * weights_bytes > torch.cuda.mem_get_info(device)[0]:
+        return
     replay = replay.to_empty(device=device).to(dtype=dtype, memory_format=layout)
     pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
     with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
