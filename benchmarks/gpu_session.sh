@@ -7,14 +7,14 @@
 #      where the command's main thread spends its time (cProfile of three runs: profile_run.py), and
 #      the run loop's own ceiling with the work precomputed (host_ceiling.py), also for shards of
 #      layers 2,3,4 against the disk.
-# Usage on the device machine, from the repository root (one part a call: each fits the 600 s limit).
-# The three do not fit one session's 15 minutes with the machine's start: tests first (they have
-# never run on CUDA), then bench; profile only with time left.
-#   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 300 s on an H200 with 16 cores)
-#   PART=bench bash benchmarks/gpu_session.sh     # 1 only (about 300 s)
+# Usage on the device machine, from the repository root (each call fits the 600 s limit).
+# On 2026-11-27 an H200 started in about 30 s, and `PART=all` (565 s) followed at once by a 220 s
+# call fitted the session's 15 minutes: do that, with `PART=profile` (about 190 s) as the second.
+#   PART=all DEADLINE=565 bash benchmarks/gpu_session.sh  # the CUDA tests (30 s), bench (budget 270 s),
+#                                                         # then the suite in the time left (250 s: 99 %)
 #   PART=profile bash benchmarks/gpu_session.sh   # 4 only (about 190 s)
-#   PART=all bash benchmarks/gpu_session.sh       # one call of at most 570 s: the CUDA tests, bench
-#                                                 # (budget 270 s), then the suite in the time left
+#   PART=tests bash benchmarks/gpu_session.sh     # 2 and 3 (about 300 s on an H200 with 16 cores)
+#   PART=bench bash benchmarks/gpu_session.sh     # 1 only, with cuda_startup.py's phases (about 330 s)
 # Every step's exit status also goes to $OUT/session.log. PYTHON picks the interpreter (default python).
 set -uo pipefail
 OUT="${OUT:-gpu-session}"
