@@ -7,7 +7,7 @@ Not a test: run it once on a CUDA machine (< 5 minutes) and copy its table.
     # what needs CUDA or options not there yet ends as notes):
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --dtype float32 --out-json /tmp/gpu-dry/gpu.json
 
-Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out, 5 all of 5a-5f):
+Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out, 5 all of 5a-5g):
 
   1   forward ceiling   Backbone("resnet50", layer4), random init, batch 256, channels_last, input
                         already on the device, cudnn.benchmark on: float32 (TF32 off), tf32,
@@ -21,10 +21,13 @@ Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out
   4   GPU decode        read_file + batched decode_jpeg on the device + resize 256 (antialias) +
                         centre crop 224, batches of 256 (files from the page cache).
   5c  command           --save --format shards --save-dtype float16 --layers 4.
+  5g  command           5c with two cores left to the command's own process (--workers cores - 2):
+                        whether its threads (main loop, pinning, writers) starve beside the
+                        decoding processes when those take every core but one (5c/5a: 0.69).
+  6   one image         wall time of the whole command, --device cuda against --device cpu.
   5d  command           the same with --layers 2,3,4 (1.4 MB an image), on fewer images, against
                         the disk's sequential write rate measured just before, over as many bytes
                         as this dump writes (a 2 GiB burst overstated the rate a 12 GB dump meets).
-  6   one image         wall time of the whole command, --device cuda against --device cpu.
   7   naive loop        PIL + transforms + create_feature_extractor (batch 1, float32) + torch.save.
   5e  command           --format pt --layers 4.
   5f  command           5c and 5d with --decode gpu --batch-size 256.
@@ -406,12 +409,15 @@ class Variant:
 
 
 SHARDS = ("--format", "shards", "--save-dtype", "float16")
+WORKERS_LEAVING_TWO = max(1, (os.cpu_count() or 1) - 2)
 GPU_DECODE = ("--decode", "gpu", "--batch-size", "256")
 VARIANTS = {
     "5a": Variant("5a", "statistics only, defaults (--layers 4)", ("--layers", "4"), "stats"),
     "5b": Variant("5b", "statistics only --decode gpu --batch-size 256", ("--layers", "4", *GPU_DECODE), "gpu-decode"),
     "5c": Variant("5c", "shards --layers 4", (*SHARDS, "--layers", "4"), "shards-l4"),
     "5d": Variant("5d", "shards --layers 2,3,4", (*SHARDS, "--layers", "2,3,4"), "shards-l234", "dump"),
+    "5g": Variant("5g", f"shards --layers 4 --workers {WORKERS_LEAVING_TWO}",
+                  (*SHARDS, "--layers", "4", "--workers", str(WORKERS_LEAVING_TWO)), "shards-l4"),
     "5e": Variant("5e", "pt --layers 4", ("--format", "pt", "--save-dtype", "float16", "--layers", "4"), "pt-l4", "dump"),
     "5f-c": Variant("5f-c", "shards --layers 4 --decode gpu --batch-size 256", (*SHARDS, "--layers", "4", *GPU_DECODE),
                     "shards-l4"),
@@ -617,7 +623,8 @@ def update_checks(bench: Bench) -> None:
     if float32 is not None:
         bench.check("accuracy", f"2 --dtype float32 layer4 relative error {float32:.2e} {verdict(float32, FLOAT32_TARGET, True)}")
     check_decode(bench)
-    for key, stats_key, disk in (("5c", "5a", False), ("5d", "5a", True), ("5f-c", "5b", False), ("5f-d", "5b", True)):
+    for key, stats_key, disk in (("5c", "5a", False), ("5g", "5a", False), ("5d", "5a", True), ("5f-c", "5b", False),
+                                 ("5f-d", "5b", True)):
         check_dump(bench, key, stats_key, disk)
     cuda, cpu = bench.results.get("one:cuda"), bench.results.get("one:cpu")
     if cuda and cpu:
@@ -651,8 +658,9 @@ PARTS = (
     Part("3", part_decode_cpu, lambda bench: bench.estimate("cpu-decode", 2 * sum(set_sizes(bench, "main")), 6.0)),
     Part("4", part_decode_gpu, lambda bench: bench.estimate("nvjpeg", len(bench.paths), 2.0)),
     command_part("5c"),
-    Part("5d", part_dump_l234, lambda bench: estimate_variant(bench, VARIANTS["5d"]) + 3.0),
+    command_part("5g"),
     Part("6", part_one_image, lambda bench: 4 * bench.startup_s()),
+    Part("5d", part_dump_l234, lambda bench: estimate_variant(bench, VARIANTS["5d"]) + 3.0),
     Part("7", part_naive, lambda bench: 3.0 + (10 + bench.args.naive_images) / EXPECTED_RATES["naive"]),
     command_part("5e"),
     Part("5f", part_decode_gpu_dumps, lambda bench: estimate_variant(bench, VARIANTS["5f-c"])),
@@ -660,7 +668,7 @@ PARTS = (
 
 
 def skipped_by_option(key: str, skips: set[str]) -> bool:
-    return key in skips or key.rstrip("abcdef") in skips
+    return key in skips or key.rstrip("abcdefg") in skips
 
 
 def run_part(bench: Bench, part: Part) -> None:
@@ -720,7 +728,7 @@ def parse_arguments() -> argparse.Namespace:
     add("--run-timeout", type=float, default=100.0, help="seconds one command run may take")
     add("--work-dir", type=Path, default=None, help="where images and dumps go (default: a temporary folder)")
     add("--out-json", type=Path, default=None, help="the figures as JSON here, and the table as .md beside it")
-    add("--skip", default="", help="parts to leave out, comma-separated: 1,2,3,4,5a..5f,6,7 (5: all of 5)")
+    add("--skip", default="", help="parts to leave out, comma-separated: 1,2,3,4,5a..5g,6,7 (5: all of 5)")
     add("--keep", action="store_true", help="keep the work folder")
     add("--ceiling-batch", type=int, default=None, help="part 1 batch (cuda: 256, cpu: 4)")
     add("--ceiling-seconds", type=float, default=None, help="part 1 timed seconds per dtype (cuda: 1.5, cpu: 1)")
