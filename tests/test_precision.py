@@ -273,3 +273,15 @@ def test_no_rehearsal_where_the_gpu_has_little_free_memory(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (4 * 44_000_000, 80 << 30))
     rehearse_first_forward(feature_config(arch="resnet18", layers=(4,)), torch.device("cuda", 0))  # 44.7 MB of weights
     assert asked == [torch.device("cuda", 0)]
+
+
+def test_the_rehearsal_runs_on_memory_that_held_anything() -> None:
+    """``to_empty`` leaves Swin's index buffers as the memory was: reused, they indexed out of range (on CUDA a
+    device-side assert, which breaks every later CUDA call of the process)."""
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import rehearse_first_forward
+
+    for _ in range(3):
+        dirt = [torch.full((4096,), 1.2345e30) for _ in range(200)]
+        del dirt
+        rehearse_first_forward(feature_config(arch="swin_t", layers=(4,)), torch.device("cpu"))

@@ -239,3 +239,20 @@ def test_cached_weights_that_do_not_fit_name_only_the_keys_that_do_not(tmp_path:
         build_timm_model("timm:convnext_nano.in12k", "DEFAULT")
     assert str(refused.value) == (f"cached weights {found} for timm:convnext_nano.in12k do not fit it: wrong shape (checkpoint "
                                   "vs model): stem.0.weight [80, 3, 2, 2] vs [80, 3, 4, 4]; delete it to download it again")
+
+
+def test_a_model_holding_a_5d_parameter_runs_in_channels_last() -> None:
+    """lambda_resnet26t's lambda layers hold a 5-D parameter: ``Module.to(memory_format=channels_last)`` refused
+    the whole model ("required rank 4 tensor to use channels_last format"), so the command failed at its default."""
+    from backbone_inspect.config import feature_config
+    from backbone_inspect.extractor import Extractor
+
+    extractor = Extractor(feature_config(arch="timm:lambda_resnet26t", layers=(4,), channels_last=True), device="cpu")
+    model = seeded_timm("lambda_resnet26t", seed=0)  # the run's weights: seed 0, timm's own initialisation
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = extractor.backbone(x.contiguous(memory_format=torch.channels_last))["stage4"]
+        (expected,) = model.forward_intermediates(x, indices=[len(model.feature_info) - 1], intermediates_only=True)
+    assert_close_scaled(got, expected)
+    assert any(value.dim() == 5 for value in extractor.backbone.parameters())
+    assert all(value.is_contiguous(memory_format=torch.channels_last) for value in extractor.backbone.parameters() if value.dim() == 4)

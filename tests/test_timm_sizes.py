@@ -26,7 +26,7 @@ def test_an_image_too_small_for_a_timm_model_fails_alone_and_the_others_are_save
     assert result.exit_code == 1
     tiny = images / "a_tiny.png"
     assert result.stderr.splitlines()[0] == (f"Error: {tiny}: image is 20×20 (H×W) after preprocessing: "
-                                             "timm:convnext_atto cannot take inputs this small; use another --resize")
+                                             "timm:convnext_atto cannot take inputs of this size; use another --resize")
     assert sorted((line["output"], line["status"]) for line in manifest(out)) == [
         ("a_tiny.pt", "error"), ("b_ok.pt", "ok"), ("c_mid.pt", "ok")]
     torch.manual_seed(0)  # the run's weights: seed 0, timm's own initialisation
@@ -46,5 +46,5 @@ def test_describe_refuses_an_input_size_too_small_for_a_timm_model(arch: str, si
         pytest.skip(f"timm {timm.__version__} cannot replay {arch} (no forward_intermediates)")
     result = invoke("--describe", "--arch", arch, "--input-size", str(side))
     assert result.exit_code == 2
-    assert result.stderr == f"Error: {arch} cannot take inputs this small, not {side}×{side}\n"
+    assert result.stderr == f"Error: {arch} cannot take inputs of this size, not {side}×{side}\n"
     assert invoke("--describe", "--arch", arch, "--input-size", str(side + 1 if side == 31 else 75)).exit_code == 0

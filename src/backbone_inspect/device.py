@@ -57,6 +57,12 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s 4-D parameters and buffers in channels_last, the rest as they are: ``Module.to(memory_format=...)``
+    refuses a model holding a 5-D tensor (timm's lambda_resnet26t: "required rank 4 tensor")."""
+    return module._apply(lambda tensor: tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor)
+
+
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 
 

@@ -16,7 +16,7 @@ import torch
 from .anatomy import input_size_problem
 from .backbone import Backbone
 from .config import FeatureConfig
-from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device
+from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device, to_channels_last
 from .errors import ImageError, UsageError, WeightsError
 from .images import LoadedImage, Preprocessing, SizeGroup, collate_batch, load_image_tensor
 from .precision import TORCH_DTYPES, check_compute_dtype, cuda_math
@@ -54,7 +54,7 @@ class Extractor:
         backbone = Backbone(config.arch, run_layers, config.weights, seed=config.seed, head=config.topk > 0)
         self.backbone = backbone.eval().to(self.device, dtype=self.dtype)
         if self.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+            self.backbone = to_channels_last(self.backbone)
         self._run = torch.compile(self.backbone) if config.compile else self.backbone
         self._size_problems: dict[tuple[int, int], str | None] = {}
         # On a CPU each stage runs in slices sized to the cache (see cache_chunk_sizes); a
@@ -223,7 +223,7 @@ class Extractor:
 
 
 def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
-    """``config``'s replay run once on ``device`` with its weights left unset, on one input of the run's
+    """``config``'s replay run once on ``device`` with zeros for weights, on one input of the run's
     crop: CUDA loads the kernels of those shapes (it does so lazily, on first use) here, in the warm-up
     thread while the caller builds the model, rather than in the first image's forward; cuDNN picks the
     same kernels for the same shapes, since autotuning starts at a shape's second batch.
@@ -244,7 +244,11 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
     weights_bytes = sum(value.numel() * dtype.itemsize for value in replay.state_dict().values())
     if device.type == "cuda" and 4 * weights_bytes > torch.cuda.mem_get_info(device)[0]:
         return
-    replay = replay.to_empty(device=device).to(dtype=dtype, memory_format=layout)
+    replay = replay.to_empty(device=device).to(dtype=dtype)
+    with torch.no_grad():  # reused memory holds anything: an index buffer (Swin's) out of range is a device-side assert
+        for value in (*replay.parameters(), *replay.buffers()):
+            value.zero_()
+    replay = to_channels_last(replay) if channels_last else replay
     pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
     with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
         replay(pixels)
