@@ -223,10 +223,10 @@ class Extractor:
 
 
 def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
-    """``config``'s replay run once on ``device`` with zeros for weights, on one input of the run's
-    crop: CUDA loads the kernels of those shapes (it does so lazily, on first use) here, in the warm-up
-    thread while the caller builds the model, rather than in the first image's forward; cuDNN picks the
-    same kernels for the same shapes, since autotuning starts at a shape's second batch.
+    """``config``'s replay run once on ``device`` with zeros for weights, on one input of the run's crop,
+    with its statistics: CUDA loads the kernels of those shapes (lazily, on first use) here, in the
+    warm-up thread while the caller builds the model, rather than in the first image's forward; cuDNN
+    picks the same kernels for the same shapes, since autotuning starts at a shape's second batch.
 
     Built on the meta device only: a model built on the CPU would draw from the generator that seeds the
     run's weights, in the caller's thread too (RegNet's builder raises there instead, and is not rehearsed).
@@ -251,4 +251,6 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
     replay = to_channels_last(replay) if channels_last else replay
     pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
     with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
-        replay(pixels)
+        for features in replay(pixels).values():  # and the statistics' kernels, copied out as the run copies them
+            columns = stat_columns(features)
+            torch.empty(columns.shape, dtype=columns.dtype, pin_memory=device.type == "cuda").copy_(columns, non_blocking=True)
