@@ -228,7 +228,7 @@ def test_an_image_smaller_than_the_arch_takes_fails_alone(tmp_path, chelsea) -> 
     lines = {Path(line["image"]).name: line for line in manifest(tmp_path / "out")}
     assert lines["ok.png"]["status"] == "ok" and lines["tiny.png"]["status"] == "error"
     assert lines["tiny.png"]["error"].endswith(
-        "tiny.png: image is 24×40 (H×W) after preprocessing: convnext_tiny takes inputs of at least 32×32 px; use another --resize")
+        "tiny.png: image is 24×40 (H×W) after preprocessing: convnext_tiny takes inputs of at least 32×32 px; use another --resize or --crop")
     planned = invoke(folder, "--arch", "convnext_tiny", "--resize", "none", "--crop", "none", "--save", tmp_path / "again",
                      "--dry-run", "--device", "cpu")
     assert planned.exit_code == 0 and "2 images to do" in planned.stdout, "the dry run plans what the run does"

@@ -26,7 +26,7 @@ def test_an_image_too_small_for_a_timm_model_fails_alone_and_the_others_are_save
     assert result.exit_code == 1
     tiny = images / "a_tiny.png"
     assert result.stderr.splitlines()[0] == (f"Error: {tiny}: image is 20×20 (H×W) after preprocessing: "
-                                             "timm:convnext_atto cannot take inputs of this size; use another --resize")
+                                             "timm:convnext_atto cannot take inputs of this size; use another --resize or --crop")
     assert sorted((line["output"], line["status"]) for line in manifest(out)) == [
         ("a_tiny.pt", "error"), ("b_ok.pt", "ok"), ("c_mid.pt", "ok")]
     torch.manual_seed(0)  # the run's weights: seed 0, timm's own initialisation
@@ -48,3 +48,25 @@ def test_describe_refuses_an_input_size_too_small_for_a_timm_model(arch: str, si
     assert result.exit_code == 2
     assert result.stderr == f"Error: {arch} cannot take inputs of this size, not {side}×{side}\n"
     assert invoke("--describe", "--arch", arch, "--input-size", str(side + 1 if side == 31 else 75)).exit_code == 0
+
+
+def test_a_size_a_timm_model_refuses_above_256_px_fails_those_images_alone(tmp_path: Path) -> None:
+    """Sizes from 256 px are not tried ahead; halonet26t takes multiples of 256 only, and a 264 px image
+    ended the run with a bare ``Error: AssertionError:``."""
+    images = tmp_path / "images"
+    for name, side in (("a_odd", 264), ("b_ok", 256)):
+        noise_image(images / f"{name}.png", (side, side), seed=side)
+    out = tmp_path / "out"
+    result = invoke(images, "--arch", "timm:halonet26t", "--layers", "4", "--resize", "none", "--crop", "none",
+                    "--save", out, "--workers", "0", "--device", "cpu", "--batch-size", "1")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (f"Error: {images / 'a_odd.png'}: image is 264×264 (H×W) after preprocessing: "
+                                             "timm:halonet26t cannot take inputs of this size; use another --resize or --crop")
+    assert sorted((line["output"], line["status"]) for line in manifest(out)) == [("a_odd.pt", "error"), ("b_ok.pt", "ok")]
+    torch.manual_seed(0)  # the run's weights: seed 0, timm's own initialisation
+    model = timm.create_model("halonet26t", pretrained=False).eval()
+    pixels = torch.from_numpy(numpy.array(Image.open(images / "b_ok.png"))).permute(2, 0, 1)
+    with torch.no_grad():
+        (expected,) = model.forward_intermediates(imagenet_normalised(pixels[None]), indices=[len(model.feature_info) - 1],
+                                                  intermediates_only=True)
+    assert_close_scaled(features(out / "b_ok.pt")["stage4"], expected[0], rtol=1e-5)

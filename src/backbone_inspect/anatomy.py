@@ -47,9 +47,15 @@ def input_size_problem(backbone: Backbone, input_size: tuple[int, int]) -> str |
     if min(input_size) >= SIDE_ANY_ARCH_TAKES:
         return None
     if is_timm(backbone.arch):  # the size itself tried: the sizes a timm model takes need not all be above one
-        return None if _runs_at(backbone, tuple(input_size)) else f"{backbone.arch} cannot take inputs of this size"
+        return size_refused(backbone, input_size)
     smallest = smallest_input_side(backbone)
     return None if min(input_size) >= smallest else f"{backbone.arch} takes inputs of at least {smallest}×{smallest} px"
+
+
+def size_refused(backbone: Backbone, input_size: tuple[int, int]) -> str | None:
+    """Why the model refuses inputs of this size, tried on the meta device (timm's halonet26t takes
+    multiples of 256 only), or ``None`` where it takes them."""
+    return None if _runs_at(backbone, tuple(input_size)) else f"{backbone.arch} cannot take inputs of this size"
 
 
 def check_input_size(backbone: Backbone, input_size: tuple[int, int]) -> None:

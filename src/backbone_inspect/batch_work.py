@@ -68,10 +68,15 @@ def launch_batch(
             return None
         names = [images[position].path for position in group.positions]
         refused = extractor.refuses(group.input_size)
-        if refused is not None:
-            known.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
-            continue
-        in_flight.append((group.positions, extractor.launch_group(names, group)))
+        if refused is None:
+            try:
+                in_flight.append((group.positions, extractor.launch_group(names, group)))
+                continue
+            except Exception:
+                refused = extractor.refuses_after_failure(group.input_size)
+                if refused is None:  # not the size: out of memory, a broken model... the run's own error
+                    raise
+        known.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
     return LaunchedBatch(images, known, tuple(in_flight))
 
 

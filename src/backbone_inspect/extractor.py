@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .anatomy import input_size_problem
+from .anatomy import input_size_problem, size_refused
 from .backbone import Backbone
 from .config import FeatureConfig
 from .device import cache_chunk_sizes, default_channels_last, last_level_cache_bytes, resolve_device, to_channels_last
@@ -104,8 +104,20 @@ class Extractor:
         if input_size not in self._size_problems:  # a few passes on the meta device, once per size
             self._size_problems[input_size] = input_size_problem(self.backbone, input_size)
         problem = self._size_problems[input_size]
+        if problem is None:
+            return None
         height, width = input_size
-        return None if problem is None else f"image is {height}×{width} (H×W) after preprocessing: {problem}; use another --resize"
+        return f"image is {height}×{width} (H×W) after preprocessing: {problem}; use another --resize or --crop"
+
+    def refuses_after_failure(self, input_size: tuple[int, int]) -> str | None:
+        """After a forward pass of this size failed: why, where the size is the cause (the model refuses
+        it on the meta device too: timm's halonet26t at 264 px raised a bare ``AssertionError`` that ended
+        the run), kept for the size as ``refuses`` keeps it; ``None`` where the size is not the cause."""
+        problem = size_refused(self.backbone, input_size)
+        if problem is None:
+            return None
+        self._size_problems[input_size] = problem
+        return self.refuses(input_size)
 
     def load(self, path: str | Path) -> torch.Tensor:
         """Decode and preprocess one file into a uint8 [3, H, W] tensor (raises ImageError)."""
