@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from backbone_inspect.config import feature_config
+from backbone_inspect.errors import ImageError
+from backbone_inspect.extractor import Extractor
 from conftest import assert_close_scaled, features, imagenet_normalised, invoke, manifest, noise_image
 
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
@@ -70,3 +73,6 @@ def test_a_size_a_timm_model_refuses_above_256_px_fails_those_images_alone(tmp_p
         (expected,) = model.forward_intermediates(imagenet_normalised(pixels[None]), indices=[len(model.feature_info) - 1],
                                                   intermediates_only=True)
     assert_close_scaled(features(out / "b_ok.pt")["stage4"], expected[0], rtol=1e-5)
+    extractor = Extractor(feature_config(arch="timm:halonet26t", layers=(4,), resize="none", crop="none"), device="cpu")
+    with pytest.raises(ImageError, match=r"a_odd.png: image is 264×264 .*: timm:halonet26t cannot take inputs of this size"):
+        extractor.inspect(images / "a_odd.png")  # the library's own path: the same error

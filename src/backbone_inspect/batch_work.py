@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import OutputError, OutputStopped
+from .errors import ImageError, OutputError, OutputStopped
 from .extractor import Extractor
 from .images import DecodedBatch
 from .inputs import FoundImage
@@ -67,16 +67,11 @@ def launch_batch(
         if should_stop():
             return None
         names = [images[position].path for position in group.positions]
-        refused = extractor.refuses(group.input_size)
-        if refused is None:
-            try:
-                in_flight.append((group.positions, extractor.launch_group(names, group)))
-                continue
-            except Exception:
-                refused = extractor.refuses_after_failure(group.input_size)
-                if refused is None:  # not the size: out of memory, a broken model... the run's own error
-                    raise
-        known.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
+        try:
+            in_flight.append((group.positions, extractor.launch_group(names, group)))
+        except ImageError:  # a size the arch cannot take, before or by the forward pass: these images' error
+            refused = extractor.refuses(group.input_size)
+            known.update((position, f"{name}: {refused}") for position, name in zip(group.positions, names))
     return LaunchedBatch(images, known, tuple(in_flight))
 
 

@@ -174,12 +174,19 @@ class Extractor:
 
     def launch_group(self, names: Sequence[str], group: SizeGroup) -> InFlightGroup:
         """Queue one group's work on the device: the forward pass, statistics computed batched, the
-        copies of what is kept to the host; nothing waits for it (see ``results``)."""
+        copies of what is kept to the host; nothing waits for it (see ``results``). ``ImageError`` for a
+        size the arch cannot take, found before the forward pass (``refuses``) or by its failure."""
         refused = self.refuses(group.input_size)
         if refused is not None:
             raise ImageError(f"{names[0]}: {refused}")
         clock = ForwardClock(self.device)
-        features = self.forward(group.pixels)
+        try:
+            features = self.forward(group.pixels)
+        except Exception:
+            refused = self.refuses_after_failure(group.input_size)
+            if refused is None:  # not the size: out of memory, a broken model... the run's own error
+                raise
+            raise ImageError(f"{names[0]}: {refused}") from None
         clock.stop()
         top = self._top_classes(features[self.deepest]) if self.topk else None
         features = OrderedDict((name, features[name]) for name in self.requested)
