@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 
 if TYPE_CHECKING:
+    from .batch_work import Draw
     from .config import FeatureConfig
-    from .errors import OutputError
     from .results import ImageResult
     from .inputs import FoundImage
     from .outcomes import Outcome, RunSummary
@@ -55,7 +55,7 @@ class RunCallbacks:
     """Each image once it is written: its manifest line and, unless it failed, its result."""
     keep_features: bool = False
     """Whether ``on_outcome`` needs the feature tensors (features saved to a store are kept anyway)."""
-    draw: Callable[[FoundImage, ImageResult], OutputError | None] | None = None
+    draw: Draw | None = None
     """Pictures of each computed image, drawn before it is stored (``--viz``; engines with ``supports_pictures``):
     an error returned is that image's, as a write's is (``batch_work.stage_images``)."""
 

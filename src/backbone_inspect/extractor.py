@@ -47,11 +47,10 @@ class Extractor:
         self.feature_dtype = TORCH_DTYPES[feature_dtype] if feature_dtype is not None else None
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.dtype = check_compute_dtype(config.dtype, self.device)
-        self.channels_last = default_channels_last(self.device) if config.channels_last is None else config.channels_last
+        self.channels_last = uses_channels_last(config, self.device)
         self.requested: tuple[str, ...] = config.stages
         self.deepest = stage_names(config.arch)[-1]
-        run_layers = self.requested + ((self.deepest,) if config.topk and self.deepest not in self.requested else ())
-        backbone = Backbone(config.arch, run_layers, config.weights, seed=config.seed, head=config.topk > 0)
+        backbone = Backbone(config.arch, run_layers(config), config.weights, seed=config.seed, head=config.topk > 0)
         self.backbone = backbone.eval().to(self.device, dtype=self.dtype)
         if self.channels_last:
             self.backbone = to_channels_last(self.backbone)
@@ -191,7 +190,7 @@ class Extractor:
         top = self._top_classes(features[self.deepest]) if self.topk else None
         features = OrderedDict((name, features[name]) for name in self.requested)
         with torch.inference_mode():
-            columns = OrderedDict((name, self._to_host(stat_columns(value))) for name, value in features.items())
+            columns = OrderedDict((name, to_host(stat_columns(value), self.device)) for name, value in features.items())
         kept = self._kept_features(features) if self.keep_features else OrderedDict()
         pixels = self._cpu_pixels(group)
         done = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -204,7 +203,7 @@ class Extractor:
         (``--decode gpu``) cross in one copy per group, and only with ``keep_pixels`` (pictures)."""
         if group.pixels.device.type == "cpu":
             return group.pixels
-        return self._to_host(group.pixels) if self.keep_pixels else None
+        return to_host(group.pixels, self.device) if self.keep_pixels else None
 
     def _kept_features(self, features: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """Each stage's batch on the CPU, contiguous, in one copy (each image's row is a view of it);
@@ -218,27 +217,39 @@ class Extractor:
                 elif self.config.pool == "max":
                     value = value.amax(dim=(-2, -1))
                 # Cast and made contiguous where the features are (a GPU does it in microseconds), then one plain copy.
-                kept[name] = self._to_host(value.to(dtype=dtype, memory_format=torch.contiguous_format))
+                kept[name] = to_host(value.to(dtype=dtype, memory_format=torch.contiguous_format), self.device)
         return kept
-
-    def _to_host(self, value: torch.Tensor) -> torch.Tensor:
-        """A CPU copy; from a GPU into pinned memory without waiting (several times faster than into
-        pageable memory: 1.4 MB an image for resnet50's layers 2,3,4): ready once the group is done."""
-        if self.device.type != "cuda":
-            return value.to("cpu")
-        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        return host.copy_(value, non_blocking=True)
 
     def _top_classes(self, deepest: torch.Tensor) -> TopClasses:
         assert self.categories is not None
         with torch.inference_mode(), self._math(tuple(deepest.shape)):
             probabilities = self.backbone.classify(deepest).float().softmax(dim=1)
             values, indices = probabilities.topk(self.topk, dim=1)
-            return TopClasses(self._to_host(values), self._to_host(indices), self.categories)
+            return TopClasses(to_host(values, self.device), to_host(indices, self.device), self.categories)
 
     def inspect(self, path: str | Path) -> ImageResult:
         """One image: decode, preprocess, forward, statistics."""
         return self.extract([(str(path), self.load(path))])[0]
+
+
+def uses_channels_last(config: FeatureConfig, device: torch.device) -> bool:
+    """``--channels-last`` as given, else the device's default (``default_channels_last``)."""
+    return default_channels_last(device) if config.channels_last is None else config.channels_last
+
+
+def run_layers(config: FeatureConfig) -> tuple[str, ...]:
+    """The stages the replay runs: those asked for and, with ``topk``, the stride-32 stage the classifier takes."""
+    deepest = stage_names(config.arch)[-1]
+    return config.stages + ((deepest,) if config.topk and deepest not in config.stages else ())
+
+
+def to_host(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU copy of ``value`` (on ``device``); from a GPU into pinned memory without waiting (several times
+    faster than into pageable memory: 1.4 MB an image for resnet50's layers 2,3,4): ready once its work is done."""
+    if device.type != "cuda":
+        return value.to("cpu")
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    return host.copy_(value, non_blocking=True)
 
 
 def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
@@ -256,10 +267,10 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
     if side is None or config.compile:
         return
     dtype = TORCH_DTYPES[config.dtype]
-    channels_last = default_channels_last(device) if config.channels_last is None else config.channels_last
+    channels_last = uses_channels_last(config, device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device("meta"):
-        replay = Backbone.without_weights(config.arch, config.stages)
+        replay = Backbone.without_weights(config.arch, run_layers(config))
     weights_bytes = sum(value.numel() * dtype.itemsize for value in replay.state_dict().values())
     if device.type == "cuda" and 4 * weights_bytes > torch.cuda.mem_get_info(device)[0]:
         return
@@ -271,5 +282,4 @@ def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
     pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
     with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
         for features in replay(pixels).values():  # and the statistics' kernels, copied out as the run copies them
-            columns = stat_columns(features)
-            torch.empty(columns.shape, dtype=columns.dtype, pin_memory=device.type == "cuda").copy_(columns, non_blocking=True)
+            to_host(stat_columns(features), device)
