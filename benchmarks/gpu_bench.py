@@ -15,7 +15,9 @@ Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out
   2   accuracy          layer4 of 8 generated images through Extractor on the device per --dtype,
                         against the same Backbone in float64 on the CPU: ‖x − ref‖ / ‖ref‖.
   5a  command           statistics only (--layers 4) at the command's defaults (batch, workers).
-  5b  command           statistics only with --decode gpu --batch-size 256.
+  5b  command           statistics only with --decode gpu --batch-size 256, from all the images (12,000)
+                        to each of them three times (36,000, as links): 24,000 extra images, several
+                        seconds of run loop (a second of it, as before, left the rate unsettled).
   3   CPU decode        DataLoader(ImageDataset, collate_batch, pin_memory) drained, nothing else:
                         the library's default workers for CUDA, and all (cores - 1 and cores).
   4   GPU decode        read_file + batched decode_jpeg on the device + resize 256 (antialias) +
@@ -401,7 +403,8 @@ class Variant:
     kind: str
     """Its EXPECTED_RATES entry."""
     images: str = "main"
-    """Which image sets: "main" or "dump" (fewer, for the large dumps)."""
+    """Which image sets: "main", "dump" (fewer, for the large dumps) or "repeated" (all the images, then each
+    of them three times as links: the fast --decode gpu runs need more images than are made for a steady rate)."""
 
     @property
     def save(self) -> bool:
@@ -413,7 +416,7 @@ WORKERS_LEAVING_TWO = max(1, (os.cpu_count() or 1) - 2)
 GPU_DECODE = ("--decode", "gpu", "--batch-size", "256")
 VARIANTS = {
     "5a": Variant("5a", "statistics only, defaults (--layers 4)", ("--layers", "4"), "stats"),
-    "5b": Variant("5b", "statistics only --decode gpu --batch-size 256", ("--layers", "4", *GPU_DECODE), "gpu-decode"),
+    "5b": Variant("5b", "statistics only --decode gpu --batch-size 256", ("--layers", "4", *GPU_DECODE), "gpu-decode", "repeated"),
     "5c": Variant("5c", "shards --layers 4", (*SHARDS, "--layers", "4"), "shards-l4"),
     "5d": Variant("5d", "shards --layers 2,3,4", (*SHARDS, "--layers", "2,3,4"), "shards-l234", "dump"),
     "5g": Variant("5g", f"shards --layers 4 --workers {WORKERS_LEAVING_TWO}",
@@ -702,6 +705,18 @@ def small_count(large: int, quantum: int = 256) -> int:
     return large - whole * quantum if large > 3 * quantum and whole else max(1, large // 3)
 
 
+REPEATS = 3
+"""How many times each image is in the "repeated" set."""
+
+
+def linked_copies(paths: list[Path], folder: Path) -> Path:
+    """``paths`` as hard links under ``folder``, numbered, so that an image may be there several times."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, path in enumerate(paths):
+        os.link(path, folder / f"{number:06d}-{path.name}")
+    return folder
+
+
 def make_sets(bench: Bench) -> None:
     args, root = bench.args, bench.root
     bench.paths = store_bench.make_images(root / "images", args.images, (500, 375), processes=os.cpu_count() or 1)
@@ -713,6 +728,8 @@ def make_sets(bench: Bench) -> None:
         args.disk_gib = dump_large * BYTES_PER_L234_IMAGE / 2**30
     bench.sets["main"] = (store_bench.linked_subset(bench.paths[: small_count(args.images)], root / "main-small"),
                           root / "images")
+    repeated = [path for _ in range(REPEATS) for path in bench.paths]
+    bench.sets["repeated"] = (root / "images", linked_copies(repeated, root / f"repeated-{len(repeated)}"))
     bench.sets["dump"] = tuple(store_bench.linked_subset(bench.paths[:count], root / f"dump-{count}")
                                for count in (small_count(dump_large), dump_large))  # type: ignore[assignment]
 
