@@ -119,3 +119,28 @@ def test_a_timm_model_without_forward_intermediates_is_a_usage_error_naming_timm
     with pytest.raises(UsageError) as raised:
         Backbone("timm:convnext_atto", (4,), model=timm.create_model("convnext_atto"))
     assert str(raised.value) == said
+
+
+def test_a_timm_that_cannot_prune_its_model_is_a_usage_error_naming_timm(monkeypatch, tmp_path: Path) -> None:
+    """timm 1.0.29's EfficientViT asserts 'Cannot disable pooling' in its own prune: that was a bare AssertionError, exit 1."""
+    from timm.models.convnext import ConvNeXt
+
+    from backbone_inspect.errors import UsageError
+
+    def refuses(self, *args, **kwargs):
+        raise AssertionError("Cannot disable pooling")
+
+    monkeypatch.setattr(ConvNeXt, "prune_intermediate_layers", refuses)
+    said = (f"timm:convnext_atto: timm {timm.__version__} cannot cut its ConvNeXt to the stages asked for "
+            "(Cannot disable pooling); a newer timm may (pip install -U timm)")
+    image = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(image)
+    for args in (["--describe"], [str(image), "--device", "cpu", "--save", str(tmp_path / "out")]):
+        result = invoke(*args, "--arch", "timm:convnext_atto")
+        assert (result.exit_code, result.stderr) == (2, f"Error: {said}\n"), args
+    assert not list((tmp_path / "out").glob("[!.]*")), "no settings, manifest or features (the lock file stays, as always)"
+    with pytest.raises(UsageError) as raised:
+        Backbone("timm:convnext_atto", (4,))
+    assert str(raised.value) == said

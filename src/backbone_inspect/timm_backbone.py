@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .families import TIMM_PREFIX
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 from .timm_models import (
-    build_timm_model, check_is_timm_model, check_stages, feature_dicts, fixed_input_side, refuse_topk, stage_indices,
-    timm_skeleton,
+    build_timm_model, check_is_timm_model, check_stages, feature_dicts, fixed_input_side, prune_to_stages, refuse_topk,
+    stage_indices, timm_skeleton,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class TimmBackbone(nn.Module):
         check_stages(arch, self.stage_names, found)
         self.indices = [found[name] for name in self.stage_names]
         if ours:  # a caller's own model is left whole: the replay still stops after the deepest stage
-            model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
+            prune_to_stages(model, self.arch.removeprefix(TIMM_PREFIX), self.indices)
         self.model = model
         self.fixed_input: int | None = fixed_input_side(model)
         """The only input side the model takes, where timm fixes it when building (``fixed_input_size``)."""
@@ -67,7 +68,7 @@ class TimmBackbone(nn.Module):
     def without_weights(cls, arch: str, layers: Iterable[int | str] | str | None = None) -> TimmBackbone:
         """The replay over the model built without weights; ``layers=None``: every stage it has."""
         backbone = cls(arch, layers, model=timm_skeleton(arch))
-        backbone.model.prune_intermediate_layers(backbone.indices, prune_norm=True, prune_head=True)  # its own skeleton
+        prune_to_stages(backbone.model, arch.removeprefix(TIMM_PREFIX), backbone.indices)  # its own skeleton
         return backbone
 
     def feature_info(self) -> list[StageInfo]:

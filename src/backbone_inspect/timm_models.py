@@ -71,6 +71,19 @@ def check_replayable(model: nn.Module, name: str) -> None:
         )
 
 
+def prune_to_stages(model: nn.Module, name: str, indices: list[int]) -> None:
+    """timm's own ``prune_intermediate_layers`` to the deepest of ``indices``, its norm and head dropped;
+    ``UsageError`` where this timm cannot prune the model (timm 1.0.29's EfficientViT asserts "Cannot
+    disable pooling")."""
+    try:
+        model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
+    except (AssertionError, NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError) as error:
+        raise UsageError(
+            f"{TIMM_PREFIX}{name}: timm {import_timm().__version__} cannot cut its {type(model).__name__} to the stages asked for "
+            f"({first_line(error)}); a newer timm may (pip install -U timm)"
+        ) from error
+
+
 def check_not_timm_model(model: nn.Module, arch: str) -> None:
     """``UsageError`` for a timm model passed to replay as torchvision's ``arch``, naming the arch that replays it."""
     if not type(model).__module__.startswith("timm."):
