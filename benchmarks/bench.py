@@ -30,7 +30,6 @@ import argparse
 import copy
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -193,7 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         small_paths = make_images(root / "small", args.images)
-        large_paths = make_images(root / "large", 3 * args.images)
+        make_images(root / "large", 3 * args.images)
         data = ready_tensors(small_paths)
         if args.early_stop_only:
             torch.manual_seed(0)
