@@ -236,3 +236,13 @@ def test_each_torchrun_process_gets_its_own_gpu_unless_one_is_named(monkeypatch,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device(spec, local_rank=local_rank) == torch.device(expected)
+
+
+@pytest.mark.parametrize("option", ["--save", "--viz"])
+def test_an_output_folder_that_is_a_dangling_link_is_a_usage_error_naming_the_link(tmp_path: Path, chelsea: Path, option: str) -> None:
+    """It was 'cannot write to output folder …: File exists', exit 1."""
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "feats")
+    result = invoke(chelsea, option, tmp_path / "out", "--arch", "resnet18", "--device", "cpu")
+    assert (result.exit_code, result.stderr) == (2, f"Error: {option} {tmp_path / 'out'}: a symbolic link to {tmp_path / 'gone' / 'feats'}, "
+                                                    "which does not exist\n")
+    assert not (tmp_path / "gone").exists()

@@ -124,3 +124,51 @@ def test_an_error_in_one_manifest_does_not_take_back_what_another_run_saved(tmp_
     dump_features(root, out, **OPTIONS)  # manifest.jsonl: img001 saved (the manifests have no order between them)
     assert [line["status"] for line in manifest(out, "manifest.shard-0-of-1.jsonl")] == ["ok", "error"]
     assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+"""JSON nested deeper than Python's decoder recurses: a RecursionError, not a ValueError."""
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    (DEEP_JSON, r"cannot read .+backbone-inspect\.json \(maximum recursion depth exceeded.*\)"),
+    ('{"layers": "layer4", "format": "pt"}', r'backbone-inspect\.json names no stages \("layers": "layer4", not a list of stage names\)'),
+    ('{"layers": 4}', r'backbone-inspect\.json names no stages \("layers": 4, not a list of stage names\)'),
+    ('{"layers": ["layer4"], "format": "zip"}', r'backbone-inspect\.json has "format": "zip", not one of pt, shards'),
+    ('{"layers": ["layer4"], "save_dtype": "int8"}', r'backbone-inspect\.json has "save_dtype": "int8", not one of float32, float16, bfloat16'),
+])
+def test_a_settings_file_unlike_any_a_run_writes_is_an_error_naming_it(tmp_path: Path, settings: str, problem: str) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    (out / "backbone-inspect.json").write_text(settings)
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(out))} is not a dump of backbone-inspect: .*{problem}$"):
+        open_features(out)
+
+
+def test_a_settings_file_nested_too_deep_is_replaced_by_overwrite_and_refused_without(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    out.mkdir()
+    (out / "backbone-inspect.json").write_text(DEEP_JSON)
+    result = invoke(root, *SMALL, "--workers", "0", "--save", out)
+    assert (result.exit_code, result.stderr) == (2, f"Error: {out / 'backbone-inspect.json'} is not a settings file of backbone-inspect "
+                                                    "(not a JSON object): use --overwrite to replace it, or another --save folder\n")
+    assert invoke(root, *SMALL, "--workers", "0", "--save", out, "--overwrite").exit_code == 0
+    assert len(open_features(out)) == 2
+
+
+def test_a_manifest_line_nested_too_deep_is_passed_over_like_any_line_that_is_not_json(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    with (out / "manifest.jsonl").open("a", encoding="utf-8") as lines:
+        lines.write(DEEP_JSON + "\n")
+    assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]
+
+
+def test_a_manifest_whose_last_line_has_no_end_gets_one_before_the_runs_lines(tmp_path: Path) -> None:
+    """Another tool's manifest.jsonl, or an edited one: the run's first line was glued to its last, and that image lost."""
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text("id,label\n1,cat")
+    assert invoke(root, *SMALL, "--workers", "0", "--save", out).exit_code == 0
+    assert (out / "manifest.jsonl").read_text().splitlines()[:2] == ["id,label", "1,cat"]
+    assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]

@@ -14,8 +14,8 @@ from backbone_inspect import dump_features
 from backbone_inspect.errors import OutputError, UsageError
 from backbone_inspect.reader import open_features
 
-from conftest import assert_close_scaled, manifest, many_images
-from shard_helpers import OPTIONS, outputs, reference, shard_files, shard_rows
+from conftest import assert_close_scaled, invoke, manifest, many_images
+from shard_helpers import ARGS, OPTIONS, outputs, reference, shard_files, shard_rows
 
 
 def test_a_resume_records_where_each_skipped_image_is(tmp_path: Path) -> None:
@@ -149,7 +149,20 @@ TAMPERINGS = {
                                                               input_sizes=json_list(3, [64, 64])),
     "a size that is no size": lambda header, meta: meta.update(input_sizes='[["a", 1], [224]]'),
     "a stage missing": lambda header, meta: meta.update(settings=meta["settings"].replace('"layer4"', '"layer4", "layer3"')),
+    # What safetensors itself refuses to open, or rows unlike the settings' [C, H, W] maps in the saved dtype:
+    "a metadata value that is no string": lambda header, meta: meta.update(extra=5),
+    "another dtype in as many bytes": lambda header, meta: header["layer4"].update(dtype="F16", shape=[2, 512, 2, 4]),
+    "rows of another rank": lambda header, meta: header["layer4"].update(shape=[2, 2048]),
+    "a tensor per row, of another rank": lambda header, meta: split_rows(header, "layer4", [2048]),
 }
+
+
+def split_rows(header: dict, stage: str, shape: list[int]) -> None:
+    """A stacked stage of two rows stored instead as ``<stage>.0`` and ``<stage>.1`` of ``shape``, the same bytes."""
+    entry = header.pop(stage)
+    start, end = entry["data_offsets"]
+    for row, offsets in enumerate(([start, (start + end) // 2], [(start + end) // 2, end])):
+        header[f"{stage}.{row}"] = {"dtype": entry["dtype"], "shape": shape, "data_offsets": offsets}
 
 
 def json_list(count: int, item: object) -> str:
@@ -167,3 +180,40 @@ def test_a_shard_whose_header_disagrees_with_its_data_is_not_whole_refused_and_r
     again = dump_features(root, out, format="shards", shard_size=2, **OPTIONS)
     assert (again.processed, again.skipped) == (2, 2), "the tampered shard's images are computed again"
     assert first not in shard_files(out) and sorted(shard_rows(out)) == outputs(4)
+
+
+def test_a_shard_that_fails_on_a_full_disk_counts_none_of_its_images_saved_even_when_the_manifest_fails_too(
+        tmp_path: Path, monkeypatch) -> None:
+    """The shard and then each of its error lines refused by a full disk: the summary said 1 of its 3 images processed."""
+    from backbone_inspect import shard_store, store
+
+    def full(*args, **kwargs):
+        raise OutputError("cannot write it: No space left on device")
+
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    monkeypatch.setattr(shard_store, "write_shard", full)
+    monkeypatch.setattr(store.FolderStore, "record", full)
+    result = invoke(root, *ARGS, "--save", out, "--format", "shards", "--shard-size", "3", "--batch-size", "1")
+    assert result.exit_code == 1
+    assert "processed 0, skipped 0, failed 3 in " in result.stderr and ", 0 B written" in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == ("Error: cannot write it: No space left on device "
+                                              "(3 image(s) in 1 shard(s) not saved: run again once it is fixed)")
+    assert not shard_files(out) and not (out / "manifest.jsonl").read_text()
+
+
+def test_shards_another_slice_made_before_an_overwrite_of_other_settings_are_refused_not_passed_over(tmp_path: Path) -> None:
+    """Slice 0 redone with --overwrite and a smaller crop, slice 1 not yet: the reader listed slice 0's images alone,
+    a dump cut short read as a smaller whole one (a slice's run removes only its own shards of other settings)."""
+    root, out = many_images(tmp_path / "in", 4), tmp_path / "out"
+    for slice_ in ("0/2", "1/2"):
+        dump_features(root, out, format="shards", shard=slice_, **OPTIONS)
+    dump_features(root, out, format="shards", shard="0/2", overwrite=True, **{**OPTIONS, "crop": 48})
+    stale = [path for path in shard_files(out) if path.name.startswith("1of2-")]
+    assert len(stale) == 1
+    with pytest.raises(UsageError, match=rf"^{stale[0]} was made with other settings \(preprocessing\.crop 64 \(now 48\)\): the dump "
+                                         r"is not finished, or was redone since; run its command again, then open_features again$"):
+        open_features(out)
+    with pytest.warns(UserWarning):
+        dump_features(root, out, format="shards", shard="1/2", **{**OPTIONS, "crop": 48})
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == outputs(4) and {image.input_size for image in stored.images} == {(48, 48)}

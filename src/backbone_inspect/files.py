@@ -31,6 +31,20 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
     return size
 
 
+def open_lines_for_appending(path: Path) -> IO[bytes]:
+    """``path`` opened to append lines, unbuffered (``OSError`` when it cannot be); where its last line has
+    no end (another tool's file, an edit), it is ended first: the next line is never glued to it."""
+    handle = open(path, "a+b", buffering=0)  # noqa: SIM115 - the caller closes it
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
+            handle.write(b"\n")
+    except OSError:
+        handle.close()
+        raise
+    return handle
+
+
 def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> StagedFiles:
     """Each file written as ``atomic_write`` writes it, with one sync for them all where that is as
     safe, in two steps: here each file is written under a temporary name beside its own, not yet

@@ -71,6 +71,8 @@ def output_folder(option: str, value: str | os.PathLike[str]) -> Path:
         raise UsageError(f"{option} {text!r}: a path cannot hold a NUL character")
     if os.path.exists(text) and not os.path.isdir(text):
         raise UsageError(f"{option} {text}: a file, not a folder")
+    if os.path.islink(text) and not os.path.exists(text):
+        raise UsageError(f"{option} {text}: a symbolic link to {os.readlink(text)}, which does not exist")
     return Path(text)
 
 

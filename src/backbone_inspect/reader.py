@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .shard_files import committed_shards, read_shard_metadata, shard_row
+from .options import FORMATS, POOLINGS
+from .shard_files import SAFETENSORS_DTYPES, committed_shards, read_shard_metadata, shard_row
 from .stages import stage_name
 from .pt_store import features_problem, load_feature_file
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
@@ -160,13 +161,27 @@ def open_features(folder: str | Path) -> StoredFeatures:
     settings_path = folder / SETTINGS_FILE
     try:
         settings = json.loads(settings_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep to decode
         raise UsageError(f"{folder} is not a dump of backbone-inspect: cannot read {settings_path} ({error})") from error
-    if not isinstance(settings, dict):
-        raise UsageError(f"{folder} is not a dump of backbone-inspect: {settings_path} is not a JSON object")
+    problem = _settings_problem(settings)
+    if problem is not None:
+        raise UsageError(f"{folder} is not a dump of backbone-inspect: {settings_path} {problem}")
     found = _shard_images(folder, settings) if settings.get("format") == "shards" else _pt_images(folder)
     images = sorted(found.values(), key=lambda stored: stored.output)
     return StoredFeatures(folder, settings, tuple(images))
+
+
+def _settings_problem(settings: Any) -> str | None:
+    """What makes a settings file's contents unlike any a run writes (what the reader relies on), or ``None``."""
+    if not isinstance(settings, dict):
+        return "is not a JSON object"
+    layers = settings.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(stage, str) for stage in layers):
+        return f"names no stages (\"layers\": {json.dumps(layers)}, not a list of stage names)"
+    for key, choices in (("format", FORMATS), ("pool", POOLINGS), ("save_dtype", tuple(SAFETENSORS_DTYPES))):
+        if key in settings and settings[key] not in choices:
+            return f"has \"{key}\": {json.dumps(settings[key])}, not one of {', '.join(choices)}"
+    return None
 
 
 def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredImage]:
@@ -180,8 +195,10 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
             raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
         if metadata is None:
             raise UsageError(f"{path} is not a whole shard: run the dump again to replace it")
-        if settings_differences(metadata["settings"], settings):
-            continue  # left by a run of other settings: not part of this dump (its slice's next run removes it)
+        differences = settings_differences(metadata["settings"], settings)
+        if differences:  # an interrupted --overwrite of other settings left it (its slice's next run removes it)
+            raise UsageError(f"{path} was made with other settings ({', '.join(differences)}): the dump is not finished, "
+                             "or was redone since; run its command again, then open_features again")
         relative = path.relative_to(folder).as_posix()
         for row, (image, output, size) in enumerate(zip(metadata["images"], metadata["outputs"], metadata["input_sizes"])):
             found.setdefault(output, StoredImage(image, output, relative, row, (int(size[0]), int(size[1]))))
@@ -207,7 +224,7 @@ def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
     for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(record, dict) or not isinstance(record.get("output"), str):
             continue

@@ -73,8 +73,10 @@ def _parse_header(raw: bytes, size: int, file_size: int) -> dict[str, Any] | Non
         metadata = header["__metadata__"]
         if file_size != 8 + size + end or metadata["format"] != SHARD_FORMAT:
             return None
+        if not all(isinstance(value, str) for value in metadata.values()):  # safetensors refuses other metadata
+            return None
         decoded = {key: json.loads(metadata[key]) for key in ("settings", "images", "outputs", "input_sizes")}
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
         return None
     rows = [decoded[key] for key in ("images", "outputs", "input_sizes")]
     if not isinstance(decoded["settings"], dict) or not all(isinstance(value, list) for value in rows):
@@ -115,12 +117,18 @@ def _laid_out_end_to_end(tensors: Mapping[str, Any]) -> bool:
 
 
 def _every_stage_for_every_row(tensors: Mapping[str, Any], decoded: Mapping[str, Any]) -> bool:
-    images = len(decoded["images"])
-    for stage in decoded["settings"].get("layers", []):
+    """Whether each stage of the settings is there for every row, in the saved dtype, each row [C, H, W]
+    (pooled: [C]): stacked as one tensor, or one tensor per row where the rows' shapes differ."""
+    settings, images = decoded["settings"], len(decoded["images"])
+    dtype = SAFETENSORS_DTYPES.get(settings.get("save_dtype", "float32"))
+    row_dims = 1 if settings.get("pool", "none") != "none" else 3
+    for stage in settings.get("layers", []):
         stacked = tensors.get(stage)
+        rows = [stacked] if stacked is not None else [tensors.get(f"{stage}.{row}") for row in range(images)]
         if stacked is not None and stacked["shape"][:1] != [images]:
             return False
-        if stacked is None and not all(f"{stage}.{row}" in tensors for row in range(images)):
+        dims = row_dims + (stacked is not None)
+        if not all(entry is not None and entry["dtype"] == dtype and len(entry["shape"]) == dims for entry in rows):
             return False
     return True
 

@@ -1,9 +1,6 @@
-"""``--format shards``: the store that fills shards of many images and commits each whole.
-
-The files themselves (layout, header, rows) are described in ``shard_files``. Here: which
-images a folder already holds, filling shards from the writer threads, committing them in the
-background, and holding each image's manifest line until its shard is on disk.
-"""
+"""``--format shards``: the store that fills shards of many images and commits each whole (the files
+themselves: ``shard_files``): which images a folder holds, filling shards from the writer threads,
+committing them in the background, holding each image's manifest line until its shard is on disk."""
 
 from __future__ import annotations
 
@@ -240,12 +237,15 @@ class ShardStore(FolderStore):
             raise OutputStopped(manifest_error)
 
     def _fail(self, filling: FillingShard, reason: str) -> None:
-        """A shard that cannot be committed: each of its images already reported written becomes an error line."""
+        """A shard that cannot be committed: its images reported written become error lines, each counted unsaved."""
         with self._recording:
             self._failed[filling.name], self._failed_images = reason, self._failed_images + len(filling.images)
             held = self._retire(filling)
         for outcome in held:
-            self.record(outcome)
+            try:
+                self.record(outcome)
+            except OutputError as error:
+                self._manifest_error = self._manifest_error or str(error)
 
     def settled(self, outcome: Outcome) -> Outcome:
         reason = self._failed.get(outcome.shard) if outcome.shard is not None else None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
-from .files import atomic_write
+from .files import atomic_write, open_lines_for_appending
 from .folder_lock import FolderLock, folder_held
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class FolderStore(FeatureStore):
     def _check_settings(self, path: Path, *, overwrite: bool) -> None:
         try:  # a named pipe or a device there would block or never end: only a small file is read
             saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 2**20 else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to decode
             saved = None
         old_format = saved.get("format", SETTINGS_BEFORE_THEY_EXISTED["format"]) if isinstance(saved, dict) else None
         if old_format is not None and old_format != self.FORMAT:
@@ -246,7 +246,7 @@ class FolderStore(FeatureStore):
                 raise OSError(0, "not a regular file")
             # Unbuffered: a line a full disk cut short is taken back whole (record), none of it left
             # in a buffer to be written after the next line, or at close, once space comes back.
-            self._manifest = open(self.manifest_path, "ab", buffering=0)  # noqa: SIM115
+            self._manifest = open_lines_for_appending(self.manifest_path)
         except OSError as error:
             raise OutputError(f"cannot write manifest {self.manifest_path}: {error.strerror or error}") from error
 
