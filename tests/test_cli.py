@@ -189,7 +189,9 @@ def test_invalid_layers_exit_2_listing_valid_stages(chelsea: Path, layers: str) 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--arch", "resnet19"], "Error: unknown arch 'resnet19'; valid archs: resnet: resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; regnet: regnet_x_400mf,"),
+        (["--arch", "ResNet18"], "Error: unknown arch 'ResNet18' (did you mean resnet18?); valid archs: resnet: resnet18,"),
+        (["--arch", "vgg16"], "Error: unknown arch 'vgg16'; valid archs: resnet: resnet18,"),  # nothing close: no guess
+        (["--arch", "resnet19"], "Error: unknown arch 'resnet19' (did you mean resnet18?); valid archs: resnet: resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; regnet: regnet_x_400mf,"),
         (["--device", "gpu"], "Error: invalid --device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
         (["--device", "cuda:0"], "Error: --device cuda:0: CUDA is not available on this machine"),
         (["--device", "mps"], "Error: --device mps: MPS is not available on this machine"),

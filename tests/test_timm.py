@@ -115,7 +115,7 @@ def test_a_timm_checkpoint_loads(tmp_path: Path) -> None:
          "Error: --crop 64: timm:swin_tiny_patch4_window7_224 takes only 224×224 inputs (fixed when it is built); use --crop 224"),
         (["--arch", "timm:resnet18 "], "Error: --arch 'timm:resnet18 ' has spaces around the model name: give timm:resnet18"),
         (["--arch", "timm: resnet18"], "Error: --arch 'timm: resnet18' has spaces around the model name: give timm:resnet18"),
-        (["--arch", " resnet18"], "Error: unknown arch ' resnet18'; valid archs:"),  # refused alike
+        (["--arch", " resnet18"], "Error: unknown arch ' resnet18' (did you mean resnet18?); valid archs:"),  # refused alike
         (["--arch", "timm:resnet18", "--weights", "IMAGENET1K_V1"], "Error: --weights 'IMAGENET1K_V1' is torchvision's kind of name; for timm:resnet18 give none, DEFAULT"),
     ],
 )

@@ -26,7 +26,7 @@ Images = Annotated[
     list[str] | None,
     typer.Argument(
         help="Image files (JPEG, PNG, WebP, BMP, TIFF, GIF) and folders (searched recursively).",
-        metavar="IMAGE_OR_FOLDER...",
+        metavar="IMAGE_OR_FOLDER",  # typer adds the "..." of a list
         show_default=False,
     ),
 ]

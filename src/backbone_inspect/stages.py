@@ -138,5 +138,16 @@ def check_arch(arch: str) -> str:
         raise UsageError(f"--arch {arch!r} has spaces around the model name: give {TIMM_PREFIX}{arch[len(TIMM_PREFIX) :].strip()}")
     if not isinstance(arch, str) or not (arch in ARCHS or (is_timm(arch) and arch[len(TIMM_PREFIX) :].strip())):
         by_family = "; ".join(f"{family.name}: {', '.join(family.archs)}" for family in FAMILIES)
-        raise UsageError(f"unknown arch {arch!r}; valid archs: {by_family}; or timm:<model name> (with timm installed)")
+        closest = _closest_arch(arch) if isinstance(arch, str) else None
+        raise UsageError(f"unknown arch {arch!r}{f' (did you mean {closest}?)' if closest else ''}; valid archs: {by_family}; "
+                         "or timm:<model name> (with timm installed)")
     return arch
+
+
+def _closest_arch(arch: str) -> str | None:
+    """The torchvision arch a mistyped name most likely meant (its case aside), or ``None``."""
+    import difflib
+
+    by_lower = {name.lower(): name for name in ARCHS}
+    found = difflib.get_close_matches(arch.strip().lower(), list(by_lower), n=1, cutoff=0.8)
+    return by_lower[found[0]] if found else None
