@@ -154,6 +154,8 @@ TAMPERINGS = {
     "another dtype in as many bytes": lambda header, meta: header["layer4"].update(dtype="F16", shape=[2, 512, 2, 4]),
     "rows of another rank": lambda header, meta: header["layer4"].update(shape=[2, 2048]),
     "a tensor per row, of another rank": lambda header, meta: split_rows(header, "layer4", [2048]),
+    "an image twice": lambda header, meta: meta.update(outputs=json.dumps([json.loads(meta["outputs"])[0]] * 2)),
+    "a name outside the folder": lambda header, meta: meta.update(outputs=json.dumps(["../../x.pt", json.loads(meta["outputs"])[1]])),
 }
 
 

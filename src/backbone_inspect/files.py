@@ -10,7 +10,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from .disk_sync import group_sync_descriptor, syncfs
@@ -29,6 +29,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
     temporary, size = _write_temporary(path, write)
     _rename(temporary, path)
     return size
+
+
+def names_a_file_inside(output: str) -> bool:
+    """Whether a dump's ``output`` (a manifest's, a shard's) names a file under its folder, as the command writes them."""
+    path = PurePosixPath(output)
+    return bool(output) and not path.is_absolute() and ".." not in path.parts
 
 
 def open_lines_for_appending(path: Path) -> IO[bytes]:

@@ -11,12 +11,13 @@ import operator
 import os
 import pickle
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import UsageError
+from .files import names_a_file_inside
 from .options import FORMATS, POOLINGS
 from .shard_files import SAFETENSORS_DTYPES, committed_shards, read_shard_metadata, shard_row
 from .stages import stage_name
@@ -231,14 +232,8 @@ def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
         output = record["output"]
         if record.get("status") not in ("ok", "skipped"):
             saved.pop(output, None)
-        elif _inside(output):
+        elif names_a_file_inside(output):
             saved[output] = StoredImage(str(record["image"]), output, output)
         else:
             raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
     return saved
-
-
-def _inside(output: str) -> bool:
-    """Whether a manifest's ``output`` names a file under the dump's folder (as the command writes them)."""
-    path = PurePosixPath(output)
-    return bool(output) and not path.is_absolute() and ".." not in path.parts

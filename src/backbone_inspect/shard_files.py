@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .files import atomic_write, output_error
+from .files import atomic_write, names_a_file_inside, output_error
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,8 @@ def _parse_header(raw: bytes, size: int, file_size: int) -> dict[str, Any] | Non
         return None
     if len({len(value) for value in rows}) != 1 or not all(isinstance(name, str) for name in decoded["images"] + decoded["outputs"]):
         return None
+    if len(set(decoded["outputs"])) != len(decoded["outputs"]) or not all(map(names_a_file_inside, decoded["outputs"])):
+        return None  # an image twice in one shard, or a name no run gives
     if not all(_is_size(size) for size in decoded["input_sizes"]) or not _tensors_hold_rows(tensors, decoded):
         return None
     return {**decoded, "version": metadata.get("version"), "tensors": tensors}
