@@ -219,3 +219,14 @@ def test_shards_another_slice_made_before_an_overwrite_of_other_settings_are_ref
         dump_features(root, out, format="shards", shard="1/2", **{**OPTIONS, "crop": 48})
     stored = open_features(out)
     assert [image.output for image in stored.images] == outputs(4) and {image.input_size for image in stored.images} == {(48, 48)}
+
+
+def test_a_shard_spoilt_after_the_dump_was_opened_is_an_error_naming_it(tmp_path: Path) -> None:
+    """It was safetensors' own SafetensorError, naming no file."""
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, format="shards", **OPTIONS)
+    stored = open_features(out)
+    (path,) = shard_files(out)
+    path.write_bytes(b"\x10" + bytes(7) + b"{not json}     ")
+    with pytest.raises(UsageError, match=rf"^{path} is not a whole shard \(.+\): run the dump again to replace it$"):
+        stored[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .files import names_a_file_inside
 from .options import FORMATS, POOLINGS
 from .shard_files import SAFETENSORS_DTYPES, committed_shards, read_shard_metadata, shard_row
@@ -144,7 +144,10 @@ class StoredFeatures(torch.utils.data.Dataset):
         if relative not in self._open:
             from safetensors import safe_open
 
-            self._open[relative] = safe_open(str(path), framework="pt")
+            try:
+                self._open[relative] = safe_open(str(path), framework="pt")
+            except Exception as error:  # noqa: BLE001 - safetensors' own error type, or an OSError: changed since listed
+                raise UsageError(f"{path} is not a whole shard ({first_line(error)}): run the dump again to replace it") from error
         return self._open[relative]
 
     def __getstate__(self) -> dict[str, Any]:
