@@ -246,3 +246,21 @@ def test_an_output_folder_that_is_a_dangling_link_is_a_usage_error_naming_the_li
     assert (result.exit_code, result.stderr) == (2, f"Error: {option} {tmp_path / 'out'}: a symbolic link to {tmp_path / 'gone' / 'feats'}, "
                                                     "which does not exist\n")
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("output_format", ["pt", "shards"])
+def test_an_image_named_alone_that_a_folder_run_saved_under_another_name_is_a_warning(tmp_path: Path, output_format: str) -> None:
+    """A file named alone is saved as <stem>.pt: redoing one image of a folder's dump that way put it there twice, unsaid."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    noise_image(root / "a" / "cat.png")
+    noise_image(root / "dog.png")
+    options = [*SMALL, "--workers", "0", "--save", out, "--format", output_format]
+    first = invoke(root, *options)
+    assert first.exit_code == 0 and "Warning" not in first.stderr
+    again = invoke(root / "a" / "cat.png", root / "dog.png", *options, "--overwrite")
+    assert again.exit_code == 0
+    assert [line for line in again.stderr.splitlines() if line.startswith("Warning")] == [
+        f"Warning: 1 image(s) named here are already in {out} under another name (e.g. {root / 'a' / 'cat.png'} as a/cat.pt); "
+        "this run saves them again as cat.pt, by their name alone: to redo them in place, give their folder as the earlier run did"]
+    folder_again = invoke(root, *options, "--overwrite")
+    assert folder_again.exit_code == 0 and "Warning" not in folder_again.stderr

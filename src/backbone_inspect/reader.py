@@ -10,9 +10,11 @@ import json
 import operator
 import os
 import pickle
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,9 @@ from .shard_files import SAFETENSORS_DTYPES, committed_shards, read_shard_metada
 from .stages import stage_name
 from .pt_store import features_problem, load_feature_file
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
+
+if TYPE_CHECKING:
+    from .inputs import FoundImage
 
 
 @dataclass(frozen=True)
@@ -240,3 +245,23 @@ def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
         else:
             raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
     return saved
+
+
+def warn_if_saved_under_other_names(folder: Path, images: Sequence[FoundImage]) -> None:
+    """Warn where images named one by one (saved by their name alone) are the files a manifest of ``folder``
+    says are saved there under another output (by an earlier run over their folder): they would be there twice."""
+    recorded: dict[str, str] = {}
+    for manifest in sorted(folder.glob("manifest*.jsonl")):
+        try:
+            saved = _saved_in(manifest, folder)
+        except (UsageError, OSError):
+            continue
+        for stored in saved.values():
+            recorded.setdefault(os.path.realpath(stored.image), stored.output)
+    twice = [(image, recorded[real]) for image in images
+             if (real := os.path.realpath(image.path)) in recorded and recorded[real] != image.output]
+    if twice:
+        image, output = twice[0]
+        warnings.warn(f"{len(twice)} image(s) named here are already in {folder} under another name (e.g. {image.path} "
+                      f"as {output}); this run saves them again as {image.output}, by their name alone: to redo them in place, "
+                      "give their folder as the earlier run did", stacklevel=2)

@@ -98,6 +98,10 @@ def plan_run(
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
     split = store.split_done(inputs.selected, overwrite=overwrite)
+    if inputs.named_files and isinstance(getattr(store, "folder", None), Path):
+        from .reader import warn_if_saved_under_other_names
+
+        warn_if_saved_under_other_names(store.folder, split.todo)  # type: ignore[attr-defined]
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
 
 
