@@ -242,9 +242,10 @@ def test_each_torchrun_process_gets_its_own_gpu_unless_one_is_named(monkeypatch,
 def test_an_output_folder_that_is_a_dangling_link_is_a_usage_error_naming_the_link(tmp_path: Path, chelsea: Path, option: str) -> None:
     """It was 'cannot write to output folder …: File exists', exit 1."""
     (tmp_path / "out").symlink_to(tmp_path / "gone" / "feats")
-    result = invoke(chelsea, option, tmp_path / "out", "--arch", "resnet18", "--device", "cpu")
-    assert (result.exit_code, result.stderr) == (2, f"Error: {option} {tmp_path / 'out'}: a symbolic link to {tmp_path / 'gone' / 'feats'}, "
-                                                    "which does not exist\n")
+    for given in (tmp_path / "out", f"{tmp_path / 'out'}/", tmp_path / "out" / "sub"):
+        result = invoke(chelsea, option, given, "--arch", "resnet18", "--device", "cpu")
+        assert (result.exit_code, result.stderr) == (2, f"Error: {option} {given}: {tmp_path / 'out'} is a symbolic link to "
+                                                        f"{tmp_path / 'gone' / 'feats'}, which does not exist\n")
     assert not (tmp_path / "gone").exists()
 
 
@@ -264,3 +265,14 @@ def test_an_image_named_alone_that_a_folder_run_saved_under_another_name_is_a_wa
         "this run saves them again as cat.pt, by their name alone: to redo them in place, give their folder as the earlier run did"]
     folder_again = invoke(root, *options, "--overwrite")
     assert folder_again.exit_code == 0 and "Warning" not in folder_again.stderr
+
+
+def test_an_image_named_alone_saved_under_its_own_name_too_is_no_warning(tmp_path: Path) -> None:
+    """A link to it in the folder gave the same file a second name there: that first name was taken as the only one."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    noise_image(root / "x.png")
+    (root / "a.png").symlink_to(root / "x.png")
+    options = [*SMALL, "--workers", "0", "--save", out]
+    assert invoke(root, *options).exit_code == 0
+    again = invoke(root / "x.png", *options, "--overwrite")
+    assert again.exit_code == 0 and "Warning" not in again.stderr, again.stderr

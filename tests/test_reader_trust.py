@@ -172,3 +172,16 @@ def test_a_manifest_whose_last_line_has_no_end_gets_one_before_the_runs_lines(tm
     assert invoke(root, *SMALL, "--workers", "0", "--save", out).exit_code == 0
     assert (out / "manifest.jsonl").read_text().splitlines()[:2] == ["id,label", "1,cat"]
     assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]
+
+
+def test_a_manifest_that_is_a_pipe_is_an_error_never_read(tmp_path: Path) -> None:
+    """Read for the reader, or for the warning about images named alone: a pipe there would wait for ever."""
+    import os
+
+    root, out = many_images(tmp_path / "in", 1), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    os.mkfifo(out / "manifest.shard-0-of-2.jsonl")
+    with pytest.raises(UsageError, match=r"manifest\.shard-0-of-2\.jsonl is not a regular file, so not a manifest of the dump: remove it"):
+        open_features(out)
+    again = invoke(root / "img000.png", *SMALL, "--layers", "1,4", "--workers", "0", "--save", out)
+    assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr, again.stderr

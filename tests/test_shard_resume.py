@@ -230,3 +230,25 @@ def test_a_shard_spoilt_after_the_dump_was_opened_is_an_error_naming_it(tmp_path
     path.write_bytes(b"\x10" + bytes(7) + b"{not json}     ")
     with pytest.raises(UsageError, match=rf"^{path} is not a whole shard \(.+\): run the dump again to replace it$"):
         stored[0]
+
+
+@pytest.mark.parametrize(("before", "after"), [(["0/2", "1/2"], [None]), ([None], ["0/2", "1/2"]), (["0/2", "1/2"], ["0/3", "1/3", "2/3"])],
+                         ids=["sliced, then whole", "whole, then sliced", "in two, then in three"])
+def test_a_finished_overwrite_of_other_settings_and_slicing_leaves_no_shard_of_the_old_settings(tmp_path: Path, before, after) -> None:
+    """Another slicing's shards of other settings were never removed (no run of their slicing came again): the reader
+    refused the finished dump for good."""
+    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+    for slice_ in before:
+        dump_features(root, out, format="shards", shard=slice_, **OPTIONS)
+    for slice_ in after:
+        dump_features(root, out, format="shards", shard=slice_, overwrite=True, **{**OPTIONS, "crop": 48})
+    assert {json.loads(read_metadata(path)["settings"])["preprocessing"]["crop"] for path in shard_files(out)} == {48}
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == outputs(6) and {image.input_size for image in stored.images} == {(48, 48)}
+    again = [dump_features(root, out, format="shards", shard=slice_, **{**OPTIONS, "crop": 48}) for slice_ in after]
+    assert [(summary.processed, summary.skipped) for summary in again] == [(0, 6 // len(after))] * len(after)
+
+
+def read_metadata(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]

@@ -40,15 +40,22 @@ def names_a_file_inside(output: str) -> bool:
 def open_lines_for_appending(path: Path) -> IO[bytes]:
     """``path`` opened to append lines, unbuffered (``OSError`` when it cannot be); where its last line has
     no end (another tool's file, an edit), it is ended first: the next line is never glued to it."""
-    handle = open(path, "a+b", buffering=0)  # noqa: SIM115 - the caller closes it
+    handle = open(path, "ab", buffering=0)  # noqa: SIM115 - the caller closes it
     try:
         size = os.fstat(handle.fileno()).st_size
-        if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
+        if size and _last_byte(path, size) not in (b"\n", None):
             handle.write(b"\n")
     except OSError:
         handle.close()
         raise
     return handle
+
+
+def _last_byte(path: Path, size: int) -> bytes | None:
+    """The byte at ``size - 1``, or ``None`` where the file cannot be read (write-only: appending still works)."""
+    with contextlib.suppress(OSError), open(path, "rb") as reader:
+        return os.pread(reader.fileno(), 1, size - 1)
+    return None
 
 
 def stage_files(writes: Sequence[tuple[Path, Callable[[IO[bytes]], None]]]) -> StagedFiles:

@@ -71,8 +71,9 @@ def output_folder(option: str, value: str | os.PathLike[str]) -> Path:
         raise UsageError(f"{option} {text!r}: a path cannot hold a NUL character")
     if os.path.exists(text) and not os.path.isdir(text):
         raise UsageError(f"{option} {text}: a file, not a folder")
-    if os.path.islink(text) and not os.path.exists(text):
-        raise UsageError(f"{option} {text}: a symbolic link to {os.readlink(text)}, which does not exist")
+    for part in (Path(text), *Path(text).parents):  # os.makedirs says "File exists" of a dangling link on the way
+        if os.path.islink(part) and not os.path.exists(part):
+            raise UsageError(f"{option} {text}: {part} is a symbolic link to {os.readlink(part)}, which does not exist")
     return Path(text)
 
 

@@ -228,7 +228,9 @@ def _pt_images(folder: Path) -> dict[str, StoredImage]:
 
 
 def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
-    """The images whose last line in this manifest says saved."""
+    """The images whose last line in this manifest says saved (``UsageError`` for a pipe or device there: never read)."""
+    if not manifest.is_file():
+        raise UsageError(f"{manifest} is not a regular file, so not a manifest of the dump: remove it, then run the dump again")
     saved: dict[str, StoredImage] = {}
     for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         try:
@@ -249,17 +251,20 @@ def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
 
 def warn_if_saved_under_other_names(folder: Path, images: Sequence[FoundImage]) -> None:
     """Warn where images named one by one (saved by their name alone) are the files a manifest of ``folder``
-    says are saved there under another output (by an earlier run over their folder): they would be there twice."""
-    recorded: dict[str, str] = {}
-    for manifest in sorted(folder.glob("manifest*.jsonl")):
+    says are saved there under another output (by an earlier run over their folder): they would be there twice.
+    The manifest's paths are as given, so from the same working directory (the best guess here)."""
+    names = {os.path.basename(image.path) for image in images}
+    recorded: dict[str, set[str]] = {}
+    for manifest in sorted(folder.glob("manifest*.jsonl")) if names else ():
         try:
             saved = _saved_in(manifest, folder)
         except (UsageError, OSError):
             continue
         for stored in saved.values():
-            recorded.setdefault(os.path.realpath(stored.image), stored.output)
-    twice = [(image, recorded[real]) for image in images
-             if (real := os.path.realpath(image.path)) in recorded and recorded[real] != image.output]
+            if os.path.basename(stored.image) in names:  # few resolved: a manifest may list millions
+                recorded.setdefault(os.path.realpath(stored.image), set()).add(stored.output)
+    twice = [(image, sorted(recorded[real])[0]) for image in images
+             if (real := os.path.realpath(image.path)) in recorded and image.output not in recorded[real]]
     if twice:
         image, output = twice[0]
         warnings.warn(f"{len(twice)} image(s) named here are already in {folder} under another name (e.g. {image.path} "

@@ -62,14 +62,12 @@ class ShardStore(FolderStore):
         self._failed: dict[str, str] = {}
         self._failed_images = 0
         self._manifest_error: str | None = None  # lines a committer could not write: the run ends on it
-        self._located: dict[str, tuple[str, int]] = {}
-        """Where each image a resume skips is: its shard and row, for its manifest line."""
+        self._located: dict[str, tuple[str, int]] = {}  # each image a resume skips: its shard and row (manifest line)
         self._commits: collections.deque[Future[None]] = collections.deque()
         self._committing = threading.Lock()
         self._committer: ThreadPoolExecutor | None = None
         self._recording = threading.Condition(threading.RLock())  # writers wait on it for room
-        self._alive = 0
-        """Shards in memory (being filled, waiting or being written): at most COMMITS_IN_FLIGHT + 1."""
+        self._alive = 0  # shards in memory (being filled, waiting or being written): at most COMMITS_IN_FLIGHT + 1
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -82,17 +80,18 @@ class ShardStore(FolderStore):
         self._reset()  # a copy in another process (a Ray actor) writes shards of its own
 
     def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
-        """Done: the images of committed shards of these settings. Once the run opens, shards that
-        are unreadable or of other settings are removed; so are images in a second shard (a copy),
-        and with ``overwrite`` the selected ones: a shard is rewritten without them when it holds others."""
+        """Done: the images of committed shards of these settings. Once the run opens, shards unreadable or of other
+        settings are removed (another slice's once each of its images is this run's or done); so are images in a second
+        shard (a copy), and with ``overwrite`` the selected ones: a shard holding others is rewritten without them."""
         selected = {image.output for image in images}
-        stale, trims, replaced = [], [], set()
+        stale, trims, replaced, others_stale = [], [], set(), []
         self._located = {}
         for path in committed_shards(self.folder):
             metadata = self._read(path)
             holds = set(metadata["outputs"]) if metadata is not None else set()
-            if not path.name.startswith(f"{self.prefix}-"):  # another slice's: read, never changed
-                self._take_others(path, metadata, holds & selected if overwrite else set())
+            if not path.name.startswith(f"{self.prefix}-"):  # another slice's: read, and changed only once stale
+                if self._take_others(path, metadata, holds & selected if overwrite else set()):
+                    others_stale.append((path, holds))
                 continue
             dropped = (holds & selected if overwrite else set()) | (holds & self._located.keys())
             if metadata is None or settings_differences(metadata["settings"], self.settings) or (holds and holds <= dropped):
@@ -103,8 +102,9 @@ class ShardStore(FolderStore):
             if metadata is not None and path not in stale:
                 self._located.update((output, (f"{SHARD_FOLDER}/{path.name}", row)) for row, output in enumerate(
                     metadata["outputs"]) if output not in dropped)
+        done = self._located.keys()  # another slicing's stale shard goes once none of its images waits on it
+        stale += [path for path, holds in others_stale if holds <= selected | done]
         self._stale, self._trims = tuple(stale), tuple(trims)
-        done = self._located.keys()
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)
         redo = () if overwrite else tuple(image for image in todo if image.output in replaced)
@@ -116,10 +116,10 @@ class ShardStore(FolderStore):
         except OSError as error:  # unread is not proven bad: never removed, and the run does not guess
             raise OutputError(f"cannot read {path}: {error.strerror or error}") from error
 
-    def _take_others(self, path: Path, metadata: dict[str, Any] | None, chosen: set[str]) -> None:
-        """A shard of another slice (run by another process, maybe now): its images count as done."""
+    def _take_others(self, path: Path, metadata: dict[str, Any] | None, chosen: set[str]) -> bool:
+        """Another slice's shard (its run may be on now): its images done if of these settings; ``True``: stale."""
         if metadata is None or settings_differences(metadata["settings"], self.settings):
-            return  # its own slice's next run removes it
+            return True
         if chosen:
             raise UsageError(
                 f"--overwrite: {path} belongs to another slice of the inputs and holds {sorted(chosen)[0]}, one of this "
@@ -127,6 +127,7 @@ class ShardStore(FolderStore):
             )
         for row, output in enumerate(metadata["outputs"]):
             self._located.setdefault(output, (f"{SHARD_FOLDER}/{path.name}", row))
+        return False
 
     def open(self) -> None:
         super().open()
@@ -142,8 +143,7 @@ class ShardStore(FolderStore):
                 raise OutputError(f"cannot remove {path}: {error.strerror or error}") from error
 
     def _trim(self, path: Path, dropped: frozenset[str]) -> None:
-        """Rewrite a shard without the images this run recomputes, then remove it: the others stay,
-        each in exactly one shard, with a manifest line naming where it is now."""
+        """A shard rewritten without the images this run recomputes, then removed: the others stay in one shard, lines naming it."""
         from .outcomes import Outcome
 
         metadata = self._read(path)
