@@ -23,13 +23,13 @@ from .options import check_engine, check_positive, max_workers
 from .outcomes import Outcome, RunSummary
 from .signals import StopRequest, stop_on_signals
 from .stats import SummaryAccumulator
+from .store import FeatureStore, FolderStore
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
     from .results import ImageResult
     from .inputs import FoundImage, InputPlan
     from .shards import Shard
-    from .store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,10 @@ def plan_run(
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
     split = store.split_done(inputs.selected, overwrite=overwrite)
-    if inputs.named_files and isinstance(getattr(store, "folder", None), Path):
+    if inputs.named_files and isinstance(store, FolderStore):
         from .reader import warn_if_saved_under_other_names
 
-        warn_if_saved_under_other_names(store.folder, split.todo)  # type: ignore[attr-defined]
+        warn_if_saved_under_other_names(store.folder, split.todo)
     return RunPlan(config, inputs, engine, store, pictures, split.todo, split.skipped, split.redo)
 
 

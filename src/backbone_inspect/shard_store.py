@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import OutputError, OutputStopped, UsageError
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
-from .shard_files import (
-    HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, kept_rows,
-    read_shard_metadata, write_shard,
-)
+from .shard_files import (HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, kept_rows,
+                          read_shard_metadata, write_shard)
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, settings_differences
 
 if TYPE_CHECKING:
@@ -103,7 +101,8 @@ class ShardStore(FolderStore):
                 self._located.update((output, (f"{SHARD_FOLDER}/{path.name}", row)) for row, output in enumerate(
                     metadata["outputs"]) if output not in dropped)
         done = self._located.keys()  # another slicing's stale shard goes once none of its images waits on it
-        stale += [path for path, holds in others_stale if holds <= selected | done]
+        covered = selected | done if others_stale else set()
+        stale += [path for path, holds in others_stale if holds <= covered]
         self._stale, self._trims = tuple(stale), tuple(trims)
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .families import TIMM_PREFIX
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 from .timm_models import (
     build_timm_model, check_is_timm_model, check_stages, feature_dicts, fixed_input_side, prune_to_stages, refuse_topk,
@@ -52,7 +51,7 @@ class TimmBackbone(nn.Module):
         check_stages(arch, self.stage_names, found)
         self.indices = [found[name] for name in self.stage_names]
         if ours:  # a caller's own model is left whole: the replay still stops after the deepest stage
-            prune_to_stages(model, self.arch.removeprefix(TIMM_PREFIX), self.indices)
+            prune_to_stages(model, self.arch, self.indices)
         self.model = model
         self.fixed_input: int | None = fixed_input_side(model)
         """The only input side the model takes, where timm fixes it when building (``fixed_input_size``)."""
@@ -68,7 +67,7 @@ class TimmBackbone(nn.Module):
     def without_weights(cls, arch: str, layers: Iterable[int | str] | str | None = None) -> TimmBackbone:
         """The replay over the model built without weights; ``layers=None``: every stage it has."""
         backbone = cls(arch, layers, model=timm_skeleton(arch))
-        prune_to_stages(backbone.model, arch.removeprefix(TIMM_PREFIX), backbone.indices)  # its own skeleton
+        prune_to_stages(backbone.model, backbone.arch, backbone.indices)  # its own skeleton
         return backbone
 
     def feature_info(self) -> list[StageInfo]:

@@ -71,7 +71,7 @@ def check_replayable(model: nn.Module, name: str) -> None:
         )
 
 
-def prune_to_stages(model: nn.Module, name: str, indices: list[int]) -> None:
+def prune_to_stages(model: nn.Module, arch: str, indices: list[int]) -> None:
     """timm's own ``prune_intermediate_layers`` to the deepest of ``indices``, its norm and head dropped;
     ``UsageError`` where this timm cannot prune the model (timm 1.0.29's EfficientViT asserts "Cannot
     disable pooling")."""
@@ -79,7 +79,7 @@ def prune_to_stages(model: nn.Module, name: str, indices: list[int]) -> None:
         model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
     except (AssertionError, NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError) as error:
         raise UsageError(
-            f"{TIMM_PREFIX}{name}: timm {import_timm().__version__} cannot cut its {type(model).__name__} to the stages asked for "
+            f"{arch}: timm {import_timm().__version__} cannot cut its {type(model).__name__} to the stages asked for "
             f"({first_line(error)}); a newer timm may (pip install -U timm)"
         ) from error
 
