@@ -14,19 +14,23 @@ Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out
                         float16, bfloat16. Warm-up, then timed iterations with synchronize.
   2   accuracy          layer4 of 8 generated images through Extractor on the device per --dtype,
                         against the same Backbone in float64 on the CPU: ‖x − ref‖ / ‖ref‖.
-  5a  command           statistics only (--layers 4) at the command's defaults (batch, workers).
+  5a  command           statistics only (--layers 4) at the command's defaults (batch, workers:
+                        with CUDA every core but two).
+  5g  command           5a with one worker more (--workers cores - 1, the default before
+                        2026-11-27): whether the two cores left to the command's own process
+                        (main loop, pinning, writers) pay for themselves with statistics only too
+                        (shards of layer4: 2,177 images/s with 15 workers, 2,915 with 14).
+  3   CPU decode        DataLoader(ImageDataset, collate_batch, pin_memory) drained, nothing else:
+                        the library's default workers for CUDA, and all (cores - 1 and cores).
+  6   one image         wall time of the whole command, --device cuda against --device cpu; then
+                        one CUDA run without the rehearsal of the first forward, and one run a
+                        device under cProfile (one-image-DEVICE.txt beside --out-json).
   5b  command           statistics only with --decode gpu --batch-size 256, from all the images (12,000)
                         to each of them three times (36,000, as links): 24,000 extra images, several
                         seconds of run loop (a second of it, as before, left the rate unsettled).
-  3   CPU decode        DataLoader(ImageDataset, collate_batch, pin_memory) drained, nothing else:
-                        the library's default workers for CUDA, and all (cores - 1 and cores).
   4   GPU decode        read_file + batched decode_jpeg on the device + resize 256 (antialias) +
                         centre crop 224, batches of 256 (files from the page cache).
   5c  command           --save --format shards --save-dtype float16 --layers 4.
-  5g  command           5c with two cores left to the command's own process (--workers cores - 2):
-                        whether its threads (main loop, pinning, writers) starve beside the
-                        decoding processes when those take every core but one (5c/5a: 0.69).
-  6   one image         wall time of the whole command, --device cuda against --device cpu.
   5d  command           the same with --layers 2,3,4 (1.4 MB an image), on fewer images, against
                         the disk's sequential write rate measured just before, over as many bytes
                         as this dump writes (a 2 GiB burst overstated the rate a 12 GB dump meets).
@@ -412,15 +416,15 @@ class Variant:
 
 
 SHARDS = ("--format", "shards", "--save-dtype", "float16")
-WORKERS_LEAVING_TWO = max(1, (os.cpu_count() or 1) - 2)
+WORKERS_LEAVING_ONE = max(1, (os.cpu_count() or 1) - 1)
 GPU_DECODE = ("--decode", "gpu", "--batch-size", "256")
 VARIANTS = {
     "5a": Variant("5a", "statistics only, defaults (--layers 4)", ("--layers", "4"), "stats"),
     "5b": Variant("5b", "statistics only --decode gpu --batch-size 256", ("--layers", "4", *GPU_DECODE), "gpu-decode", "repeated"),
     "5c": Variant("5c", "shards --layers 4", (*SHARDS, "--layers", "4"), "shards-l4"),
     "5d": Variant("5d", "shards --layers 2,3,4", (*SHARDS, "--layers", "2,3,4"), "shards-l234", "dump"),
-    "5g": Variant("5g", f"shards --layers 4 --workers {WORKERS_LEAVING_TWO}",
-                  (*SHARDS, "--layers", "4", "--workers", str(WORKERS_LEAVING_TWO)), "shards-l4"),
+    "5g": Variant("5g", f"statistics only --workers {WORKERS_LEAVING_ONE}", ("--layers", "4", "--workers", str(WORKERS_LEAVING_ONE)),
+                  "stats"),
     "5e": Variant("5e", "pt --layers 4", ("--format", "pt", "--save-dtype", "float16", "--layers", "4"), "pt-l4", "dump"),
     "5f-c": Variant("5f-c", "shards --layers 4 --decode gpu --batch-size 256", (*SHARDS, "--layers", "4", *GPU_DECODE),
                     "shards-l4"),
@@ -512,18 +516,47 @@ def part_decode_gpu_dumps(bench: Bench) -> None:
 # Part 6: one image, the whole command's wall time, cuda against cpu
 
 
-def one_image_walls(bench: Bench, device: str) -> list[float]:
-    command = [sys.executable, "-m", "backbone_inspect", str(bench.paths[0]), "--layers", "4", "--device", device]
+MODULE = ("-m", "backbone_inspect")
+WITHOUT_REHEARSAL = ("-c", "import sys, backbone_inspect.local_engine as engine; "
+                     "engine.rehearse_first_forward = lambda *args, **kwargs: None; "
+                     "from backbone_inspect.cli import main; sys.argv[0] = 'backbone-inspect'; main()")
+PROFILED_FUNCTIONS = ("_extractor", "join", "launch_batch", "collect_batch", "_find_and_load")
+"""Where a one-image run's main thread spends its time: the model built (CUDA's warm-up joined at its end),
+the wait for the warm-up thread, the forward launched and its results collected, and imports."""
+
+
+def one_image_walls(bench: Bench, device: str, how: tuple[str, ...] = MODULE, runs: int = 2) -> list[float]:
+    command = [sys.executable, *how, str(bench.paths[0]), "--layers", "4", "--device", device]
     walls = []
-    for _ in range(2):
-        code, stderr, wall = store_bench.run_process(command, bench.run_timeout(bench.startup_s()))
+    for _ in range(runs):
+        code, stderr, wall = store_bench.run_process(command, bench.run_timeout(2 * bench.startup_s()))
         if code != 0:
             raise RuntimeError(f"exit {code}: {' '.join(command)}\n{stderr[-900:]}")
         walls.append(wall)
     return walls
 
 
+def profiled_one_image(bench: Bench, device: str) -> tuple[float, dict[str, float]]:
+    """One image under cProfile: its wall, the main thread's cumulative seconds in PROFILED_FUNCTIONS, and
+    (with --out-json) the 40 costliest calls by cumulative time in one-image-DEVICE.txt beside it."""
+    import pstats
+
+    folder = bench.report.out_json.parent if bench.report.out_json else bench.root
+    profile = folder / f"one-image-{device}.prof"
+    wall = one_image_walls(bench, device, ("-m", "cProfile", "-o", str(profile), *MODULE), runs=1)[0]
+    stats = pstats.Stats(str(profile))
+    seconds: dict[str, float] = {}
+    for (_, _, name), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if name in PROFILED_FUNCTIONS:
+            seconds[name] = max(seconds.get(name, 0.0), cumulative)
+    with open(folder / f"one-image-{device}.txt", "w") as text:
+        pstats.Stats(str(profile), stream=text).sort_stats("cumulative").print_stats(40)
+    return wall, seconds
+
+
 def part_one_image(bench: Bench) -> None:
+    """The target's two walls first; then where CUDA's extra time goes: a run without the rehearsal of
+    the first forward, and one run a device under cProfile (the main thread only)."""
     title = ("6 one image: wall time of `backbone-inspect IMAGE --layers 4 --device D` (process start to exit), "
              "run twice, the second kept (warm file cache)")
     for device in ("cuda", "cpu"):
@@ -535,6 +568,14 @@ def part_one_image(bench: Bench) -> None:
         bench.results[f"one:{device}"] = walls[1]
         bench.row(title, f"--device {device}", f"{walls[1]:.2f} s", "", f"first run {walls[0]:.2f} s, second {walls[1]:.2f} s",
                   {"walls": walls})
+    if bench.cuda:
+        walls = one_image_walls(bench, "cuda", WITHOUT_REHEARSAL, runs=1)
+        bench.row(title, "--device cuda, no rehearsal of the first forward", f"{walls[0]:.2f} s", "", "one run", {"walls": walls})
+    for device in ("cuda", "cpu") if bench.cuda else ("cpu",):
+        wall, seconds = profiled_one_image(bench, device)
+        spent = ", ".join(f"{name} {value:.2f} s" for name, value in sorted(seconds.items(), key=lambda item: -item[1]))
+        bench.row(title, f"--device {device} under cProfile", f"{wall:.2f} s", "", f"main thread, cumulative: {spent}",
+                  {"wall": wall, "cumulative": seconds})
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +635,11 @@ def check_decode(bench: Bench) -> None:
             if value and bound:
                 bench.check(f"5a/3 {label}", f"5a statistics only at the defaults / CPU decode ceiling at all workers "
                             f"({label}): {value:.0f} / {bound:.0f} = {value / bound:.2f} {verdict(value / bound, 0.9)}")
+    former = bench.results.get("5g")
+    if stats and former and stats["marginal"] and former["marginal"]:
+        bench.check("5a/5g", f"5a statistics only at the defaults ({default_workers_for_cuda()} workers) / 5g with "
+                    f"{WORKERS_LEAVING_ONE} (the former default), marginal: {stats['marginal']:.0f} / {former['marginal']:.0f} = "
+                    f"{stats['marginal'] / former['marginal']:.2f} (at least 1: the two cores left pay for themselves)")
     gpu = bench.results.get("5b")
     if gpu:
         for label, value in (("marginal", gpu["marginal"]), ("command's figure", gpu["rate"])):
@@ -626,7 +672,7 @@ def update_checks(bench: Bench) -> None:
     if float32 is not None:
         bench.check("accuracy", f"2 --dtype float32 layer4 relative error {float32:.2e} {verdict(float32, FLOAT32_TARGET, True)}")
     check_decode(bench)
-    for key, stats_key, disk in (("5c", "5a", False), ("5g", "5a", False), ("5d", "5a", True), ("5f-c", "5b", False),
+    for key, stats_key, disk in (("5c", "5a", False), ("5d", "5a", True), ("5f-c", "5b", False),
                                  ("5f-d", "5b", True)):
         check_dump(bench, key, stats_key, disk)
     cuda, cpu = bench.results.get("one:cuda"), bench.results.get("one:cpu")
@@ -657,12 +703,12 @@ PARTS = (
     Part("1", part_ceiling, lambda bench: 4 * (bench.args.ceiling_seconds + 2.5)),
     Part("2", part_accuracy, lambda bench: 8.0),
     command_part("5a"),
-    command_part("5b"),
+    command_part("5g"),
     Part("3", part_decode_cpu, lambda bench: bench.estimate("cpu-decode", 2 * sum(set_sizes(bench, "main")), 6.0)),
+    Part("6", part_one_image, lambda bench: 8 * bench.startup_s()),
+    command_part("5b"),
     Part("4", part_decode_gpu, lambda bench: bench.estimate("nvjpeg", len(bench.paths), 2.0)),
     command_part("5c"),
-    command_part("5g"),
-    Part("6", part_one_image, lambda bench: 4 * bench.startup_s()),
     Part("5d", part_dump_l234, lambda bench: estimate_variant(bench, VARIANTS["5d"]) + 3.0),
     Part("7", part_naive, lambda bench: 3.0 + (10 + bench.args.naive_images) / EXPECTED_RATES["naive"]),
     command_part("5e"),

@@ -20,6 +20,11 @@ set -uo pipefail
 OUT="${OUT:-gpu-session}"
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# On 2026-11-27 (second session) every process there compiled about 1,600 modules from source (5.5 s
+# of each start, in cProfile's builtins.compile): their bytecode was never cached. A cache of our own
+# makes every process after the first start as a user's does.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/backbone-inspect-pycache}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${BUDGET:-240}"
 case "${PART:-}" in
@@ -27,6 +32,8 @@ case "${PART:-}" in
   *) echo "PART must be bench, tests, profile or all (one a call: bench, tests and profile pass the 600 s limit)" >&2; exit 2 ;;
 esac
 STARTED=$SECONDS
+"$PYTHON" -c 'import sys; print("bytecode cache:", sys.pycache_prefix, "- not written:", bool(sys.flags.dont_write_bytecode))' \
+  | tee -a "$OUT/session.log"
 DEADLINE="${DEADLINE:-570}"  # PART=all: seconds from the start by which everything has ended
 
 said() {  # a step's exit status, on stdout and in the session log

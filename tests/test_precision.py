@@ -166,7 +166,7 @@ def test_an_emulated_half_precision_is_one_warning_line(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(("cores", "device", "processes", "expected"), [
     (16, "cpu", 1, 8), (4, "cpu", 1, 3), (1, "cpu", 1, 1),
-    (16, "cuda", 1, 15), (16, "cuda", 4, 3), (2, "cuda", 1, 1), (64, "cuda", 8, 7),
+    (16, "cuda", 1, 14), (16, "cuda", 4, 2), (3, "cuda", 1, 1), (2, "cuda", 1, 1), (64, "cuda", 8, 6),
 ])
 def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str, processes: int,
                                            expected: int) -> None:
@@ -178,7 +178,7 @@ def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch, core
 def test_a_process_bound_to_its_own_cores_uses_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16, 32)), raising=False)  # Slurm: 16 of 64
-    assert default_workers("cuda", processes_here=4) == 15
+    assert default_workers("cuda", processes_here=4) == 14
 
 
 def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,10 +186,10 @@ def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: p
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert (LocalEngine(workers=None).workers_for("cuda"), LocalEngine(workers=None).workers_for("cpu")) == (15, 8)
+    assert (LocalEngine(workers=None).workers_for("cuda"), LocalEngine(workers=None).workers_for("cpu")) == (14, 8)
     assert LocalEngine(workers=2).workers_for("cuda") == 2
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert LocalEngine(workers=None).workers_for("cuda") == 3
+    assert LocalEngine(workers=None).workers_for("cuda") == 2
 
 
 def test_warming_up_cuda_is_nothing_on_a_cpu_and_never_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
