@@ -150,7 +150,7 @@ def test_the_processes_on_this_node_are_those_srun_started_here(env: dict, proce
 
 
 def test_srun_tasks_on_one_node_share_its_cores_between_their_workers(monkeypatch) -> None:
-    """Eight tasks, four a node, not bound to cores: each decodes with a quarter of the node's 16, less its own two."""
+    """Eight tasks, four a node, not bound to cores: each decodes with a quarter of the node's 16, less one for its own threads."""
     from backbone_inspect.local_engine import LocalEngine
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
@@ -158,7 +158,7 @@ def test_srun_tasks_on_one_node_share_its_cores_between_their_workers(monkeypatc
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert LocalEngine(workers=None).workers_for("cuda") == 16 // 4 - 2
+    assert LocalEngine(workers=None).workers_for("cuda") == 16 // 4 - 1
 
 
 def test_colliding_outputs_missing_paths_and_empty_inputs_are_refused(tmp_path: Path, photos: Path) -> None:

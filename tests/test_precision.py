@@ -166,7 +166,7 @@ def test_an_emulated_half_precision_is_one_warning_line(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(("cores", "device", "processes", "expected"), [
     (16, "cpu", 1, 8), (4, "cpu", 1, 3), (1, "cpu", 1, 1),
-    (16, "cuda", 1, 14), (16, "cuda", 4, 2), (3, "cuda", 1, 1), (2, "cuda", 1, 1), (64, "cuda", 8, 6),
+    (16, "cuda", 1, 14), (8, "cuda", 1, 6), (7, "cuda", 1, 6), (16, "cuda", 4, 3), (2, "cuda", 1, 1), (64, "cuda", 8, 6),
 ])
 def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str, processes: int,
                                            expected: int) -> None:
@@ -189,7 +189,7 @@ def test_the_local_engine_resolves_its_default_workers_per_device(monkeypatch: p
     assert (LocalEngine(workers=None).workers_for("cuda"), LocalEngine(workers=None).workers_for("cpu")) == (14, 8)
     assert LocalEngine(workers=2).workers_for("cuda") == 2
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert LocalEngine(workers=None).workers_for("cuda") == 2
+    assert LocalEngine(workers=None).workers_for("cuda") == 3
 
 
 def test_warming_up_cuda_is_nothing_on_a_cpu_and_never_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ Decode = Annotated[str, _option("--decode", panel=SPEED, metavar="cpu|gpu", help
 BatchSize = Annotated[int, _option("--batch-size", panel=SPEED, metavar="N", help=(
     "Images per forward pass (on a CPU each stage runs them in cache-sized slices)."))]
 Workers = Annotated[int | None, _option("--workers", panel=SPEED, metavar="N", show_default=False, help=(
-    "Processes decoding images beside the forward pass; 0: in-process. \\[default: on CUDA every core but two, "
+    "Processes decoding images beside the forward pass; 0: in-process. \\[default: on CUDA every core but two (one below 8 cores), "
     "else CPU count - 1, at most 8]"))]
 
 Viz = Annotated[str | None, _option("--viz", panel=PICTURES, metavar="DIR", show_default=False, help=(

@@ -155,17 +155,17 @@ def default_workers(device_type: str = "cpu", *, processes_here: int = 1) -> int
 
     On a CPU the model needs the cores: CPU count - 1, at least 1, at most 8. On a GPU decoding
     is what limits a run (H200, 16 cores, resnet50 float16: 8 workers decode 1,534 images/s, 15
-    workers 3,729), so every usable core but two, shared among the ``processes_here`` runs on
-    this machine (torchrun's LOCAL_WORLD_SIZE) when each sees them all; a process bound to its own
-    cores (Slurm's --cpus-per-task) uses those. The two are the run's own: its loop, and the
-    DataLoader's pinning and the writers' threads (shards of layer4 on that H200: 2,177 images/s
-    with 15 workers, 2,915 with 14, in the same run).
+    workers 3,729), so the usable cores, shared among the ``processes_here`` runs on this machine
+    (torchrun's LOCAL_WORLD_SIZE) when each sees them all (a process bound to its own cores, as by
+    Slurm's --cpus-per-task, uses those), less the run's own: its loop, the DataLoader's pinning
+    thread and the writers, whose work grows with the rate decoded. Two from 8 cores up (shards of
+    layer4 on that H200: 2,177 images/s with 15 workers, 2,915 with 14, in the same run), else one.
     """
     if device_type != "cuda":
         return max(1, min(8, (os.cpu_count() or 1) - 1))
     machine, usable = os.cpu_count() or 1, usable_cpus()
     shared = usable // max(1, processes_here) if usable >= machine else usable
-    return max(1, shared - 2)
+    return max(1, shared - (2 if shared >= 8 else 1))
 
 
 def usable_cpus() -> int:
