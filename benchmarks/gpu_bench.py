@@ -704,7 +704,7 @@ PARTS = (
     Part("2", part_accuracy, lambda bench: 8.0),
     command_part("5a"),
     command_part("5g"),
-    Part("3", part_decode_cpu, lambda bench: bench.estimate("cpu-decode", 2 * sum(set_sizes(bench, "main")), 6.0)),
+    Part("3", part_decode_cpu, lambda bench: bench.estimate("cpu-decode", 3 * sum(set_sizes(bench, "main")), 9.0)),
     Part("6", part_one_image, lambda bench: 8 * bench.startup_s()),
     command_part("5b"),
     Part("4", part_decode_gpu, lambda bench: bench.estimate("nvjpeg", len(bench.paths), 2.0)),
