@@ -254,3 +254,31 @@ def read_metadata(path: Path) -> dict:
     """A shard's metadata, read with plain safetensors."""
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata()
+
+
+@pytest.mark.parametrize("reading", ["resume", "reader"])
+def test_a_shard_removed_by_another_run_after_it_was_listed_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                           reading: str) -> None:
+    """A run of another slicing removes stale shards while this one reads the headers it listed: the
+    vanished one is no error (a resume computes its images again; the reader lists the others)."""
+    from backbone_inspect import reader, shard_store
+
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    dump_features(root, out, format="shards", shard_size=1, **OPTIONS)
+    victim = shard_files(out)[1]
+    gone = [output for output, row in shard_rows(out).items() if row["shard"].endswith(victim.name)]
+    module = shard_store if reading == "resume" else reader
+    real = module.read_shard_metadata
+
+    def removed_meanwhile(path: Path) -> object:
+        if path == victim:
+            path.unlink()
+        return real(path)
+
+    monkeypatch.setattr(module, "read_shard_metadata", removed_meanwhile)
+    if reading == "resume":
+        again = dump_features(root, out, format="shards", shard_size=1, **OPTIONS)
+        assert (again.processed, again.skipped, again.failed) == (1, 2, 0)
+        assert sorted(shard_rows(out)) == outputs(3)
+    else:
+        assert [image.output for image in open_features(out).images] == [name for name in outputs(3) if name not in gone]

@@ -244,3 +244,24 @@ def test_the_error_of_a_full_disk_counts_every_shard_that_failed(tmp_path: Path,
     shards = {line["error"] for line in failed}
     assert raised.value.summary.failed == len(failed) and len(shards) >= 2, "a second shard was in flight"
     assert str(raised.value).endswith(f"({len(failed)} image(s) in {len(shards)} shard(s) not saved: run again once it is fixed)")
+
+
+def test_long_names_end_a_shard_before_its_header_passes_what_safetensors_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pooled shards hold up to 16,384 images, and non-ASCII paths cost 7 header bytes a character: the
+    header, not the features, must end such a shard, or the reader (and a resume) calls it not whole."""
+    from backbone_inspect import shard_files as files
+
+    root = tmp_path / "in"
+    for index in range(6):
+        noise_image(root / ("中" * 40) / f"{'文' * 40}{index}.png", (40, 40), seed=index)
+    monkeypatch.setattr(files, "MAX_HEADER_BYTES", 6000)  # about two images' paths, as 100 MB is 16,384 long ones
+    monkeypatch.setattr(files, "HEADER_BUDGET_BYTES", 3000)
+    first = dump_features(root, tmp_path / "out", format="shards", pool="avg", **OPTIONS)
+    sizes = [int.from_bytes(path.read_bytes()[:8], "little") for path in shard_files(tmp_path / "out")]
+    assert first.processed == 6 and len(sizes) > 1 and max(sizes) <= files.MAX_HEADER_BYTES, sizes
+    dump = open_features(tmp_path / "out")
+    assert len(dump) == 6
+    for index, image in enumerate(dump.images):
+        assert_close_scaled(dump[index][0]["layer4"].float(), reference(image.image, pool="avg")["layer4"])
+    again = dump_features(root, tmp_path / "out", format="shards", pool="avg", **OPTIONS)
+    assert (again.processed, again.skipped) == (0, 6), "every shard is whole: the resume keeps them all"

@@ -200,6 +200,8 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
     for path in committed_shards(folder):
         try:
             metadata = read_shard_metadata(path)
+        except FileNotFoundError:  # a run removed it (a stale shard) since it was listed
+            continue
         except OSError as error:
             raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
         if metadata is None:

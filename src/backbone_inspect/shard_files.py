@@ -33,6 +33,10 @@ HEADER_BYTES_PER_IMAGE = 200
 """About what one image adds to a shard's header (its path, output and size in the metadata)."""
 HEADER_BYTES_PER_SHARD = 1024
 """About what a shard's header holds besides its images: the settings, the tensors' entries."""
+MAX_HEADER_BYTES = 100_000_000
+"""The largest header safetensors reads: a shard with a larger one is not whole."""
+HEADER_BUDGET_BYTES = MAX_HEADER_BYTES // 2
+"""A shard is committed once its images' header bytes reach this (long non-ASCII paths: 7 bytes a character)."""
 
 
 @dataclass
@@ -45,6 +49,22 @@ class FillingShard:
     images: list[FoundImage] = field(default_factory=list)
     input_sizes: list[tuple[int, int]] = field(default_factory=list)
     features: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    header_bytes: int = 0
+    """At least what its images add to the header (``image_header_bytes``)."""
+
+    def add(self, image: FoundImage, input_size: tuple[int, int], features: dict[str, torch.Tensor]) -> bool:
+        """``image`` taken as the next row; ``True`` once the shard is full (its capacity, or its header's budget)."""
+        self.images.append(image)
+        self.input_sizes.append(input_size)
+        self.features.append(features)
+        self.header_bytes += image_header_bytes(image, len(features))
+        return len(self.images) >= self.capacity or self.header_bytes >= HEADER_BUDGET_BYTES
+
+
+def image_header_bytes(image: FoundImage, stages: int) -> int:
+    """At least what ``image`` adds to its shard's header: its path and output, JSON in JSON strings as
+    ``write_shard`` escapes them, its size, and one tensor entry a stage (rows of unequal shapes)."""
+    return len(json.dumps(json.dumps(image.path))) + len(json.dumps(json.dumps(image.output))) + 24 + 128 * stages
 
 
 def committed_shards(folder: Path) -> list[Path]:
@@ -60,7 +80,7 @@ def read_shard_metadata(path: Path) -> dict[str, Any] | None:
     with open(path, "rb") as handle:
         header_bytes, file_size = handle.read(8), os.fstat(handle.fileno()).st_size
         size = int.from_bytes(header_bytes, "little")
-        raw = handle.read(size) if 0 < size <= 100 * 2**20 else b""
+        raw = handle.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
     return _parse_header(raw, size, file_size)
 
 

@@ -85,7 +85,10 @@ class ShardStore(FolderStore):
         stale, trims, replaced, others_stale = [], [], set(), []
         self._located = {}
         for path in committed_shards(self.folder):
-            metadata = self._read(path)
+            try:
+                metadata = self._read(path)
+            except FileNotFoundError:  # another run removed it (a stale shard) since it was listed
+                continue
             holds = set(metadata["outputs"]) if metadata is not None else set()
             if not path.name.startswith(f"{self.prefix}-"):  # another slice's: read, and changed only once stale
                 if self._take_others(path, metadata, holds & selected if overwrite else set()):
@@ -112,6 +115,8 @@ class ShardStore(FolderStore):
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
             return read_shard_metadata(path)
+        except FileNotFoundError:  # gone since it was listed: the caller's to pass over
+            raise
         except OSError as error:  # unread is not proven bad: never removed, and the run does not guess
             raise OutputError(f"cannot read {path}: {error.strerror or error}") from error
 
@@ -167,10 +172,7 @@ class ShardStore(FolderStore):
             self._recording.wait_for(lambda: self._filling is not None or self._alive <= COMMITS_IN_FLIGHT)
             filling = self._filling or self._start(size)
             row = len(filling.images)
-            filling.images.append(image)
-            filling.input_sizes.append(result.input_size)
-            filling.features.append(features)
-            full = len(filling.images) >= filling.capacity
+            full = filling.add(image, result.input_size, features)
             if full:  # taken out under the lock: exactly one writer commits it
                 self._filling = None
             else:
@@ -295,5 +297,3 @@ class ShardStore(FolderStore):
         per_size = feature_bytes(self.config, input_sizes)
         shards = -(-len(input_sizes) // (self.commit_size(input_sizes) or 1))
         return sum(per_size[size] + HEADER_BYTES_PER_IMAGE for size in input_sizes) + shards * HEADER_BYTES_PER_SHARD
-
-
