@@ -250,6 +250,18 @@ def test_a_finished_overwrite_of_other_settings_and_slicing_leaves_no_shard_of_t
     assert [(summary.processed, summary.skipped) for summary in again] == [(0, 6 // len(after))] * len(after)
 
 
+def test_an_overwrite_removes_another_slicings_old_shards_once_none_of_its_inputs_waits_on_them(tmp_path: Path) -> None:
+    """An image deleted between the runs kept its old slice's shard waiting for it for good: the finished
+    dump was refused, and no run but one of the old slicing removed that shard."""
+    root, out = many_images(tmp_path / "in", 6), tmp_path / "out"
+    for slice_ in ("0/3", "1/3", "2/3"):
+        dump_features(root, out, format="shards", shard=slice_, **OPTIONS)
+    (root / "img005.png").unlink()
+    dump_features(root, out, format="shards", overwrite=True, **{**OPTIONS, "crop": 48})
+    assert {json.loads(read_metadata(path)["settings"])["preprocessing"]["crop"] for path in shard_files(out)} == {48}
+    assert [image.output for image in open_features(out).images] == outputs(5)
+
+
 def read_metadata(path: Path) -> dict:
     """A shard's metadata, read with plain safetensors."""
     with safe_open(str(path), framework="pt") as handle:

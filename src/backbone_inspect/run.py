@@ -97,7 +97,8 @@ def plan_run(
     if store is None:
         return RunPlan(config, inputs, engine, None, pictures, inputs.selected, (), ())
     store.claim(overwrite=overwrite, record=not dry_run)
-    split = store.split_done(inputs.selected, overwrite=overwrite)
+    found = {"found": inputs.found} if isinstance(store, FolderStore) else {}  # every slice's images (a store of one's own: none)
+    split = store.split_done(inputs.selected, overwrite=overwrite, **found)
     if inputs.named_files and isinstance(store, FolderStore):
         from .reader import warn_if_saved_under_other_names
 

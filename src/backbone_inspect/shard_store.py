@@ -77,10 +77,11 @@ class ShardStore(FolderStore):
         super().__setstate__(state)
         self._reset()  # a copy in another process (a Ray actor) writes shards of its own
 
-    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool) -> ResumeSplit:
+    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool, found: Sequence[FoundImage] = ()) -> ResumeSplit:
         """Done: the images of committed shards of these settings. Once the run opens, shards unreadable or of other
-        settings are removed (another slice's once each of its images is this run's or done); so are images in a second
-        shard (a copy), and with ``overwrite`` the selected ones: a shard holding others is rewritten without them."""
+        settings are removed (another slice's once each of its images still among the inputs, ``found`` (every slice's),
+        is this run's or done); so are images in a second shard (a copy), and with ``overwrite`` the selected ones: a
+        shard holding others is rewritten without them."""
         selected = {image.output for image in images}
         stale, trims, replaced, others_stale = [], [], set(), []
         self._located = {}
@@ -104,8 +105,8 @@ class ShardStore(FolderStore):
                 self._located.update((output, (f"{SHARD_FOLDER}/{path.name}", row)) for row, output in enumerate(
                     metadata["outputs"]) if output not in dropped)
         done = self._located.keys()  # another slicing's stale shard goes once none of its images waits on it
-        covered = selected | done if others_stale else set()
-        stale += [path for path, holds in others_stale if holds <= covered]
+        covered, inputs = (selected | done, {image.output for image in found} | selected) if others_stale else (set(), set())
+        stale += [path for path, holds in others_stale if holds & inputs <= covered]  # an image gone from the inputs waits on none
         self._stale, self._trims = tuple(stale), tuple(trims)
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)
