@@ -77,7 +77,7 @@ def test_a_shard_that_cannot_be_read_is_an_error_and_is_kept(tmp_path: Path, mon
     def unreadable(path: Path):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr("backbone_inspect.shard_store.read_shard_metadata", unreadable)
+    monkeypatch.setattr("backbone_inspect.shard_files.read_shard_metadata", unreadable)
     with pytest.raises(OutputError, match=f"cannot read {shard}: Input/output error"):
         dump_features(root, out, format="shards", **OPTIONS)
     assert shard_files(out) == [shard], "a shard that could not be read may be good: it is never removed"
@@ -273,13 +273,12 @@ def test_a_shard_removed_by_another_run_after_it_was_listed_is_passed_over(tmp_p
                                                                            reading: str) -> None:
     """A run of another slicing removes stale shards while this one reads the headers it listed: the
     vanished one is no error (a resume computes its images again; the reader lists the others)."""
-    from backbone_inspect import reader, shard_store
+    from backbone_inspect import shard_files as module
 
     root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
     dump_features(root, out, format="shards", shard_size=1, **OPTIONS)
     victim = shard_files(out)[1]
     gone = [output for output, row in shard_rows(out).items() if row["shard"].endswith(victim.name)]
-    module = shard_store if reading == "resume" else reader
     real = module.read_shard_metadata
 
     def removed_meanwhile(path: Path) -> object:

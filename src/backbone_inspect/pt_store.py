@@ -64,7 +64,7 @@ class PtFileStore(FolderStore):
 
     FORMAT = "pt"
 
-    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool, found: Sequence[FoundImage] = ()) -> ResumeSplit:
+    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool, found: Sequence[FoundImage] | None = None) -> ResumeSplit:
         _check_no_file_is_a_folder(images)
         if self._lock is not None:  # this run holds the folder (not a dry run): what a killed run left of these images goes
             remove_leftover_temporaries(self.folder / image.output for image in images)

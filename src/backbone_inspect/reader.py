@@ -21,7 +21,7 @@ import torch
 from .errors import UsageError, first_line
 from .files import names_a_file_inside
 from .options import FORMATS, POOLINGS
-from .shard_files import SAFETENSORS_DTYPES, committed_shards, read_shard_metadata, shard_row
+from .shard_files import SAFETENSORS_DTYPES, readable_shards, shard_row
 from .stages import stage_name
 from .pt_store import features_problem, load_feature_file
 from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
@@ -197,13 +197,7 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
     """Every image of every committed shard of the folder's settings (headers are read, not tensors);
     an image in two shards (a copy) is read from the first, as a resume counts it."""
     found: dict[str, StoredImage] = {}
-    for path in committed_shards(folder):
-        try:
-            metadata = read_shard_metadata(path)
-        except FileNotFoundError:  # a run removed it (a stale shard) since it was listed
-            continue
-        except OSError as error:
-            raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
+    for path, metadata in readable_shards(folder, UsageError):
         if metadata is None:
             raise UsageError(f"{path} is not a whole shard: run the dump again to replace it")
         differences = settings_differences(metadata["settings"], settings)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -71,6 +71,27 @@ def committed_shards(folder: Path) -> list[Path]:
     """The shard files of a folder, sorted by name: regular files only (temporary files are hidden;
     a folder or a link with a shard's name is not a shard, and is never removed)."""
     return sorted(path for path in (folder / SHARD_FOLDER).glob("[!.]*.safetensors") if path.is_file() and not path.is_symlink())
+
+
+def readable_shards(folder: Path, error: type[Exception]) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+    """Each committed shard of ``folder`` with its metadata (``read_shard_metadata``), passing over one that
+    another run removed (a stale shard) since it was listed; one that cannot be read raises ``error``."""
+    for path in committed_shards(folder):
+        try:
+            metadata = shard_metadata(path, error)
+        except FileNotFoundError:
+            continue
+        yield path, metadata
+
+
+def shard_metadata(path: Path, error: type[Exception]) -> dict[str, Any] | None:
+    """``read_shard_metadata``, where a shard that is there but cannot be read raises ``error`` naming it."""
+    try:
+        return read_shard_metadata(path)
+    except FileNotFoundError:
+        raise
+    except OSError as failure:
+        raise error(f"cannot read {path}: {failure.strerror or failure}") from failure
 
 
 def read_shard_metadata(path: Path) -> dict[str, Any] | None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import OutputError, OutputStopped, UsageError
 from .options import MAX_SHARD_IMAGES, SHARD_TARGET_BYTES
-from .shard_files import (HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, committed_shards, kept_rows,
-                          read_shard_metadata, write_shard)
+from .shard_files import (HEADER_BYTES_PER_IMAGE, HEADER_BYTES_PER_SHARD, SHARD_FOLDER, FillingShard, kept_rows,
+                          readable_shards, shard_metadata, write_shard)
 from .store import FolderStore, ResumeSplit, Stored, feature_bytes, settings_differences
 
 if TYPE_CHECKING:
@@ -77,19 +77,15 @@ class ShardStore(FolderStore):
         super().__setstate__(state)
         self._reset()  # a copy in another process (a Ray actor) writes shards of its own
 
-    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool, found: Sequence[FoundImage] = ()) -> ResumeSplit:
+    def split_done(self, images: Sequence[FoundImage], *, overwrite: bool, found: Sequence[FoundImage] | None = None) -> ResumeSplit:
         """Done: the images of committed shards of these settings. Once the run opens, shards unreadable or of other
-        settings are removed (another slice's once each of its images still among the inputs, ``found`` (every slice's),
-        is this run's or done); so are images in a second shard (a copy), and with ``overwrite`` the selected ones: a
-        shard holding others is rewritten without them."""
+        settings are removed (another slice's once each of its images still among the inputs, ``found`` (every slice's;
+        ``None``: all it holds), is this run's or done); so are images in a second shard (a copy), and with ``overwrite``
+        the selected ones: a shard holding others is rewritten without them."""
         selected = {image.output for image in images}
         stale, trims, replaced, others_stale = [], [], set(), []
         self._located = {}
-        for path in committed_shards(self.folder):
-            try:
-                metadata = self._read(path)
-            except FileNotFoundError:  # another run removed it (a stale shard) since it was listed
-                continue
+        for path, metadata in readable_shards(self.folder, OutputError):  # one unread is not proven bad: the run does not guess
             holds = set(metadata["outputs"]) if metadata is not None else set()
             if not path.name.startswith(f"{self.prefix}-"):  # another slice's: read, and changed only once stale
                 if self._take_others(path, metadata, holds & selected if overwrite else set()):
@@ -105,21 +101,14 @@ class ShardStore(FolderStore):
                 self._located.update((output, (f"{SHARD_FOLDER}/{path.name}", row)) for row, output in enumerate(
                     metadata["outputs"]) if output not in dropped)
         done = self._located.keys()  # another slicing's stale shard goes once none of its images waits on it
-        covered, inputs = (selected | done, {image.output for image in found} | selected) if others_stale else (set(), set())
-        stale += [path for path, holds in others_stale if holds & inputs <= covered]  # an image gone from the inputs waits on none
+        covered = selected | done if others_stale else set()
+        inputs = {image.output for image in found} | selected if others_stale and found is not None else None
+        stale += [path for path, holds in others_stale if (holds if inputs is None else holds & inputs) <= covered]  # gone: waits on none
         self._stale, self._trims = tuple(stale), tuple(trims)
         todo = tuple(image for image in images if image.output not in done)
         skipped = tuple(image for image in images if image.output in done)
         redo = () if overwrite else tuple(image for image in todo if image.output in replaced)
         return ResumeSplit(todo, skipped, redo)
-
-    def _read(self, path: Path) -> dict[str, Any] | None:
-        try:
-            return read_shard_metadata(path)
-        except FileNotFoundError:  # gone since it was listed: the caller's to pass over
-            raise
-        except OSError as error:  # unread is not proven bad: never removed, and the run does not guess
-            raise OutputError(f"cannot read {path}: {error.strerror or error}") from error
 
     def _take_others(self, path: Path, metadata: dict[str, Any] | None, chosen: set[str]) -> bool:
         """Another slice's shard (its run may be on now): its images done if of these settings; ``True``: stale."""
@@ -151,7 +140,7 @@ class ShardStore(FolderStore):
         """A shard rewritten without the images this run recomputes, then removed: the others stay in one shard, lines naming it."""
         from .outcomes import Outcome
 
-        metadata = self._read(path)
+        metadata = shard_metadata(path, OutputError)
         if metadata is None:
             return
         kept = kept_rows(path, metadata, self.config.stages, dropped, self._start(0))
