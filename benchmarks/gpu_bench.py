@@ -537,7 +537,6 @@ def retain():  # CUDA's primary context on GPU 0 through the driver (ctypes lets
 threading.Thread(target=retain, daemon=True).start()
 {RUN_CLI}""")
 ONE_IMAGE_VARIANTS = (  # (label, how, runs): where CUDA's extra time goes, one change at a time
-    ("--device cuda, no rehearsal of the first forward", WITHOUT_REHEARSAL, 2),
     ("--device cuda, no warm-up thread at all", WITHOUT_WARM_UP, 2),
     ("--device cuda, its context retained through the driver at the process's start", EARLY_CONTEXT, 2),
 )

@@ -92,7 +92,7 @@ if [[ "$PART" == bench ]]; then
   gpu_bench 280
 fi
 if [[ "$PART" == repeat ]]; then
-  gpu_bench 180 repeat --skip 1,2,4,5c,5d,5e,5f,7
+  gpu_bench "${BUDGET_REPEAT:-180}" repeat --skip "${SKIP_REPEAT:-1,2,4,5c,5d,5e,5f,7}"
   startup_phases
 fi
 if [[ "$PART" == tests ]]; then

@@ -23,7 +23,7 @@ from .config import FeatureConfig
 from .device import frozen_collector, is_out_of_memory, keep_freed_memory, out_of_memory, process_device, warm_up_cuda
 from .engine import ModelInfo, RunCallbacks
 from .errors import OutputError
-from .extractor import Extractor, rehearse_first_forward
+from .extractor import Extractor
 from .images import DecodedBatch, ImageDataset, collate_batch
 from .inputs import FoundImage
 from .options import default_workers
@@ -162,8 +162,7 @@ def _extractor(config: FeatureConfig, *, saving: bool, keep_features: bool) -> E
     """The run's extractor, on this process's device; CUDA is started while the model is built."""
     device = process_device(config.device)
     warn_if_emulated(config.dtype, device.type)
-    rehearsal = functools.partial(rehearse_first_forward, config, device)
-    warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype], rehearsal)  # while torchvision loads and the model is built
+    warming = warm_up_cuda(device, TORCH_DTYPES[config.dtype])  # while torchvision loads and the model is built
     try:
         return Extractor(config, device=device, keep_features=saving or keep_features, keep_pixels=keep_features,
                          feature_dtype=config.save_dtype if saving else None)
