@@ -23,10 +23,9 @@ Parts, in the order they run (the most wanted first; --skip 6,7 leaves parts out
   3   CPU decode        DataLoader(ImageDataset, collate_batch, pin_memory) drained, nothing else:
                         the library's default workers for CUDA, and all (cores - 1 and cores).
   6   one image         wall time of the whole command, --device cuda against --device cpu (three
-                        runs each); then CUDA runs with one change each (no rehearsal of the first
-                        forward; no warm-up thread; CUDA's context retained through the driver at
-                        the process's start), and one run a device under cProfile
-                        (one-image-DEVICE.txt beside --out-json).
+                        runs each); then CUDA runs with one change each (no warm-up thread; CUDA's
+                        context retained through the driver at the process's start), and one run
+                        a device under cProfile (one-image-DEVICE.txt beside --out-json).
   5b  command           statistics only with --decode gpu --batch-size 256, from all the images (12,000)
                         to each of them three times (36,000, as links): 24,000 extra images, several
                         seconds of run loop (a second of it, as before, left the rate unsettled).
@@ -521,8 +520,6 @@ def part_decode_gpu_dumps(bench: Bench) -> None:
 
 MODULE = ("-m", "backbone_inspect")
 RUN_CLI = "from backbone_inspect.cli import main; sys.argv[0] = 'backbone-inspect'; main()"
-WITHOUT_REHEARSAL = ("-c", "import sys, backbone_inspect.local_engine as engine; "
-                     f"engine.rehearse_first_forward = lambda *args, **kwargs: None; {RUN_CLI}")
 WITHOUT_WARM_UP = ("-c", "import sys, backbone_inspect.local_engine as engine; "
                    f"engine.warm_up_cuda = lambda *args, **kwargs: None; {RUN_CLI}")
 EARLY_CONTEXT = ("-c", f"""import ctypes, sys, threading

@@ -115,17 +115,6 @@ def test_the_warm_up_starts_cuda_without_touching_the_precision_flags() -> None:
     assert precision_state() == users
 
 
-def test_the_rehearsed_first_forward_leaves_the_generators_and_the_precision_flags() -> None:
-    from backbone_inspect.extractor import rehearse_first_forward
-
-    users, cpu, cuda = precision_state(), torch.random.get_rng_state(), torch.cuda.get_rng_state()
-    for dtype in ("float32", "tf32", "float16"):
-        rehearse_first_forward(feature_config(arch="resnet50", layers=(2, 4), dtype=dtype, device="cuda"), torch.device("cuda"))
-    torch.cuda.synchronize()
-    assert precision_state() == users
-    assert torch.equal(torch.random.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), cuda)
-
-
 def test_a_long_dump_on_cuda_overlaps_batches_and_reads_back_like_one_batch_at_a_time(tmp_path: Path) -> None:
     images = plan_inputs([many_images(tmp_path / "images", 24)]).selected
     config = feature_config(**{**SMALL_OPTIONS, "device": "cuda"}, layers=(1, 4))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,11 +154,12 @@ def frozen_collector() -> Iterator[None]:
         gc.unfreeze()
 
 
-def warm_up_cuda(device: torch.device, dtype: torch.dtype, rehearsal: Callable[[], None] | None = None) -> threading.Thread | None:
+def warm_up_cuda(device: torch.device, dtype: torch.dtype) -> threading.Thread | None:
     """Start CUDA on ``device`` in a thread of its own: its context, and cuDNN's libraries through
-    a small convolution in ``dtype``, then ``rehearsal`` (the model's first forward, which loads its
-    kernels), while the caller imports torchvision and builds the model (one image on a GPU otherwise
-    pays all of it after that work, about 1.4 s on an H200 for the first two).
+    a small convolution in ``dtype``, while the caller imports torchvision and builds the model (one
+    image on a GPU otherwise pays it after that work: 0.3-0.4 s of context on an H200, and more).
+    The model's first forward is not rehearsed here: its kernels loading in this thread beside the
+    caller's imports made one image slower on that H200 (4.0-4.6 s against 3.6-3.7 s without).
 
     Join the thread before forking processes (DataLoader workers): a fork while it loads a library
     could leave the child a lock no thread will release. ``None`` off CUDA. Errors are left for
@@ -168,12 +169,12 @@ def warm_up_cuda(device: torch.device, dtype: torch.dtype, rehearsal: Callable[[
         return None
     if device.index is None and torch.cuda.is_initialized():  # a new thread's current device is GPU 0, not the caller's
         device = torch.device("cuda", torch.cuda.current_device())
-    thread = threading.Thread(target=_warm_up, args=(device, dtype, rehearsal), name="cuda-warm-up")
+    thread = threading.Thread(target=_warm_up, args=(device, dtype), name="cuda-warm-up")
     thread.start()
     return thread
 
 
-def _warm_up(device: torch.device, dtype: torch.dtype, rehearsal: Callable[[], None] | None) -> None:
+def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
     import torch.nn.functional as F
 
     try:
@@ -183,8 +184,6 @@ def _warm_up(device: torch.device, dtype: torch.dtype, rehearsal: Callable[[], N
             statistics = torch.zeros(8, device=device, dtype=dtype)
             features = F.batch_norm(F.conv2d(pixels, weight, padding=1), statistics, statistics + 1)
             F.max_pool2d(F.relu(features), 3, 2, 1)
-            if rehearsal is not None:
-                rehearsal()
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001, S110 - the run meets the same problem and reports it in words
         pass

@@ -250,36 +250,3 @@ def to_host(value: torch.Tensor, device: torch.device) -> torch.Tensor:
         return value.to("cpu")
     host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
     return host.copy_(value, non_blocking=True)
-
-
-def rehearse_first_forward(config: FeatureConfig, device: torch.device) -> None:
-    """``config``'s replay run once on ``device`` with zeros for weights, on one input of the run's crop,
-    with its statistics: CUDA loads the kernels of those shapes (lazily, on first use) here, in the
-    warm-up thread while the caller builds the model, rather than in the first image's forward; cuDNN
-    picks the same kernels for the same shapes, since autotuning starts at a shape's second batch.
-
-    Built on the meta device only: a model built on the CPU would draw from the generator that seeds the
-    run's weights, in the caller's thread too (RegNet's builder raises there instead, and is not rehearsed).
-    Nothing where the input size is not fixed (``--crop none``), the model is compiled, or the GPU's free
-    memory is under four times the rehearsal's weights: the model itself is moved there meanwhile.
-    """
-    side = config.preprocessing.crop
-    if side is None or config.compile:
-        return
-    dtype = TORCH_DTYPES[config.dtype]
-    channels_last = uses_channels_last(config, device)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    with torch.device("meta"):
-        replay = Backbone.without_weights(config.arch, run_layers(config))
-    weights_bytes = sum(value.numel() * dtype.itemsize for value in replay.state_dict().values())
-    if device.type == "cuda" and 4 * weights_bytes > torch.cuda.mem_get_info(device)[0]:
-        return
-    replay = replay.to_empty(device=device).to(dtype=dtype)
-    with torch.no_grad():  # reused memory holds anything: an index buffer (Swin's) out of range is a device-side assert
-        for value in (*replay.parameters(), *replay.buffers()):
-            value.zero_()
-    replay = to_channels_last(replay) if channels_last else replay
-    pixels = torch.zeros(1, 3, side, side, device=device, dtype=dtype).contiguous(memory_format=layout)
-    with torch.inference_mode(), cuda_math(tf32=config.dtype == "tf32", autotune=False):
-        for features in replay(pixels).values():  # and the statistics' kernels, copied out as the run copies them
-            to_host(stat_columns(features), device)
