@@ -182,7 +182,7 @@ _BY_ARCH: dict[str, Family] = {arch: family for family in FAMILIES for arch in f
 
 
 def is_timm(arch: str) -> bool:
-    return arch.startswith(TIMM_PREFIX)
+    return isinstance(arch, str) and arch.startswith(TIMM_PREFIX)
 
 
 def family_of(arch: str) -> Family | None:

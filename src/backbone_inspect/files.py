@@ -32,9 +32,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> int:
 
 
 def names_a_file_inside(output: str) -> bool:
-    """Whether a dump's ``output`` (a manifest's, a shard's) names a file under its folder, as the command writes them."""
+    """Whether a dump's ``output`` (a manifest's, a shard's) names a file under its folder, normalised as the command writes them."""
     path = PurePosixPath(output)
-    return bool(output) and not path.is_absolute() and ".." not in path.parts
+    return bool(output) and not path.is_absolute() and ".." not in path.parts and path.as_posix() == output
 
 
 def open_lines_for_appending(path: Path) -> IO[bytes]:

@@ -44,17 +44,21 @@ def made_with(path: Path, settings: dict[str, Any]) -> bool:
 
 
 def features_problem(saved: dict[str, Any], settings: dict[str, Any]) -> str | None:
-    """Why a loaded feature file does not hold the features these settings make: each stage, in
-    order, a tensor of the saved dtype, [C] pooled or [C, H, W]; ``None`` when it does."""
+    """Why a loaded feature file does not hold the features these settings make: each stage, in order,
+    a dense CPU tensor of the saved dtype, [C] pooled or [C, H, W], none of them empty; the input's
+    [H, W] in its meta; ``None`` when it does."""
     import torch
 
     stages, pooled = list(settings.get("layers", ())), settings.get("pool", "none") != "none"
-    features = saved.get("features")
+    features, size = saved.get("features"), saved["meta"].get("input_size")
     if not isinstance(features, dict) or list(features) != stages:
         return f"its stages are not {', '.join(stages)}"
+    if not (isinstance(size, list) and len(size) == 2 and all(type(side) is int and side > 0 for side in size)):
+        return f"its input_size {size!r} is not [H, W]"
     dtype = getattr(torch, str(settings.get("save_dtype", "float32")), None)
     for stage, tensor in features.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != (1 if pooled else 3) or tensor.dtype != dtype:
+        if not (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and tensor.device.type == "cpu"
+                and tensor.ndim == (1 if pooled else 3) and tensor.dtype == dtype and tensor.numel() > 0):
             return f"its {stage} is not a {'[C]' if pooled else '[C, H, W]'} tensor of {settings.get('save_dtype', 'float32')}"
     return None
 

@@ -24,7 +24,7 @@ from .options import FORMATS, POOLINGS
 from .shard_files import SAFETENSORS_DTYPES, readable_shards, shard_row
 from .stages import stage_name
 from .pt_store import features_problem, load_feature_file
-from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, settings_differences
+from .store import SETTINGS_BEFORE_THEY_EXISTED, SETTINGS_FILE, read_settings, settings_differences
 
 if TYPE_CHECKING:
     from .inputs import FoundImage
@@ -113,6 +113,9 @@ class StoredFeatures(torch.utils.data.Dataset):
                 values = self._file(file).get_tensor(stage)[torch.tensor([row for _, row in places])]
             if result is None:
                 result = torch.empty(len(self.images), values.shape[-1], dtype=values.dtype)
+            if values.shape[1:] != result.shape[1:]:  # a file changed since the dump: never broadcast into the others' rows
+                raise UsageError(f"{self.folder / file} holds {stage} of {values.shape[-1]} channels, not {result.shape[1]} "
+                                 "as the dump's first image: it is not this dump's; delete it, then run the dump again")
             result[positions] = values
         return result if result is not None else torch.empty(0, 0)
 
@@ -129,6 +132,8 @@ class StoredFeatures(torch.utils.data.Dataset):
         """A ``.pt`` file, loaded each time (there may be millions), memory-mapped; ``UsageError`` if it
         is not whole, or was made with other settings (an interrupted ``--overwrite`` left it)."""
         path = self.folder / relative
+        if os.path.commonpath([os.path.realpath(path), os.path.realpath(self.folder)]) != os.path.realpath(self.folder):
+            raise UsageError(f"{path} leads out of {self.folder} (a link): not a file of the dump; remove the link")
         try:
             saved = load_feature_file(path)
             differences = settings_differences(saved["meta"], self.settings)
@@ -169,7 +174,7 @@ def open_features(folder: str | Path) -> StoredFeatures:
     folder = Path(folder)
     settings_path = folder / SETTINGS_FILE
     try:
-        settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        settings = read_settings(settings_path)
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep to decode
         raise UsageError(f"{folder} is not a dump of backbone-inspect: cannot read {settings_path} ({error})") from error
     problem = _settings_problem(settings)
@@ -233,13 +238,13 @@ def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
             record = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("output"), str):
+        if not isinstance(record, dict) or not isinstance(record.get("output"), str) or not isinstance(record.get("image"), str):
             continue
         output = record["output"]
         if record.get("status") not in ("ok", "skipped"):
             saved.pop(output, None)
         elif names_a_file_inside(output):
-            saved[output] = StoredImage(str(record["image"]), output, output)
+            saved[output] = StoredImage(record["image"], output, output)
         else:
             raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
     return saved

@@ -153,6 +153,8 @@ def _laid_out_end_to_end(tensors: Mapping[str, Any]) -> bool:
         shape, (start, end) = entry["shape"], entry["data_offsets"]
         if not (isinstance(shape, list) and all(type(side) is int and side >= 0 for side in shape)):
             return False
+        if type(start) is not int or type(end) is not int:  # 0.0 and False equal 0, but safetensors refuses them
+            return False
         if start != offset or end - start != math.prod(shape) * ELEMENT_BYTES.get(entry["dtype"], -1):
             return False
         offset = end

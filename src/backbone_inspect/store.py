@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import OutputError, UsageError
@@ -37,27 +38,33 @@ SETTINGS_UNKNOWN_BEFORE_THEY_EXISTED = frozenset({"weights_sha256"})
 checkpoint dump's resume from an earlier version goes on, trusting the path as it did then)."""
 
 
+def read_settings(path: Path) -> Any:
+    """A settings file's JSON. ``ValueError`` where it is not JSON, or not a regular file under a MiB (a named pipe
+    or a device would block or never end: never read); ``RecursionError`` for JSON nested too deep; ``OSError``."""
+    found = path.stat()  # FileNotFoundError where there is none
+    if not S_ISREG(found.st_mode) or found.st_size >= 2**20:
+        raise ValueError("not a regular file under a MiB")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class Stored:
-    """Where a store put one image's features."""
+    """Where a store put one image's features: in shard formats, the shard holding it (relative to the folder) and its row."""
 
     bytes_written: int
     shard: str | None = None
-    """The shard file holding it, relative to the folder (shard formats)."""
     row: int | None = None
-    """Its row in that shard."""
 
 
 @dataclass(frozen=True)
 class ResumeSplit:
-    """The selected images, by what a run must do with them."""
+    """The selected images, by what a run must do with them: ``todo`` to compute (new ones first, then ``redo``),
+    ``skipped`` (already stored with the same settings), ``redo`` (stored, but unreadable or made with other
+    settings: computed again)."""
 
     todo: tuple[FoundImage, ...]
-    """To compute: new ones first, then ``redo``."""
     skipped: tuple[FoundImage, ...]
-    """Already stored with the same settings."""
     redo: tuple[FoundImage, ...]
-    """Stored, but unreadable or made with other settings: computed again."""
 
 
 class FeatureStore(ABC):
@@ -65,10 +72,8 @@ class FeatureStore(ABC):
     outcome and closes it; engines call ``write`` for each image, in any thread or process
     (a store pickles without its open files, and with absolute paths)."""
 
-    location: str
-    """Where it is, for messages."""
-    FORMAT = ""
-    """Its format's name (``pt``, ``shards``), recorded in the settings."""
+    location: str  # where it is, for messages
+    FORMAT = ""  # its format's name (pt, shards), recorded in the settings
     unsaved = 0
     """Images reported written that a later commit lost (a shard that failed): the run counts them failed."""
     unsaved_bytes = 0
@@ -117,17 +122,15 @@ class FeatureStore(ABC):
         """Commit whatever is written but not yet committed (a shard being filled)."""
 
     def commit_size(self, input_sizes: Sequence[tuple[int, int]]) -> int | None:
-        """How many images one commit holds (a shard), for engines that hand a writer whole
-        commits at a time; ``None``: every image is committed on its own."""
+        """How many images one commit holds (a shard), for engines that hand a writer whole commits; ``None``: one each."""
         return None
 
     def discard(self, images: Sequence[FoundImage]) -> None:
         """Images whose input failed when computed: what an earlier run stored for them goes, if it stands alone."""
 
     def written_since(self, images: Sequence[FoundImage], started: float) -> Sequence[FoundImage]:
-        """Of ``images``, those stored by writes since ``started`` (``time.time()``): what a stopped run
-        of another process wrote whose results it never got. Here: every one stored, which holds for a
-        store that removes what it will rewrite when it opens."""
+        """Of ``images``, those stored by writes since ``started`` (``time.time()``): what a stopped run of another process
+        wrote whose results it never got. Here: every one stored (true of a store that removes what it rewrites on opening)."""
         return self.split_done(images, overwrite=False).skipped
 
     @abstractmethod
@@ -211,9 +214,9 @@ class FolderStore(FeatureStore):
             raise OutputError(f"cannot write to output folder {self.folder}: {error.strerror or error}") from error
 
     def _check_settings(self, path: Path, *, overwrite: bool) -> None:
-        try:  # a named pipe or a device there would block or never end: only a small file is read
-            saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 2**20 else None
-        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to decode
+        try:
+            saved = read_settings(path)
+        except (ValueError, RecursionError):
             saved = None
         old_format = saved.get("format", SETTINGS_BEFORE_THEY_EXISTED["format"]) if isinstance(saved, dict) else None
         if old_format is not None and old_format != self.FORMAT:
