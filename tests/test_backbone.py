@@ -144,11 +144,14 @@ def test_invalid_layers_raise_a_usage_error_listing_valid_stages(layers) -> None
         Backbone("resnet18", layers=layers)
 
 
-def test_unknown_arch_lists_the_valid_ones() -> None:
+@pytest.mark.parametrize("arch", ["resnet19", None, 5, b"resnet18"])
+def test_unknown_arch_lists_the_valid_ones(arch: object) -> None:
+    from backbone_inspect.backbone import feature_info
     from backbone_inspect.errors import UsageError
 
-    with pytest.raises(UsageError, match="valid archs: resnet: resnet18, resnet34, .*; convnext: convnext_tiny, .*timm:<model name>"):
-        Backbone("resnet19")
+    for build in (Backbone, feature_info, Backbone.without_weights):
+        with pytest.raises(UsageError, match="valid archs: resnet: resnet18, resnet34, .*; convnext: convnext_tiny, .*timm:<model name>"):
+            build(arch)
 
 
 def test_arch_list_is_every_classification_builder_of_torchvisions_cnn_families() -> None:

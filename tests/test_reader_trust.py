@@ -64,7 +64,7 @@ def test_a_later_error_line_takes_an_image_back_even_where_its_file_remains(tmp_
     assert [image.output for image in open_features(out).images] == ["img001.pt"]
 
 
-@pytest.mark.parametrize("output", ["/tmp/elsewhere.pt", "../elsewhere.pt", "sub/../../elsewhere.pt"])
+@pytest.mark.parametrize("output", ["/tmp/elsewhere.pt", "../elsewhere.pt", "sub/../../elsewhere.pt", "./img000.pt", "img000.pt/"])
 def test_a_manifest_naming_a_file_outside_the_dump_is_refused(tmp_path: Path, output: str) -> None:
     root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
     dump_features(root, out, **OPTIONS)
@@ -97,22 +97,71 @@ def test_a_truncated_feature_file_is_an_error_naming_it(tmp_path: Path) -> None:
     assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
 
 
+NOT_A_MAP = "its layer4 is not a [C, H, W] tensor of float32"
+
+
 @pytest.mark.parametrize(("edit", "problem"), [
-    (lambda features: features.pop("layer4"), "its stages are not layer1, layer4"),
-    (lambda features: features.update(layer4=torch.zeros(3)), "its layer4 is not a [C, H, W] tensor of float32"),
-    (lambda features: features.update(layer4=features["layer4"].half()), "its layer4 is not a [C, H, W] tensor of float32"),
+    (lambda saved: saved["features"].pop("layer4"), "its stages are not layer1, layer4"),
+    (lambda saved: saved["features"].update(layer4=torch.zeros(3)), NOT_A_MAP),
+    (lambda saved: saved["features"].update(layer4=saved["features"]["layer4"].half()), NOT_A_MAP),
+    # Read back as if whole before: a tensor without data, a sparse one, an empty one.
+    (lambda saved: saved["features"].update(layer4=torch.empty(512, 2, 2, device="meta")), NOT_A_MAP),
+    (lambda saved: saved["features"].update(layer4=saved["features"]["layer4"].to_sparse()), NOT_A_MAP),
+    (lambda saved: saved["features"].update(layer4=torch.zeros(512, 0, 2)), NOT_A_MAP),
+    (lambda saved: saved["meta"].pop("input_size"), "its input_size None is not [H, W]"),
+    (lambda saved: saved["meta"].update(input_size=7), "its input_size 7 is not [H, W]"),
+    (lambda saved: saved["meta"].update(input_size="64x64"), "its input_size '64x64' is not [H, W]"),
 ])
 def test_a_feature_file_edited_to_hold_other_features_is_an_error_and_is_redone(tmp_path: Path, edit, problem) -> None:
     root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
     dump_features(root, out, **OPTIONS)
     saved = torch.load(out / "img001.pt", weights_only=True)
-    edit(saved["features"])
+    edit(saved)
     torch.save(saved, out / "img001.pt")
     with pytest.raises(UsageError, match=rf"^{out / 'img001.pt'} is not a whole feature file \({re.escape(problem)}\)"):
         open_features(out)[1]
     with pytest.warns(UserWarning, match=r"unreadable or were made with other settings \(e\.g\. img001\.pt\)"):
         dump_features(root, out, **OPTIONS)  # the resume finds it is not what these settings make, and writes it again
-    assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
+    features, meta = open_features(out)[1]
+    assert features["layer4"].shape == (512, 2, 2) and features["layer4"].layout == torch.strided and meta["input_size"] == (64, 64)
+
+
+def test_a_pooled_file_of_other_channels_is_named_by_matrix_never_broadcast(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
+    dump_features(root, out, pool="avg", **OPTIONS)
+    saved = torch.load(out / "img001.pt", weights_only=True)
+    saved["features"]["layer4"] = saved["features"]["layer4"][:10].clone()
+    torch.save(saved, out / "img001.pt")
+    with pytest.raises(UsageError, match=rf"^{out / 'img001.pt'} holds layer4 of 10 channels, not 512 as the dump's first image"):
+        open_features(out).matrix("layer4")
+
+
+def test_a_pt_file_reached_through_a_link_out_of_the_dump_is_refused(tmp_path: Path) -> None:
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.pt").write_bytes((out / "img000.pt").read_bytes())
+    (out / "sub").symlink_to(tmp_path / "elsewhere")
+    with (out / "manifest.jsonl").open("a", encoding="utf-8") as lines:
+        lines.write(json.dumps({"image": "x.png", "output": "sub/x.pt", "status": "ok"}) + "\n")
+    stored = open_features(out)
+    assert [image.output for image in stored.images] == ["img000.pt", "img001.pt", "sub/x.pt"]
+    with pytest.raises(UsageError, match=rf"^{out / 'sub' / 'x.pt'} leads out of {out} \(a link\): not a file of the dump"):
+        stored[2]
+
+
+def test_a_manifest_line_without_its_image_is_passed_over_by_the_reader_and_the_command(tmp_path: Path) -> None:
+    """A bare KeyError before, from the reader and from the command's check of images named alone."""
+    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["image"]
+    (out / "manifest.jsonl").write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    assert [image.output for image in open_features(out).images] == ["img000.pt"]
+    again = invoke(root / "img001.png", *SMALL, "--layers", "1,4", "--workers", "0", "--save", out, "--overwrite")
+    assert again.exit_code == 0, again.stderr
+    assert [image.output for image in open_features(out).images] == ["img000.pt", "img001.pt"]
 
 
 def test_an_error_in_one_manifest_does_not_take_back_what_another_run_saved(tmp_path: Path) -> None:
@@ -185,3 +234,34 @@ def test_a_manifest_that_is_a_pipe_is_an_error_never_read(tmp_path: Path) -> Non
         open_features(out)
     again = invoke(root / "img000.png", *SMALL, "--layers", "1,4", "--workers", "0", "--save", out)
     assert again.exit_code == 0 and "processed 0, skipped 1" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("kind", ["a pipe", "a link to a device"])
+def test_a_settings_file_that_is_not_a_regular_file_is_an_error_never_read(tmp_path: Path, kind: str) -> None:
+    """A pipe there waited for ever; /dev/zero was read until the memory ran out (/dev/null stands in for it
+    here: were the file read again, this test would fail, not take the machine's memory)."""
+    import os
+    import threading
+
+    root, out = many_images(tmp_path / "in", 1), tmp_path / "out"
+    dump_features(root, out, **OPTIONS)
+    (out / "backbone-inspect.json").unlink()
+    if kind == "a pipe":
+        os.mkfifo(out / "backbone-inspect.json")
+    else:
+        (out / "backbone-inspect.json").symlink_to("/dev/null")
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            open_features(out)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            raised.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "open_features still reading"
+    assert len(raised) == 1 and isinstance(raised[0], UsageError)
+    assert re.fullmatch(rf"{re.escape(str(out))} is not a dump of backbone-inspect: cannot read .+backbone-inspect\.json "
+                        r"\(not a regular file under a MiB\)", str(raised[0]))

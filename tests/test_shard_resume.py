@@ -146,6 +146,10 @@ TAMPERINGS = {
     "dtype": lambda header, meta: header["layer4"].update(dtype="F16"),
     "offsets": lambda header, meta: header["layer4"].update(data_offsets=[header["layer4"]["data_offsets"][0] + 4,
                                                                           header["layer4"]["data_offsets"][1] + 4]),
+    # Equal to the right integers in Python, refused by safetensors: re-runs never replaced such a shard.
+    "offsets as floats": lambda header, meta: header["layer4"].update(data_offsets=[float(o) for o in header["layer4"]["data_offsets"]]),
+    "an offset as false": lambda header, meta: header[min((k for k in header if k != "__metadata__"),
+                                                          key=lambda k: header[k]["data_offsets"][0])]["data_offsets"].__setitem__(0, False),
     "more images than rows": lambda header, meta: meta.update(images=json_list(3, "x.png"), outputs=json_list(3, "x.pt"),
                                                               input_sizes=json_list(3, [64, 64])),
     "a size that is no size": lambda header, meta: meta.update(input_sizes='[["a", 1], [224]]'),
