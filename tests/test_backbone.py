@@ -197,6 +197,8 @@ def test_misusing_the_head_is_a_usage_error_that_says_how_to_fix_it() -> None:
 
     with pytest.raises(UsageError, match=r"^head=True needs layer4 among the layers: the classifier runs on it$"):
         Backbone("resnet18", layers=2, head=True)
+    with pytest.raises(UsageError, match=r"^head 'yes': expected True or False$"):  # a truthy string was taken as True
+        Backbone("resnet18", layers=4, head="yes")
     with pytest.raises(UsageError, match=r"^this Backbone holds no head; build it with head=True$"):
         Backbone("resnet18", layers=4).classify(torch.zeros(1, 512, 2, 2))
     model = torchvision.models.resnet18()

@@ -12,6 +12,7 @@ from torch import nn
 
 from .families import Family, family_of, is_timm
 from .errors import UsageError
+from .options import check_flag
 from .stages import DEFAULT_LAYERS, StageInfo, check_arch, parse_layers
 from .timm_models import check_not_timm_model
 
@@ -104,7 +105,7 @@ class Backbone(nn.Module):
         """Per stage that runs, (channels, stride) of its largest step output: what sizes its slices on a CPU."""
 
     def _head_paths(self, head: bool) -> tuple[str, ...]:
-        if not head:
+        if not check_flag("head", head):
             return ()
         if self.stage_names[-1] != self.family.stage_names[-1]:
             raise UsageError(f"head=True needs {self.family.stage_names[-1]} among the layers: the classifier runs on it")
@@ -288,10 +289,8 @@ def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 def _runs_of_equal_size(names: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[tuple[str, ...], int]]:
     runs: list[tuple[tuple[str, ...], int]] = []
     for name in names:
-        if runs and runs[-1][1] == sizes[name]:
-            runs[-1] = (runs[-1][0] + (name,), sizes[name])
-        else:
-            runs.append(((name,), sizes[name]))
+        extends = bool(runs) and runs[-1][1] == sizes[name]
+        runs[-1 if extends else len(runs):] = [((runs[-1][0] if extends else ()) + (name,), sizes[name])]
     return runs
 
 
