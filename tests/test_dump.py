@@ -36,6 +36,9 @@ def test_from_list_reads_paths_skipping_blanks_and_comments(tmp_path: Path, phot
     result = invoke("--from-list", listing, "--save", out, *SMALL)
     assert result.exit_code == 0, result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt")) == ["cat.pt", "deep/dog.pt", "top.pt"]
+    listing.write_text(listing.read_text() + "# gone since\nmissing.jpg\n")  # the third path, on the seventh line
+    missing = invoke("--from-list", listing, "--save", out, *SMALL)
+    assert (missing.exit_code, missing.stderr) == (2, f"Error: missing.jpg: no such file or directory (line 7 of --from-list {listing})\n")
 
 
 def test_colliding_outputs_and_empty_inputs_exit_2_before_any_work(tmp_path: Path, photos: Path) -> None:

@@ -95,7 +95,7 @@ def test_a_list_written_on_windows_works_and_a_binary_one_is_one_line(tmp_path: 
     assert binary.stderr == f"Error: --from-list {listing}: holds NUL bytes, so it is not a text file of paths, one per line\n"
     listing.write_text("root:x:0:0\n")
     missing = invoke("--from-list", listing, *SMALL)
-    assert missing.stderr == f"Error: root:x:0:0: no such file or directory (path 1 of --from-list {listing})\n"
+    assert missing.stderr == f"Error: root:x:0:0: no such file or directory (line 1 of --from-list {listing})\n"
 
 
 def corrupt_lzw_tiff(path: Path) -> Path:

@@ -32,8 +32,8 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_path_list(list_file: Path) -> list[str]:
-    """Paths from ``--from-list``: one per line; blank lines and ``#`` comments ignored.
+def read_path_list(list_file: Path) -> list[tuple[int, str]]:
+    """Paths from ``--from-list``, each with its line number: one per line; blank lines and ``#`` comments ignored.
 
     A byte-order mark and Windows line endings are allowed; a NUL byte means it is no text file.
     """
@@ -43,7 +43,8 @@ def read_path_list(list_file: Path) -> list[str]:
     if "\0" in text:
         raise UsageError(f"--from-list {list_file}: holds NUL bytes, so it is not a text file of paths, one per line")
     # Only the line endings go: a name may end in a space, and must stay the file it names.
-    return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(number, line) for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip() and not line.strip().startswith("#")]
 
 
 def _walk_images(directory: str, excluded: frozenset[str]) -> list[FoundImage]:
@@ -197,12 +198,13 @@ def plan_inputs(
     if chosen is None and shard_from_environment:
         chosen = shard_from_env(advise_srun=advise_srun)
     given = _paths(inputs)
-    listed = read_path_list(from_list) if from_list is not None else []
-    if not given and not listed:
+    numbered = read_path_list(from_list) if from_list is not None else []
+    if not given and not numbered:
         raise UsageError("no inputs: give image files or folders, or --from-list FILE")
-    for number, path in enumerate(listed, start=1):
+    for number, path in numbered:
         if not os.path.lexists(path):
-            raise UsageError(f"{path}: no such file or directory (path {number} of --from-list {from_list})")
+            raise UsageError(f"{path}: no such file or directory (line {number} of --from-list {from_list})")
+    listed = [path for _, path in numbered]
     found = find_images(given + listed, exclude=[folder for folder in outputs if folder is not None])
     if check_collisions:
         check_output_collisions(found)
