@@ -49,7 +49,7 @@ def test_describe_refuses_an_input_size_too_small_for_a_timm_model(arch: str, si
         pytest.skip(f"timm {timm.__version__} cannot replay {arch} (no forward_intermediates)")
     result = invoke("--describe", "--arch", arch, "--input-size", str(side))
     assert result.exit_code == 2
-    assert result.stderr == f"Error: {arch} cannot take inputs of this size, not {side}×{side}\n"
+    assert result.stderr == f"Error: {arch} cannot take inputs of {side}×{side}; try another --input-size\n"
     assert invoke("--describe", "--arch", arch, "--input-size", str(side + 1 if side == 31 else 75)).exit_code == 0
 
 

@@ -61,8 +61,10 @@ def size_refused(backbone: Backbone, input_size: tuple[int, int]) -> str | None:
 def check_input_size(backbone: Backbone, input_size: tuple[int, int]) -> None:
     """``UsageError`` for an input size the arch cannot take (``input_size_problem``)."""
     problem = input_size_problem(backbone, input_size)
-    if problem is not None:
-        raise UsageError(f"{problem}, not {input_size[0]}×{input_size[1]}")
+    if problem is not None:  # the model's own refusal names no size it takes: say which was given, and what to change
+        given = f"{input_size[0]}×{input_size[1]}"
+        raise UsageError(f"{problem}, not {given}" if "this size" not in problem else
+                         f"{problem.replace('this size', given)}; try another --input-size")
 
 
 def along_height(value: int | tuple[int, ...]) -> int:
