@@ -126,24 +126,6 @@ def test_a_feature_file_edited_to_hold_other_features_is_an_error_and_is_redone(
     assert features["layer4"].shape == (512, 2, 2) and features["layer4"].layout == torch.strided and meta["input_size"] == (64, 64)
 
 
-def test_a_pt_file_whose_stage_is_not_the_shape_its_manifest_line_records_is_named(tmp_path: Path) -> None:
-    """A [C, H, W] tensor of the right dtype but other channels was read back as if it were the image's."""
-    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
-    dump_features(root, out, **OPTIONS)
-    saved = torch.load(out / "img001.pt", weights_only=True)
-    saved["features"]["layer4"] = torch.zeros(7, 2, 2)
-    torch.save(saved, out / "img001.pt")
-    stored = open_features(out)
-    assert stored[0][0]["layer4"].shape == (512, 2, 2)
-    with pytest.raises(UsageError, match=rf"^{out / 'img001.pt'} holds layer4 of shape \[7, 2, 2\], where its manifest line says "
-                                         r"\[512, 2, 2\]: not the file the run wrote; delete it, then run the dump again$"):
-        stored[1]
-    (out / "img001.pt").unlink()
-    again = dump_features(root, out, **OPTIONS)
-    assert (again.processed, again.skipped) == (1, 1)
-    assert open_features(out)[1][0]["layer4"].shape == (512, 2, 2)
-
-
 def test_a_pooled_file_of_other_channels_is_named_by_matrix_never_broadcast(tmp_path: Path) -> None:
     root, out = many_images(tmp_path / "in", 3), tmp_path / "out"
     dump_features(root, out, pool="avg", **OPTIONS)

@@ -54,10 +54,8 @@ class StoredFeatures(torch.utils.data.Dataset):
     workers: each process opens the files it reads itself, memory-mapped.
     """
 
-    def __init__(self, folder: Path, settings: dict[str, Any], images: tuple[StoredImage, ...],
-                 recorded_shapes: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path, settings: dict[str, Any], images: tuple[StoredImage, ...]) -> None:
         self.folder = folder
-        self._recorded_shapes = recorded_shapes or {}  # output -> each stage's shape, as its manifest line says
         self.settings = settings
         self.images = images
         self._open: dict[str, Any] = {}
@@ -89,7 +87,6 @@ class StoredFeatures(torch.utils.data.Dataset):
         meta = {"image": stored.image, "output": stored.output, "input_size": stored.input_size}
         if stored.row is None:
             saved = self._pt_file(stored.file)
-            self._check_recorded_shapes(stored, saved["features"])
             return dict(saved["features"]), {**meta, "input_size": tuple(saved["meta"]["input_size"])}
         shard = self._file(stored.file)
         return {stage: shard_row(shard, stage, stored.row) for stage in self.stages}, meta
@@ -163,17 +160,6 @@ class StoredFeatures(torch.utils.data.Dataset):
                 raise UsageError(f"{path} is not a whole shard ({first_line(error)}): run the dump again to replace it") from error
         return self._open[relative]
 
-    def _check_recorded_shapes(self, stored: StoredImage, features: dict[str, torch.Tensor]) -> None:
-        """``UsageError`` where a ``.pt`` file's stage is not of the shape its manifest line recorded (the map's: pooled,
-        its channels), which no run's file is."""
-        recorded = self._recorded_shapes.get(stored.output)
-        for stage, tensor in features.items() if isinstance(recorded, dict) else ():
-            shape = recorded.get(stage)
-            wanted = shape if self.pool == "none" or not isinstance(shape, list) else shape[:1]
-            if isinstance(wanted, list) and wanted != list(tensor.shape):
-                raise UsageError(f"{self.folder / stored.file} holds {stage} of shape {list(tensor.shape)}, where its manifest line "
-                                 f"says {wanted}: not the file the run wrote; delete it, then run the dump again")
-
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}}  # each DataLoader worker opens its own files
 
@@ -194,10 +180,9 @@ def open_features(folder: str | Path) -> StoredFeatures:
     problem = _settings_problem(settings)
     if problem is not None:
         raise UsageError(f"{folder} is not a dump of backbone-inspect: {settings_path} {problem}")
-    shapes: dict[str, Any] = {}
-    found = _shard_images(folder, settings) if settings.get("format") == "shards" else _pt_images(folder, shapes)
+    found = _shard_images(folder, settings) if settings.get("format") == "shards" else _pt_images(folder)
     images = sorted(found.values(), key=lambda stored: stored.output)
-    return StoredFeatures(folder, settings, tuple(images), shapes)
+    return StoredFeatures(folder, settings, tuple(images))
 
 
 def _settings_problem(settings: Any) -> str | None:
@@ -230,7 +215,7 @@ def _shard_images(folder: Path, settings: dict[str, Any]) -> dict[str, StoredIma
     return found
 
 
-def _pt_images(folder: Path, shapes: dict[str, Any]) -> dict[str, StoredImage]:
+def _pt_images(folder: Path) -> dict[str, StoredImage]:
     """The images whose last line in a manifest says saved (``ok``, or ``skipped``: saved by an
     earlier run; a later ``error`` there takes it back) and whose file is there."""
     manifests = sorted(folder.glob("manifest*.jsonl"))
@@ -238,21 +223,16 @@ def _pt_images(folder: Path, shapes: dict[str, Any]) -> dict[str, StoredImage]:
         raise UsageError(f"{folder} has feature files but no manifest.jsonl, which lists them: run the dump again to write it")
     found: dict[str, StoredImage] = {}
     for manifest in manifests:  # the runs of several manifests (--shard K/N, then none) have no order between them
-        recorded: dict[str, Any] = {}
-        for output, stored in _saved_in(manifest, folder, recorded).items():
-            if output not in found:
-                found[output] = stored
-                shapes[output] = recorded.get(output)
+        for output, stored in _saved_in(manifest, folder).items():
+            found.setdefault(output, stored)
     return {output: stored for output, stored in found.items() if (folder / stored.file).is_file()}
 
 
-def _saved_in(manifest: Path, folder: Path, shapes: dict[str, Any] | None = None) -> dict[str, StoredImage]:
-    """The images whose last line in this manifest says saved (``UsageError`` for a pipe or device there: never read);
-    into ``shapes``, the stages' shapes that line records."""
+def _saved_in(manifest: Path, folder: Path) -> dict[str, StoredImage]:
+    """The images whose last line in this manifest says saved (``UsageError`` for a pipe or device there: never read)."""
     if not manifest.is_file():
         raise UsageError(f"{manifest} is not a regular file, so not a manifest of the dump: remove it, then run the dump again")
     saved: dict[str, StoredImage] = {}
-    alike: dict[str, Any] = {}  # one object for each distinct record of shapes: a dump of millions holds few
     for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         try:
             record = json.loads(line)
@@ -263,11 +243,8 @@ def _saved_in(manifest: Path, folder: Path, shapes: dict[str, Any] | None = None
         output = record["output"]
         if record.get("status") not in ("ok", "skipped"):
             saved.pop(output, None)
-            (shapes if shapes is not None else {}).pop(output, None)
         elif names_a_file_inside(output):
             saved[output] = StoredImage(record["image"], output, output)
-            if shapes is not None and record["status"] == "ok":  # a skipped line records none: the ok line's stand
-                shapes[output] = alike.setdefault(json.dumps(record.get("shapes")), record.get("shapes"))
         else:
             raise UsageError(f"{manifest} line {number}: output {json.dumps(output)} is not a file inside {folder}")
     return saved
