@@ -136,20 +136,6 @@ def test_a_pooled_file_of_other_channels_is_named_by_matrix_never_broadcast(tmp_
         open_features(out).matrix("layer4")
 
 
-def test_a_pt_file_reached_through_a_link_out_of_the_dump_is_refused(tmp_path: Path) -> None:
-    root, out = many_images(tmp_path / "in", 2), tmp_path / "out"
-    dump_features(root, out, **OPTIONS)
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "x.pt").write_bytes((out / "img000.pt").read_bytes())
-    (out / "sub").symlink_to(tmp_path / "elsewhere")
-    with (out / "manifest.jsonl").open("a", encoding="utf-8") as lines:
-        lines.write(json.dumps({"image": "x.png", "output": "sub/x.pt", "status": "ok"}) + "\n")
-    stored = open_features(out)
-    assert [image.output for image in stored.images] == ["img000.pt", "img001.pt", "sub/x.pt"]
-    with pytest.raises(UsageError, match=rf"^{out / 'sub' / 'x.pt'} leads out of {out} \(a link\): not a file of the dump"):
-        stored[2]
-
-
 def test_a_manifest_line_without_its_image_is_passed_over_by_the_reader_and_the_command(tmp_path: Path) -> None:
     """A bare KeyError before, from the reader and from the command's check of images named alone."""
     root, out = many_images(tmp_path / "in", 2), tmp_path / "out"

@@ -132,8 +132,6 @@ class StoredFeatures(torch.utils.data.Dataset):
         """A ``.pt`` file, loaded each time (there may be millions), memory-mapped; ``UsageError`` if it
         is not whole, or was made with other settings (an interrupted ``--overwrite`` left it)."""
         path = self.folder / relative
-        if os.path.commonpath([os.path.realpath(path), os.path.realpath(self.folder)]) != os.path.realpath(self.folder):
-            raise UsageError(f"{path} leads out of {self.folder} (a link): not a file of the dump; remove the link")
         try:
             saved = load_feature_file(path)
             differences = settings_differences(saved["meta"], self.settings)
