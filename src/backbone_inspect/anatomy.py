@@ -15,6 +15,8 @@ from .stages import StageDescription, stage_aliases
 
 SIDE_ANY_ARCH_TAKES = 256
 """An input side every arch runs on: ``smallest_input_side`` looks no further."""
+REFUSED_SIZE = "cannot take inputs of this size"
+"""What ``size_refused`` says after the arch: the model's forward failed at that size, which names none it takes."""
 
 
 def smallest_input_side(backbone: Backbone, *, largest_tried: int = SIDE_ANY_ARCH_TAKES) -> int:
@@ -55,16 +57,18 @@ def input_size_problem(backbone: Backbone, input_size: tuple[int, int]) -> str |
 def size_refused(backbone: Backbone, input_size: tuple[int, int]) -> str | None:
     """Why the model refuses inputs of this size, tried on the meta device (timm's halonet26t takes
     multiples of 256 only), or ``None`` where it takes them."""
-    return None if _runs_at(backbone, tuple(input_size)) else f"{backbone.arch} cannot take inputs of this size"
+    return None if _runs_at(backbone, tuple(input_size)) else f"{backbone.arch} {REFUSED_SIZE}"
 
 
 def check_input_size(backbone: Backbone, input_size: tuple[int, int]) -> None:
     """``UsageError`` for an input size the arch cannot take (``input_size_problem``)."""
     problem = input_size_problem(backbone, input_size)
-    if problem is not None:  # the model's own refusal names no size it takes: say which was given, and what to change
-        given = f"{input_size[0]}×{input_size[1]}"
-        raise UsageError(f"{problem}, not {given}" if "this size" not in problem else
-                         f"{problem.replace('this size', given)}; try another --input-size")
+    if problem is None:
+        return
+    given = f"{input_size[0]}×{input_size[1]}"
+    if problem.endswith(REFUSED_SIZE):  # the model's own refusal names no size it takes: say which was given, and what to change
+        raise UsageError(f"{problem.removesuffix('this size')}{given}; try another --input-size")
+    raise UsageError(f"{problem}, not {given}")
 
 
 def along_height(value: int | tuple[int, ...]) -> int:

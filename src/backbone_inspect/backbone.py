@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +48,7 @@ class Backbone(nn.Module):
     """
 
     def __new__(cls, arch: str = "resnet50", *args: Any, **kwargs: Any) -> Any:
-        if cls is Backbone and isinstance(arch, str) and is_timm(arch):
+        if cls is Backbone and is_timm(arch):
             from .timm_backbone import TimmBackbone
 
             return TimmBackbone(arch, *args, **kwargs)  # the same interface, over timm's own replay
@@ -287,11 +288,7 @@ def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _runs_of_equal_size(names: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[tuple[str, ...], int]]:
-    runs: list[tuple[tuple[str, ...], int]] = []
-    for name in names:
-        extends = bool(runs) and runs[-1][1] == sizes[name]
-        runs[-1 if extends else len(runs):] = [((runs[-1][0] if extends else ()) + (name,), sizes[name])]
-    return runs
+    return [(tuple(run), size) for size, run in groupby(names, key=sizes.__getitem__)]
 
 
 def feature_info(arch: str = "resnet50", layers: Iterable[int | str] | str | None = None) -> list[StageInfo]:
